@@ -1,0 +1,873 @@
+//! Configuration: TOML text → checked, typed [`Config`].
+//!
+//! The keys of the original tool keep their names and meanings (DESIGN.md, "Configuration
+//! contract"); new keys are additions. The TOML is walked key by key instead of through
+//! `serde(deny_unknown_fields)` so that *every* problem is reported at once, each naming its
+//! key. Validation does no I/O: environment fallbacks come in through [`Env`], and files are
+//! only looked at when credentials are loaded (`auth`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use url::Url;
+
+use crate::retry::RetryPolicy;
+
+/// One problem in a configuration file, naming its key (`section.key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.problem)
+    }
+}
+
+/// Every problem found in a configuration, in file order.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{n} configuration problem{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checksum algorithms dcflow can compute while streaming and compare with dCache's `Digest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChecksumAlgo {
+    Adler32,
+    Md5,
+}
+
+impl ChecksumAlgo {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "adler32" => Some(Self::Adler32),
+            "md5" => Some(Self::Md5),
+            _ => None,
+        }
+    }
+    /// The name in `Want-Digest`/`Digest` headers (RFC 3230) and in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Adler32 => "adler32",
+            Self::Md5 => "md5",
+        }
+    }
+}
+
+/// The process environment as validation sees it, so tests can supply their own.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub vars: BTreeMap<String, String>,
+    pub uid: u32,
+}
+
+impl Env {
+    pub fn from_process() -> Self {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        Self {
+            vars: std::env::vars().collect(),
+            uid,
+        }
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.vars
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// Where a credential path came from: operators need to know which one is in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The configuration key of that name.
+    Key(&'static str),
+    /// The environment variable of that name.
+    Env(&'static str),
+    /// A conventional default location (used only if it exists).
+    Default,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Key(k) => write!(f, "config key {k}"),
+            Self::Env(v) => write!(f, "${v}"),
+            Self::Default => f.write_str("default location"),
+        }
+    }
+}
+
+/// A credential file and where its name came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialPath {
+    pub path: PathBuf,
+    pub origin: Origin,
+}
+
+impl CredentialPath {
+    /// An explicitly named file must exist; a default location is used only if present.
+    pub fn required(&self) -> bool {
+        self.origin != Origin::Default
+    }
+}
+
+/// Where a bearer token may come from, in WLCG Bearer Token Discovery order.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TokenCandidate {
+    /// The token itself, from `$BEARER_TOKEN`. Never printed.
+    Value(String),
+    File(CredentialPath),
+}
+
+impl fmt::Debug for TokenCandidate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Value(_) => f.write_str("Value(<redacted>)"),
+            Self::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
+}
+
+/// Credentials to try, before any file is read.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// X.509 proxy candidates, first existing wins.
+    pub proxy: Vec<CredentialPath>,
+    /// Bearer token candidates, first available wins.
+    pub token: Vec<TokenCandidate>,
+    /// Trusted CA folder.
+    pub capath: CredentialPath,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub topic: String,
+    pub servers: Vec<String>,
+    pub consumer_group: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DcacheConfig {
+    /// WebDAV base URL that serves `pool` (no trailing slash in its path).
+    pub url: Url,
+    /// Namespace prefix served by `url`, normalised: absolute, no trailing slash.
+    pub pool: String,
+    /// Only files under `pool + folder` are handled; normalised like `pool` ("" = all).
+    pub folder: String,
+    pub retry: RetryPolicy,
+    pub max_downloads: NonZeroUsize,
+    /// Bound on one transfer attempt.
+    pub timeout: Duration,
+    /// An attempt that receives no byte for this long is abandoned and retried.
+    pub stall_timeout: Duration,
+    /// Algorithms computed while streaming and compared with dCache's.
+    pub checksums: Vec<ChecksumAlgo>,
+    /// Fail a file for which dCache offers none of `checksums` (else: size check only).
+    pub require_checksum: bool,
+}
+
+/// Modes for what dcflow creates below the download folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permissions {
+    pub dir_mode: u32,
+    pub file_mode: u32,
+}
+
+impl Permissions {
+    /// Directories get `mode`; files the same minus setgid/setuid/sticky and execute bits.
+    pub fn from_mode(mode: u32) -> Self {
+        Self {
+            dir_mode: mode,
+            file_mode: mode & 0o666,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub auth: AuthConfig,
+    pub download_folder: PathBuf,
+    pub permissions: Permissions,
+    pub failed_file: PathBuf,
+    pub success_file: PathBuf,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: Option<KafkaConfig>,
+    pub dcache: DcacheConfig,
+    pub local: LocalConfig,
+}
+
+pub const DEFAULT_CAPATH: &str = "/etc/grid-security/certificates";
+
+const KAFKA_KEYS: &[&str] = &["topic", "servers", "consumergroup"];
+const DCACHE_KEYS: &[&str] = &[
+    "url",
+    "pool",
+    "folder",
+    "retryseconds",
+    "retrytimes",
+    "maxdownloads",
+    "timeout",
+    "stalltimeout",
+    "checksums",
+    "requirechecksum",
+];
+const LOCAL_KEYS: &[&str] = &[
+    "proxy",
+    "capath",
+    "token",
+    "downloadfolder",
+    "permissions",
+    "failedtasksfile",
+    "successfultaskfile",
+];
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path, env: &Env) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![ConfigProblem {
+                key: path.display().to_string(),
+                problem: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::from_toml(&text, env)
+    }
+
+    /// Validates configuration text, reporting every problem at once.
+    pub fn from_toml(text: &str, env: &Env) -> Result<Self, ConfigError> {
+        let root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            problems: vec![ConfigProblem {
+                key: "(file)".into(),
+                problem: format!("not valid TOML: {}", e.message().trim()),
+            }],
+        })?;
+        let mut errs = Vec::new();
+        for (key, value) in &root {
+            let known = ["kafka", "dcache", "local"].contains(&key.as_str());
+            if !known {
+                errs.push(problem(
+                    key,
+                    "unknown section (expected [kafka], [dcache], [local])",
+                ));
+            } else if !value.is_table() {
+                errs.push(problem(key, "must be a table, e.g. [dcache]"));
+            }
+        }
+        let kafka = root
+            .get("kafka")
+            .and_then(toml::Value::as_table)
+            .map(|t| kafka_section(Section::new("kafka", Some(t), KAFKA_KEYS, &mut errs)));
+        let dcache = dcache_section(Section::new(
+            "dcache",
+            root.get("dcache").and_then(toml::Value::as_table),
+            DCACHE_KEYS,
+            &mut errs,
+        ));
+        let local = local_section(
+            Section::new(
+                "local",
+                root.get("local").and_then(toml::Value::as_table),
+                LOCAL_KEYS,
+                &mut errs,
+            ),
+            env,
+        );
+        match (kafka, dcache, local) {
+            (kafka, Some(dcache), Some(local)) if errs.is_empty() => Ok(Config {
+                kafka: kafka.flatten(),
+                dcache,
+                local,
+            }),
+            _ => Err(ConfigError { problems: errs }),
+        }
+    }
+}
+
+fn problem(key: &str, what: impl Into<String>) -> ConfigProblem {
+    ConfigProblem {
+        key: key.to_owned(),
+        problem: what.into(),
+    }
+}
+
+/// Typed access to one table that records every problem under `section.key`.
+struct Section<'a> {
+    name: &'static str,
+    table: Option<&'a toml::Table>,
+    errs: &'a mut Vec<ConfigProblem>,
+}
+
+impl<'a> Section<'a> {
+    fn new(
+        name: &'static str,
+        table: Option<&'a toml::Table>,
+        known: &[&str],
+        errs: &'a mut Vec<ConfigProblem>,
+    ) -> Self {
+        if let Some(t) = table {
+            let known: BTreeSet<&str> = known.iter().copied().collect();
+            for key in t.keys().filter(|k| !known.contains(k.as_str())) {
+                errs.push(problem(&format!("{name}.{key}"), "unknown key"));
+            }
+        }
+        Self { name, table, errs }
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.name)
+    }
+
+    fn fail(&mut self, key: &str, what: impl Into<String>) {
+        let k = self.key(key);
+        self.errs.push(problem(&k, what));
+    }
+
+    fn get(&self, key: &str) -> Option<&'a toml::Value> {
+        self.table.and_then(|t| t.get(key))
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        match self.get(key)? {
+            toml::Value::String(s) => Some(s.clone()),
+            other => {
+                self.fail(key, format!("must be a string, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn required_string(&mut self, key: &str) -> Option<String> {
+        let v = self.string(key);
+        if v.is_none() && self.get(key).is_none() {
+            self.fail(key, "is required");
+        }
+        v.filter(|s| !s.is_empty()).or_else(|| {
+            if self.get(key).is_some_and(|v| v.as_str() == Some("")) {
+                self.fail(key, "must not be empty");
+            }
+            None
+        })
+    }
+
+    /// A positive integer (seconds, counts) within `min..=max`.
+    fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
+        match self.get(key) {
+            None => default,
+            Some(toml::Value::Integer(i))
+                if (min as i128..=max as i128).contains(&(*i as i128)) =>
+            {
+                *i as u64
+            }
+            Some(toml::Value::Integer(i)) => {
+                self.fail(key, format!("{i} is out of range {min}..={max}"));
+                default
+            }
+            Some(other) => {
+                self.fail(
+                    key,
+                    format!("must be an integer, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.fail(
+                    key,
+                    format!("must be true or false, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn strings(&mut self, key: &str) -> Option<Vec<String>> {
+        match self.get(key)? {
+            toml::Value::Array(items) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str() {
+                        Some(s) => out.push(s.to_owned()),
+                        None => self.fail(&format!("{key}[{i}]"), "must be a string"),
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                self.fail(
+                    key,
+                    format!("must be an array of strings, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, key: &str) -> Option<PathBuf> {
+        self.string(key).and_then(|s| {
+            if s.is_empty() {
+                self.fail(key, "must not be empty");
+                None
+            } else {
+                Some(PathBuf::from(s))
+            }
+        })
+    }
+}
+
+fn kafka_section(mut s: Section<'_>) -> Option<KafkaConfig> {
+    let topic = s.string("topic").unwrap_or_else(|| "billing".to_owned());
+    let servers = s.strings("servers");
+    if s.get("servers").is_none() {
+        s.fail(
+            "servers",
+            "is required: the brokers to bootstrap from, e.g. [\"host:9092\"]",
+        );
+    }
+    if let Some(list) = &servers {
+        if list.is_empty() {
+            s.fail("servers", "must name at least one broker");
+        }
+        for (i, server) in list.iter().enumerate() {
+            let ok = server
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                s.fail(
+                    &format!("servers[{i}]"),
+                    format!("{server:?} is not host:port"),
+                );
+            }
+        }
+    }
+    let group = s.required_string("consumergroup");
+    Some(KafkaConfig {
+        topic,
+        servers: servers?,
+        consumer_group: group?,
+    })
+}
+
+/// Normalises a namespace path: absolute, single slashes, no trailing slash, no `.`/`..`.
+fn namespace_path(s: &mut Section<'_>, key: &str, raw: &str, allow_root: bool) -> Option<String> {
+    if !raw.starts_with('/') {
+        s.fail(
+            key,
+            format!("{raw:?} must be an absolute namespace path starting with /"),
+        );
+        return None;
+    }
+    let parts: Vec<&str> = raw.split('/').filter(|p| !p.is_empty()).collect();
+    if parts
+        .iter()
+        .any(|p| *p == "." || *p == ".." || p.contains('\0'))
+    {
+        s.fail(key, format!("{raw:?} must not contain . or .. components"));
+        return None;
+    }
+    if parts.is_empty() && !allow_root {
+        s.fail(key, "must not be /");
+        return None;
+    }
+    Some(parts.iter().map(|p| format!("/{p}")).collect())
+}
+
+fn dcache_section(mut s: Section<'_>) -> Option<DcacheConfig> {
+    if s.table.is_none() {
+        s.errs
+            .push(problem("dcache", "section [dcache] is required"));
+        return None;
+    }
+    let url = s
+        .required_string("url")
+        .and_then(|raw| match Url::parse(&raw) {
+            Ok(u) if u.scheme() != "https" => {
+                s.fail(
+                    "url",
+                    format!("{raw:?} must be an https:// URL (the WebDAV door)"),
+                );
+                None
+            }
+            Ok(u) if u.host_str().is_none() => {
+                s.fail("url", format!("{raw:?} has no host"));
+                None
+            }
+            Ok(u) if u.query().is_some() || u.fragment().is_some() => {
+                s.fail("url", format!("{raw:?} must not have a query or fragment"));
+                None
+            }
+            Ok(mut u) => {
+                let path = u.path().trim_end_matches('/').to_owned();
+                u.set_path(&path);
+                Some(u)
+            }
+            Err(e) => {
+                s.fail("url", format!("{raw:?} is not a URL: {e}"));
+                None
+            }
+        });
+    let pool = s
+        .required_string("pool")
+        .and_then(|p| namespace_path(&mut s, "pool", &p, false));
+    let folder = match s.string("folder") {
+        Some(f) if f.is_empty() => Some(String::new()),
+        Some(f) => namespace_path(&mut s, "folder", &f, true),
+        None => Some(String::new()),
+    };
+    let retry_seconds = s.int("retryseconds", 1, 0, 86_400);
+    let retry_times = s.int("retrytimes", 10, 1, 1_000_000);
+    let max_downloads = s.int("maxdownloads", 10, 1, 10_000);
+    let timeout = s.int("timeout", 600, 1, 7 * 86_400);
+    let stall = s.int("stalltimeout", 60, 1, 86_400);
+    let mut checksums = Vec::new();
+    for (i, name) in s
+        .strings("checksums")
+        .unwrap_or_else(|| vec!["adler32".into()])
+        .iter()
+        .enumerate()
+    {
+        match ChecksumAlgo::parse(name) {
+            Some(a) if !checksums.contains(&a) => checksums.push(a),
+            Some(_) => {}
+            None => s.fail(
+                &format!("checksums[{i}]"),
+                format!("{name:?} is not one of adler32, md5"),
+            ),
+        }
+    }
+    if checksums.is_empty() && s.get("checksums").is_some() {
+        s.fail(
+            "checksums",
+            "must name at least one algorithm (adler32, md5)",
+        );
+    }
+    let require_checksum = s.boolean("requirechecksum", true);
+    Some(DcacheConfig {
+        url: url?,
+        pool: pool?,
+        folder: folder?,
+        retry: RetryPolicy::new(
+            Duration::from_secs(retry_seconds),
+            NonZeroU32::new(retry_times as u32).expect("retrytimes >= 1"),
+        ),
+        max_downloads: NonZeroUsize::new(max_downloads as usize).expect("maxdownloads >= 1"),
+        timeout: Duration::from_secs(timeout),
+        stall_timeout: Duration::from_secs(stall),
+        checksums,
+        require_checksum,
+    })
+}
+
+/// `permissions = '2750'`: octal digits as a string (the original's form) or an integer
+/// written with the same digits.
+fn parse_mode(s: &mut Section<'_>) -> Permissions {
+    let text = match s.get("permissions") {
+        None => return Permissions::from_mode(0o755),
+        Some(toml::Value::String(t)) => t.clone(),
+        Some(toml::Value::Integer(i)) => i.to_string(),
+        Some(other) => {
+            s.fail(
+                "permissions",
+                format!(
+                    "must be octal digits like '2750', found {}",
+                    other.type_str()
+                ),
+            );
+            return Permissions::from_mode(0o755);
+        }
+    };
+    match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+        Ok(mode) if mode <= 0o7777 && mode & 0o700 == 0o700 => Permissions::from_mode(mode),
+        Ok(_) => {
+            s.fail(
+                "permissions",
+                format!("{text:?}: the owner needs rwx (7xx) and at most 4 octal digits"),
+            );
+            Permissions::from_mode(0o755)
+        }
+        Err(_) => {
+            s.fail(
+                "permissions",
+                format!("{text:?} is not an octal mode like '2750'"),
+            );
+            Permissions::from_mode(0o755)
+        }
+    }
+}
+
+fn local_section(mut s: Section<'_>, env: &Env) -> Option<LocalConfig> {
+    if s.table.is_none() {
+        s.errs.push(problem("local", "section [local] is required"));
+        return None;
+    }
+    let proxy_key = s.path("proxy");
+    let capath_key = s.path("capath");
+    let token_key = s.path("token");
+    let download = s.path("downloadfolder");
+    if s.get("downloadfolder").is_none() {
+        s.fail("downloadfolder", "is required: where copied files land");
+    }
+    let download = download.filter(|d| {
+        let ok = d.is_absolute();
+        if !ok {
+            s.fail(
+                "downloadfolder",
+                format!("{} must be an absolute path", d.display()),
+            );
+        }
+        ok
+    });
+    let permissions = parse_mode(&mut s);
+    let failed = s
+        .path("failedtasksfile")
+        .unwrap_or_else(|| "failed.csv".into());
+    let success = s
+        .path("successfultaskfile")
+        .unwrap_or_else(|| "success.csv".into());
+
+    let proxy = match proxy_key {
+        Some(path) => vec![CredentialPath {
+            path,
+            origin: Origin::Key("local.proxy"),
+        }],
+        None => match env.get("X509_USER_PROXY") {
+            Some(p) => vec![CredentialPath {
+                path: p.into(),
+                origin: Origin::Env("X509_USER_PROXY"),
+            }],
+            None => vec![CredentialPath {
+                path: format!("/tmp/x509up_u{}", env.uid).into(),
+                origin: Origin::Default,
+            }],
+        },
+    };
+    let capath = match capath_key {
+        Some(path) => CredentialPath {
+            path,
+            origin: Origin::Key("local.capath"),
+        },
+        None => match env.get("X509_CERT_DIR") {
+            Some(p) => CredentialPath {
+                path: p.into(),
+                origin: Origin::Env("X509_CERT_DIR"),
+            },
+            None => CredentialPath {
+                path: DEFAULT_CAPATH.into(),
+                origin: Origin::Default,
+            },
+        },
+    };
+    let token = match token_key {
+        Some(path) => vec![TokenCandidate::File(CredentialPath {
+            path,
+            origin: Origin::Key("local.token"),
+        })],
+        None => wlcg_token_discovery(env),
+    };
+    Some(LocalConfig {
+        auth: AuthConfig {
+            proxy,
+            token,
+            capath,
+        },
+        download_folder: download?,
+        permissions,
+        failed_file: failed,
+        success_file: success,
+    })
+}
+
+/// WLCG Bearer Token Discovery: `$BEARER_TOKEN`, `$BEARER_TOKEN_FILE`,
+/// `$XDG_RUNTIME_DIR/bt_u<uid>`, `/tmp/bt_u<uid>`.
+fn wlcg_token_discovery(env: &Env) -> Vec<TokenCandidate> {
+    if let Some(v) = env.get("BEARER_TOKEN") {
+        return vec![TokenCandidate::Value(v.trim().to_owned())];
+    }
+    if let Some(p) = env.get("BEARER_TOKEN_FILE") {
+        return vec![TokenCandidate::File(CredentialPath {
+            path: p.into(),
+            origin: Origin::Env("BEARER_TOKEN_FILE"),
+        })];
+    }
+    let mut out = Vec::new();
+    if let Some(dir) = env.get("XDG_RUNTIME_DIR") {
+        out.push(TokenCandidate::File(CredentialPath {
+            path: Path::new(dir).join(format!("bt_u{}", env.uid)),
+            origin: Origin::Default,
+        }));
+    }
+    out.push(TokenCandidate::File(CredentialPath {
+        path: format!("/tmp/bt_u{}", env.uid).into(),
+        origin: Origin::Default,
+    }));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGINAL: &str = r#"
+[kafka]
+topic = "billing"
+servers = ["10.0.0.10:9092", "10.0.0.11:9092"]
+consumergroup = "imsimprod001"
+[dcache]
+url = "https://door.example.org:2880/lsst"
+pool = "/pnfs/example.org/data/lsst"
+folder = "/lsst/user/j/jdoe"
+retryseconds = 1
+retrytimes = 10
+maxdownloads = 10
+timeout = 600
+[local]
+proxy = "/tmp/x509_proxy"
+capath = "/etc/grid-security/certificates"
+downloadfolder = "/sps/data/input"
+permissions = '2750'
+failedtasksfile = "failed.csv"
+successfultaskfile = "success.csv"
+"#;
+
+    fn env() -> Env {
+        Env {
+            vars: BTreeMap::new(),
+            uid: 1234,
+        }
+    }
+
+    #[test]
+    fn the_original_configuration_runs_unchanged() {
+        let c = Config::from_toml(ORIGINAL, &env()).unwrap();
+        let k = c.kafka.unwrap();
+        assert_eq!(k.servers.len(), 2);
+        assert_eq!(k.consumer_group, "imsimprod001");
+        assert_eq!(c.dcache.url.as_str(), "https://door.example.org:2880/lsst");
+        assert_eq!(c.dcache.pool, "/pnfs/example.org/data/lsst");
+        assert_eq!(c.dcache.folder, "/lsst/user/j/jdoe");
+        assert_eq!(c.dcache.retry.attempts().get(), 10);
+        assert_eq!(c.dcache.max_downloads.get(), 10);
+        assert_eq!(c.dcache.timeout, Duration::from_secs(600));
+        assert_eq!(c.dcache.checksums, vec![ChecksumAlgo::Adler32]);
+        assert_eq!(
+            c.local.permissions,
+            Permissions {
+                dir_mode: 0o2750,
+                file_mode: 0o640
+            }
+        );
+        assert_eq!(c.local.auth.proxy[0].path, Path::new("/tmp/x509_proxy"));
+        assert!(c.local.auth.proxy[0].required());
+        assert_eq!(c.local.download_folder, Path::new("/sps/data/input"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+[dcache]
+url = "http://door/x"
+pool = "relative"
+retrytimes = 0
+maxdownloads = "ten"
+colour = "blue"
+checksums = ["adler32", "crc7"]
+[local]
+permissions = "rwx"
+[extra]
+"#;
+        let err = Config::from_toml(text, &env()).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "extra",
+            "dcache.colour",
+            "dcache.url",
+            "dcache.pool",
+            "dcache.retrytimes",
+            "dcache.maxdownloads",
+            "dcache.checksums[1]",
+            "local.downloadfolder",
+            "local.permissions",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        assert!(err.to_string().contains("dcache.colour: unknown key"));
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        let err = Config::from_toml("[dcache\nurl=", &env()).unwrap_err();
+        assert!(err.to_string().contains("not valid TOML"));
+    }
+
+    #[test]
+    fn fallbacks_follow_grid_conventions() {
+        let minimal = "[dcache]\nurl='https://d/x'\npool='/p'\n[local]\ndownloadfolder='/d'\n";
+        let c = Config::from_toml(minimal, &env()).unwrap();
+        assert_eq!(c.local.auth.proxy[0].path, Path::new("/tmp/x509up_u1234"));
+        assert!(!c.local.auth.proxy[0].required());
+        assert_eq!(c.local.auth.capath.path, Path::new(DEFAULT_CAPATH));
+        assert_eq!(
+            c.local.auth.token.len(),
+            1,
+            "only /tmp/bt_u<uid> without XDG_RUNTIME_DIR"
+        );
+        assert!(c.kafka.is_none());
+        assert_eq!(c.dcache.folder, "");
+
+        let mut e = env();
+        e.vars.insert("X509_USER_PROXY".into(), "/p/proxy".into());
+        e.vars.insert("X509_CERT_DIR".into(), "/p/ca".into());
+        e.vars.insert("BEARER_TOKEN_FILE".into(), "/p/tok".into());
+        let c = Config::from_toml(minimal, &e).unwrap();
+        assert_eq!(c.local.auth.proxy[0].origin, Origin::Env("X509_USER_PROXY"));
+        assert_eq!(c.local.auth.capath.path, Path::new("/p/ca"));
+        assert!(matches!(&c.local.auth.token[0], TokenCandidate::File(p) if p.required()));
+
+        e.vars.insert("BEARER_TOKEN".into(), "secret-value".into());
+        let c = Config::from_toml(minimal, &e).unwrap();
+        assert!(!format!("{:?}", c.local.auth).contains("secret-value"));
+    }
+
+    #[test]
+    fn paths_are_normalised() {
+        let text = "[dcache]\nurl='https://d:2880/lsst/'\npool='/pnfs//x/'\nfolder='/a/b/'\n[local]\ndownloadfolder='/d'\n";
+        let c = Config::from_toml(text, &env()).unwrap();
+        assert_eq!(c.dcache.url.path(), "/lsst");
+        assert_eq!(c.dcache.pool, "/pnfs/x");
+        assert_eq!(c.dcache.folder, "/a/b");
+        let bad = "[dcache]\nurl='https://d'\npool='/p'\nfolder='/a/../b'\n[local]\ndownloadfolder='/d'\n";
+        let err = Config::from_toml(bad, &env()).unwrap_err();
+        assert_eq!(err.problems[0].key, "dcache.folder");
+    }
+}

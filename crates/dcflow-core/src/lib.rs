@@ -1,0 +1,23 @@
+//! dcflow's rules: what a dCache event means, what the configuration says, where a file goes,
+//! and how outcomes are recorded. No sockets, no Kafka.
+//!
+//! # Layout
+//! ```text
+//! event    JSON billing message → BillingMessage → Upload (or why not)
+//! config   TOML → Config (every problem reported with its key)
+//! mapping  billing path → (source URL, destination) with escape checks
+//! retry    RetryPolicy: attempts and back-off with jitter
+//! records  success/failure CSV files
+//! ```
+
+pub mod config;
+pub mod event;
+pub mod mapping;
+pub mod records;
+pub mod retry;
+
+pub use config::{ChecksumAlgo, Config, ConfigError, Env};
+pub use event::{BillingMessage, DecodeError, NotAnUpload, PnfsId, Upload, UploadSignal};
+pub use mapping::{Mapped, PathEscapes, PathMapper};
+pub use records::{Record, RecordFile};
+pub use retry::RetryPolicy;
