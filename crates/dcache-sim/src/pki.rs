@@ -341,11 +341,14 @@ impl ClientCertVerifier for GridClientVerifier {
     }
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        // The door speaks TLS 1.3 only (see `Sim::start`).
+        Err(rustls::Error::General(
+            "TLS 1.2 client authentication is not offered".into(),
+        ))
     }
     fn verify_tls13_signature(
         &self,
@@ -353,7 +356,12 @@ impl ClientCertVerifier for GridClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        // WebPKI refuses to parse a proxy certificate (its ProxyCertInfo extension is
+        // critical and unknown to it), so the signature is checked against the raw key.
+        let (_, parsed) = X509Certificate::from_der(cert)
+            .map_err(|e| rustls::Error::General(format!("bad client certificate: {e}")))?;
+        let spki = rustls::pki_types::SubjectPublicKeyInfoDer::from(parsed.public_key().raw);
+        rustls::crypto::verify_tls13_signature_with_raw_key(message, &spki, dss, &self.algs)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()

@@ -22,6 +22,11 @@ impl RetryPolicy {
         Self { first, attempts }
     }
 
+    /// The first back-off (`retryseconds`).
+    pub fn first(&self) -> Duration {
+        self.first
+    }
+
     /// Attempts per file before it is a failure (`retrytimes`).
     pub fn attempts(&self) -> NonZeroU32 {
         self.attempts

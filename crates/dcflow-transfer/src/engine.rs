@@ -1,0 +1,576 @@
+//! The verified transfer engine: one HTTPS client; GET at the door, 302/307 to the pool;
+//! stream to a temporary name while hashing; compare with dCache's checksum; fsync; rename.
+//!
+//! ```text
+//! attempt ─► destination holds same size+checksum? ─► done (no copy)
+//!        └─► GET door ─► 302 pool (https only, no Authorization) ─► body chunks
+//!              ─► writer thread (hash + write + early writeback) ─► fsync
+//!              ─► size and Digest check (else HEAD + Want-Digest) ─► rename ─► fsync dir
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dcflow_core::config::{Config, Permissions};
+use dcflow_core::{ChecksumAlgo, RetryPolicy};
+use futures_util::StreamExt;
+use reqwest::header::{HeaderValue, AUTHORIZATION, LOCATION};
+use reqwest::{Method, StatusCode};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use url::Url;
+
+use crate::checksum::{compare, Checksum, Hasher};
+use crate::credentials::Credentials;
+use crate::error::TransferError;
+use crate::fsutil;
+
+/// How often a running transfer reports progress (`COPY_RUN`).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// Start kernel writeback every this many bytes written.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+const MAX_REDIRECTS: usize = 5;
+
+/// What the engine needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub checksums: Vec<ChecksumAlgo>,
+    pub require_checksum: bool,
+    pub timeout: Duration,
+    pub stall_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub permissions: Permissions,
+    pub download_folder: PathBuf,
+}
+
+impl EngineSettings {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            checksums: c.dcache.checksums.clone(),
+            require_checksum: c.dcache.require_checksum,
+            timeout: c.dcache.timeout,
+            stall_timeout: c.dcache.stall_timeout,
+            retry: c.dcache.retry,
+            permissions: c.local.permissions,
+            download_folder: c.local.download_folder.clone(),
+        }
+    }
+}
+
+/// One file to copy.
+#[derive(Debug, Clone)]
+pub struct Job<'a> {
+    pub source: &'a Url,
+    /// Components below the download folder (already checked lexically).
+    pub rel: &'a [String],
+    pub destination: &'a Path,
+    /// The size dCache announced, if any.
+    pub expected_size: Option<u64>,
+}
+
+/// A file now at its final path, verified.
+#[derive(Debug, Clone)]
+pub struct Copied {
+    pub size: u64,
+    /// The checksums compared with dCache's (empty only with `requirechecksum = false`).
+    pub verified: Vec<Checksum>,
+    pub attempts: u32,
+    pub elapsed: Duration,
+    /// The destination already held the same size and checksum: nothing was copied.
+    pub already_present: bool,
+}
+
+#[derive(Debug)]
+pub struct Failed {
+    pub error: TransferError,
+    pub attempts: u32,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTPS client: {0}")]
+pub struct BuildError(String);
+
+pub struct Engine {
+    client: reqwest::Client,
+    creds: Arc<Credentials>,
+    settings: EngineSettings,
+    want_digest: HeaderValue,
+}
+
+impl Engine {
+    pub fn try_new(settings: EngineSettings, creds: Arc<Credentials>) -> Result<Self, BuildError> {
+        let tls = creds.tls_config().map_err(|e| BuildError(e.to_string()))?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .http1_only()
+            .tcp_nodelay(true)
+            .connect_timeout(settings.stall_timeout.min(Duration::from_secs(60)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("dcflow/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| BuildError(e.to_string()))?;
+        let want = settings
+            .checksums
+            .iter()
+            .map(|a| a.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let want_digest = HeaderValue::from_str(&want).map_err(|e| BuildError(e.to_string()))?;
+        Ok(Self {
+            client,
+            creds,
+            settings,
+            want_digest,
+        })
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// Copies one file with retries. Every attempt is bounded by `timeout`.
+    pub async fn copy(&self, job: &Job<'_>) -> Result<Copied, Failed> {
+        let start = Instant::now();
+        let max = self.settings.retry.attempts().get();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            info!(attempt, source = %job.source, "COPY_START attempt {attempt}/{max}");
+            let result = tokio::time::timeout(self.settings.timeout, self.attempt(job))
+                .await
+                .unwrap_or(Err(TransferError::TimedOut {
+                    seconds: self.settings.timeout.as_secs(),
+                }));
+            match result {
+                Ok(mut copied) => {
+                    copied.attempts = attempt;
+                    copied.elapsed = start.elapsed();
+                    return Ok(copied);
+                }
+                Err(error) if error.is_retryable() && attempt < max => {
+                    let wait = self
+                        .settings
+                        .retry
+                        .backoff(attempt, &mut rand::thread_rng());
+                    warn!(attempt, error = %error, kind = error.kind(), "COPY_RUN attempt {attempt}/{max} failed, retrying in {:.1} s: {error}", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        attempts: attempt,
+                        elapsed: start.elapsed(),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, job: &Job<'_>) -> Result<Copied, TransferError> {
+        let s = &self.settings;
+        let parent = fsutil::prepare_parent(&s.download_folder, job.rel, s.permissions.dir_mode)?;
+        if let Some(done) = self.already_present(job).await? {
+            return Ok(done);
+        }
+        let resp = self.send(Method::GET, job.source).await?;
+        let content_length = resp.content_length();
+        if let (Some(cl), Some(exp)) = (content_length, job.expected_size) {
+            if cl != exp {
+                return Err(TransferError::SizeMismatch {
+                    received: cl,
+                    expected: exp,
+                });
+            }
+        }
+        let advertised = digests(resp.headers());
+
+        let name = job.rel.last().expect("non-empty rel");
+        let part = parent.join(fsutil::part_name(name));
+        let file = fsutil::create_part(&part, s.permissions.file_mode)?;
+        let guard = fsutil::PartGuard::new(part.clone());
+        let (tx, rx) = mpsc::channel::<Chunk>(64);
+        let algos = s.checksums.clone();
+        let part_for_writer = part.clone();
+        let writer =
+            tokio::task::spawn_blocking(move || write_part(file, rx, &algos, &part_for_writer));
+
+        let mut body = resp.bytes_stream();
+        let mut received = 0u64;
+        let mut last_report = Instant::now();
+        let started = Instant::now();
+        let expected = content_length.or(job.expected_size);
+        loop {
+            let next = tokio::time::timeout(s.stall_timeout, body.next())
+                .await
+                .map_err(|_| TransferError::Stalled {
+                    seconds: s.stall_timeout.as_secs(),
+                })?;
+            match next {
+                None => break,
+                Some(Ok(chunk)) => {
+                    received += chunk.len() as u64;
+                    if tx.send(Chunk::Data(chunk)).await.is_err() {
+                        break; // the writer failed: its error is reported below
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(match expected {
+                        Some(exp) if received < exp => TransferError::Truncated {
+                            received,
+                            expected: exp,
+                        },
+                        _ => TransferError::Network {
+                            context: "reading body",
+                            source: e.without_url(),
+                        },
+                    });
+                }
+            }
+            if last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                let pct = expected
+                    .map(|e| format!(" ({:.0}%)", 100.0 * received as f64 / e.max(1) as f64))
+                    .unwrap_or_default();
+                info!(
+                    bytes = received,
+                    "COPY_RUN {} received{pct}, {:.1} Mbps",
+                    human_bytes(received),
+                    mbps(received, started.elapsed())
+                );
+            }
+        }
+        let _ = tx.send(Chunk::Done).await;
+        drop(tx);
+        let (written, computed) = writer.await.map_err(|e| TransferError::Io {
+            what: "writer thread failed for",
+            path: part.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        if let Some(exp) = content_length {
+            if written < exp {
+                return Err(TransferError::Truncated {
+                    received: written,
+                    expected: exp,
+                });
+            }
+        }
+        if let Some(exp) = job.expected_size {
+            if written != exp {
+                return Err(TransferError::SizeMismatch {
+                    received: written,
+                    expected: exp,
+                });
+            }
+        }
+        let expected_sums = if advertised.iter().any(|a| s.checksums.contains(&a.algo())) {
+            advertised
+        } else {
+            self.head(job.source).await?.1
+        };
+        let verified = self.verify(&computed, &expected_sums)?;
+        fsutil::publish(&part, job.destination)?;
+        guard.disarm();
+        Ok(Copied {
+            size: written,
+            verified,
+            attempts: 0,
+            elapsed: Duration::ZERO,
+            already_present: false,
+        })
+    }
+
+    /// Compares, logging `COPY_OVER` with the result.
+    fn verify(
+        &self,
+        computed: &[Checksum],
+        expected: &[Checksum],
+    ) -> Result<Vec<Checksum>, TransferError> {
+        match compare(computed, expected) {
+            Err((computed, expected)) => {
+                warn!(%computed, %expected, "COPY_OVER checksum mismatch: computed {computed}, dCache {expected}");
+                Err(TransferError::ChecksumMismatch { computed, expected })
+            }
+            Ok(matched) if matched.is_empty() && self.settings.require_checksum => {
+                warn!("COPY_OVER no checksum from dCache to compare");
+                Err(TransferError::NoChecksum {
+                    wanted: self
+                        .settings
+                        .checksums
+                        .iter()
+                        .map(|a| a.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+            }
+            Ok(matched) => {
+                let list = matched
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                if matched.is_empty() {
+                    info!("COPY_OVER size ok, no checksum offered by dCache (requirechecksum = false)");
+                } else {
+                    info!(checksum = %list, "COPY_OVER checksum ok {list}");
+                }
+                Ok(matched)
+            }
+        }
+    }
+
+    /// A destination that already holds the same size and checksum as dCache's copy.
+    async fn already_present(&self, job: &Job<'_>) -> Result<Option<Copied>, TransferError> {
+        let Ok(meta) = std::fs::symlink_metadata(job.destination) else {
+            return Ok(None);
+        };
+        if !meta.is_file() || job.expected_size.is_some_and(|s| s != meta.len()) {
+            return Ok(None);
+        }
+        let (size, remote) = self.head(job.source).await?;
+        if size.is_some_and(|s| s != meta.len()) || remote.is_empty() {
+            return Ok(None);
+        }
+        let path = job.destination.to_owned();
+        let algos = self.settings.checksums.clone();
+        let local = tokio::task::spawn_blocking(move || hash_file(&path, &algos))
+            .await
+            .map_err(|e| TransferError::Io {
+                what: "hashing",
+                path: job.destination.to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(TransferError::io("cannot read existing", job.destination))?;
+        match compare(&local, &remote) {
+            Ok(matched) if !matched.is_empty() => {
+                info!(destination = %job.destination.display(), "COPY_OVER already present with the same size and checksum: nothing to copy");
+                Ok(Some(Copied {
+                    size: meta.len(),
+                    verified: matched,
+                    attempts: 0,
+                    elapsed: Duration::ZERO,
+                    already_present: true,
+                }))
+            }
+            _ => {
+                info!(destination = %job.destination.display(), "destination differs from dCache's copy: replacing it");
+                Ok(None)
+            }
+        }
+    }
+
+    /// HEAD at the door with `Want-Digest`: (size, checksums).
+    async fn head(&self, url: &Url) -> Result<(Option<u64>, Vec<Checksum>), TransferError> {
+        let resp = self.send(Method::HEAD, url).await?;
+        let size = resp
+            .headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((size, digests(resp.headers())))
+    }
+
+    /// Sends a request, following dCache's redirect to a pool: only to https, and without
+    /// `Authorization` on any host other than the door's.
+    async fn send(&self, method: Method, url: &Url) -> Result<reqwest::Response, TransferError> {
+        let door = url.origin();
+        let mut current = url.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self
+                .client
+                .request(method.clone(), current.clone())
+                .header("Want-Digest", self.want_digest.clone());
+            if current.origin() == door {
+                if let Some(token) = &self.creds.token {
+                    let mut value =
+                        HeaderValue::from_str(&format!("Bearer {}", token.get().expose()))
+                            .map_err(|_| TransferError::Auth {
+                                status: 0,
+                                url: strip(&current),
+                                hint: "the token holds characters not allowed in a header".into(),
+                            })?;
+                    value.set_sensitive(true);
+                    req = req.header(AUTHORIZATION, value);
+                }
+            }
+            let resp = tokio::time::timeout(self.settings.stall_timeout, req.send())
+                .await
+                .map_err(|_| TransferError::Stalled {
+                    seconds: self.settings.stall_timeout.as_secs(),
+                })?
+                .map_err(|e| TransferError::Network {
+                    context: "request failed",
+                    source: e.without_url(),
+                })?;
+            let status = resp.status();
+            if status.is_redirection() {
+                let next = resp
+                    .headers()
+                    .get(LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .and_then(|l| current.join(l).ok())
+                    .ok_or_else(|| TransferError::Http {
+                        status: status.as_u16(),
+                        url: strip(&current),
+                        hint: ": redirect without a usable Location".into(),
+                    })?;
+                if current.scheme() == "https" && next.scheme() != "https" {
+                    return Err(TransferError::RedirectRefused {
+                        from: strip(&current),
+                        to: strip(&next),
+                        why: "https must not be downgraded",
+                    });
+                }
+                current = next;
+                continue;
+            }
+            return self.check_status(resp, &current).await;
+        }
+        Err(TransferError::Http {
+            status: 310,
+            url: strip(url),
+            hint: ": too many redirects".into(),
+        })
+    }
+
+    async fn check_status(
+        &self,
+        resp: reqwest::Response,
+        url: &Url,
+    ) -> Result<reqwest::Response, TransferError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let url = strip(url);
+        match status {
+            StatusCode::NOT_FOUND => Err(TransferError::NotFound { url }),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(TransferError::Auth {
+                status: status.as_u16(),
+                url,
+                hint: self.creds.auth_hint(),
+            }),
+            _ => {
+                let body = tokio::time::timeout(Duration::from_secs(5), resp.bytes())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+                    .trim()
+                    .to_owned();
+                let hint = if text.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {text}")
+                };
+                Err(TransferError::Http {
+                    status: status.as_u16(),
+                    url,
+                    hint,
+                })
+            }
+        }
+    }
+}
+
+/// A URL for messages: no query (a pool URL's one-time `dcache-http-uuid`), no credentials.
+fn strip(url: &Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
+    u.to_string()
+}
+
+fn digests(headers: &reqwest::header::HeaderMap) -> Vec<Checksum> {
+    headers
+        .get_all("digest")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(Checksum::parse_digest_header)
+        .collect()
+}
+
+enum Chunk {
+    Data(Bytes),
+    Done,
+}
+
+/// The writer thread: hash, write through a buffer, start writeback as it goes, fsync at the
+/// end. Without `Done` (the attempt was abandoned) it returns an error.
+fn write_part(
+    file: std::fs::File,
+    mut rx: mpsc::Receiver<Chunk>,
+    algos: &[ChecksumAlgo],
+    path: &Path,
+) -> Result<(u64, Vec<Checksum>), TransferError> {
+    use std::io::Write;
+    let io = |what| TransferError::io(what, path);
+    let mut hasher = Hasher::new(algos);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut written = 0u64;
+    let mut since_writeback = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        match chunk {
+            Chunk::Data(data) => {
+                hasher.update(&data);
+                out.write_all(&data).map_err(io("cannot write"))?;
+                written += data.len() as u64;
+                since_writeback += data.len() as u64;
+                if since_writeback >= WRITEBACK_EVERY {
+                    out.flush().map_err(io("cannot write"))?;
+                    fsutil::start_writeback(out.get_ref());
+                    since_writeback = 0;
+                }
+            }
+            Chunk::Done => {
+                let file = out
+                    .into_inner()
+                    .map_err(|e| io("cannot write")(e.into_error()))?;
+                file.sync_all().map_err(io("cannot fsync"))?;
+                return Ok((written, hasher.finish()));
+            }
+        }
+    }
+    Err(io("transfer abandoned")(std::io::Error::from(
+        std::io::ErrorKind::Interrupted,
+    )))
+}
+
+fn hash_file(path: &Path, algos: &[ChecksumAlgo]) -> std::io::Result<Vec<Checksum>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Hasher::new(algos);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+pub fn mbps(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-6)
+}
+
+/// `217 MB`, decimal units as the original tool printed.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.0} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,111 @@
+//! `dcflow check-config`: validate a configuration and say, on one screen, what will happen.
+
+use std::fmt::Write as _;
+
+use dcflow_core::config::Origin;
+use dcflow_core::Config;
+use dcflow_transfer::Credentials;
+
+/// The summary, or the list of problems (configuration first, then credentials).
+pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<String>> {
+    let creds = Credentials::load(&config.local.auth).map_err(|e| vec![e.to_string()])?;
+    let d = &config.dcache;
+    let l = &config.local;
+    let prefix = format!("{}{}", d.pool, d.folder);
+    let url_base = format!("{}{}", d.url.as_str().trim_end_matches('/'), d.folder);
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: OK", path.display());
+    let source = match &config.kafka {
+        Some(k) => format!(
+            "Kafka topic {:?} on {}, consumer group {:?} (dcflow run)",
+            k.topic,
+            k.servers.join(", "),
+            k.consumer_group
+        ),
+        None => "no [kafka] section: events come from `dcflow replay` files".into(),
+    };
+    let _ = writeln!(out, "source:      {source}");
+    let _ = writeln!(out, "selects:     completed uploads under {prefix}/");
+    let _ = writeln!(out, "reads from:  {url_base}/<path below it>");
+    let _ = writeln!(
+        out,
+        "writes to:   {}/<path below it>  (directories {:04o}, files {:04o}){}",
+        l.download_folder.display(),
+        l.permissions.dir_mode,
+        l.permissions.file_mode,
+        if l.download_folder.is_dir() {
+            ""
+        } else {
+            "  [folder will be created]"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "parallelism: {} transfers; {} s per attempt, stalled after {} s without data; {} attempts, back-off from {} s",
+        d.max_downloads,
+        d.timeout.as_secs(),
+        d.stall_timeout.as_secs(),
+        d.retry.attempts(),
+        d.retry.first().as_secs()
+    );
+    let algos: Vec<&str> = d.checksums.iter().map(|a| a.as_str()).collect();
+    let _ = writeln!(
+        out,
+        "checksums:   {} computed while streaming, compared with dCache's ({})",
+        algos.join(", "),
+        if d.require_checksum {
+            "required"
+        } else {
+            "size check if dCache has none"
+        }
+    );
+    match &creds.proxy {
+        Some(p) => {
+            let i = p.info();
+            let _ = writeln!(
+                out,
+                "auth:        X.509 proxy {} (from {}): {}, valid until {}",
+                i.path.display(),
+                i.origin,
+                i.subject,
+                i.not_after
+            );
+        }
+        None => {
+            let _ = writeln!(out, "auth:        no X.509 proxy");
+        }
+    }
+    match &creds.token {
+        Some(t) => {
+            let _ = writeln!(
+                out,
+                "             bearer token from {} (sent to the door only)",
+                t.describe()
+            );
+        }
+        None if creds.proxy.is_none() => {
+            let _ = writeln!(
+                out,
+                "             no bearer token either: requests are anonymous"
+            );
+        }
+        None => {}
+    }
+    let origin = match &creds.capath.origin {
+        Origin::Default => "default".to_owned(),
+        o => o.to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "trust:       {} ({origin}): {} CA files",
+        creds.capath.path.display(),
+        creds.ca_files
+    );
+    let _ = writeln!(
+        out,
+        "records:     {} (success), {} (failures)",
+        l.success_file.display(),
+        l.failed_file.display()
+    );
+    Ok(out)
+}

@@ -1,0 +1,14 @@
+//! dcflow: dCache storage events in, verified files out.
+//!
+//! # Layout
+//! ```text
+//! source (replay file | stdin) ──► pipeline::admit (decode, select, dedupe, permit)
+//!     ──► pipeline::run (Engine::copy: verified, atomic) ──► records (CSV) + logs
+//! ```
+//! `main.rs` parses the command line and decides exit codes; `check` summarises a
+//! configuration; `demo` runs the whole flow against the in-process emulator.
+
+pub mod check;
+pub mod demo;
+pub mod pipeline;
+pub mod replay;

@@ -1,0 +1,318 @@
+//! decode → select → copy → record, shared by every source (replay now; Kafka and SSE next).
+//!
+//! A permit is taken before an event's copy starts, so a full pool of `maxdownloads` pauses
+//! the source instead of growing a queue. One copy per pnfsid: the door `request` and pool
+//! `transfer` of one upload, and replays, are merged. One copy at a time per destination.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use dcflow_core::{BillingMessage, Config, PathMapper, PnfsId, Record, RecordFile, Upload};
+use dcflow_transfer::engine::{human_bytes, mbps};
+use dcflow_transfer::{Credentials, Engine, EngineSettings, Job};
+use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, error, info, warn, Instrument};
+
+/// What became of one selected file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOutcome {
+    Copied,
+    AlreadyPresent,
+    Failed,
+}
+
+/// Counters of a run, for summaries (and metrics later).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub events: AtomicU64,
+    pub malformed: AtomicU64,
+    pub not_upload: AtomicU64,
+    pub outside_folder: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub selected: AtomicU64,
+    pub copied: AtomicU64,
+    pub already_present: AtomicU64,
+    pub failed: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    InFlight,
+    Done,
+    Failed,
+}
+
+pub struct Pipeline {
+    mapper: PathMapper,
+    engine: Engine,
+    success: RecordFile,
+    failed: RecordFile,
+    permits: Arc<Semaphore>,
+    seen: Mutex<HashMap<PnfsId, Seen>>,
+    destinations: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    pub stats: Stats,
+}
+
+/// An upload that passed selection, with the permit that lets it run.
+pub struct Task {
+    upload: Upload,
+    mapped: dcflow_core::Mapped,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pipeline {
+    /// Loads credentials, builds the HTTPS client and opens the record files.
+    pub fn try_new(config: &Config) -> Result<Self> {
+        let creds = Credentials::load(&config.local.auth).context("loading credentials")?;
+        let engine = Engine::try_new(EngineSettings::from_config(config), Arc::new(creds))?;
+        Ok(Self {
+            mapper: PathMapper::new(&config.dcache, config.local.download_folder.clone()),
+            engine,
+            success: RecordFile::open(&config.local.success_file)?,
+            failed: RecordFile::open(&config.local.failed_file)?,
+            permits: Arc::new(Semaphore::new(config.dcache.max_downloads.get())),
+            seen: Mutex::default(),
+            destinations: Mutex::default(),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn success_file(&self) -> &Path {
+        self.success.path()
+    }
+    pub fn failed_file(&self) -> &Path {
+        self.failed.path()
+    }
+
+    /// Decodes and selects one raw message. Returns a task to run, or `None` when the message
+    /// was skipped or recorded. Waits for a free transfer slot before returning a task.
+    pub async fn admit(&self, raw: &[u8], origin: &str) -> Option<Task> {
+        Stats::inc(&self.stats.events);
+        let msg = match BillingMessage::decode(raw) {
+            Ok(m) => m,
+            Err(e) => {
+                Stats::inc(&self.stats.malformed);
+                warn!(origin, error = %e, "malformed billing message skipped ({origin}): {e}");
+                // The message itself goes into the record (bounded), so nothing is lost.
+                let text = String::from_utf8_lossy(raw);
+                let excerpt: String = text.chars().take(2000).collect();
+                self.record_failure(Record {
+                    error: format!("malformed billing message ({origin}): {e}; message: {excerpt}"),
+                    ..Default::default()
+                });
+                return None;
+            }
+        };
+        let upload = match msg.upload() {
+            Ok(u) => u,
+            Err(why) => {
+                Stats::inc(&self.stats.not_upload);
+                debug!(
+                    origin,
+                    msg_type = msg.msg_type.as_str(),
+                    reason = why.reason(),
+                    "not an upload: skipped"
+                );
+                return None;
+            }
+        };
+        let mapped = match self.mapper.map(&upload.billing_path) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                Stats::inc(&self.stats.outside_folder);
+                debug!(origin, path = %upload.billing_path, "outside {}: skipped", self.mapper.prefix());
+                return None;
+            }
+            Err(escape) => {
+                Stats::inc(&self.stats.selected);
+                Stats::inc(&self.stats.failed);
+                error!(pnfsid = %upload.pnfsid, origin, "refused: {escape}");
+                self.record_failure(Record {
+                    pnfsid: upload.pnfsid.to_string(),
+                    billing_path: upload.billing_path.clone(),
+                    size: upload.size,
+                    error: escape.to_string(),
+                    ..Default::default()
+                });
+                return None;
+            }
+        };
+        {
+            let mut seen = self.seen.lock().expect("seen lock");
+            match seen.get(&upload.pnfsid) {
+                Some(Seen::InFlight) | Some(Seen::Done) => {
+                    Stats::inc(&self.stats.duplicates);
+                    debug!(pnfsid = %upload.pnfsid, signal = upload.signal.as_str(), "same upload already handled: merged");
+                    return None;
+                }
+                _ => {
+                    seen.insert(upload.pnfsid.clone(), Seen::InFlight);
+                }
+            }
+        }
+        Stats::inc(&self.stats.selected);
+        info!(
+            pnfsid = %upload.pnfsid,
+            origin,
+            signal = upload.signal.as_str(),
+            size = upload.size,
+            "UPLOAD {} ({})",
+            upload.billing_path,
+            upload.size.map(human_bytes).unwrap_or_else(|| "size unknown".into())
+        );
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        Some(Task {
+            upload,
+            mapped,
+            _permit: permit,
+        })
+    }
+
+    /// Copies one admitted file and records the outcome.
+    pub async fn run(self: &Arc<Self>, task: Task) -> FileOutcome {
+        let span = tracing::info_span!("file", pnfsid = %task.upload.pnfsid);
+        self.run_inner(task).instrument(span).await
+    }
+
+    async fn run_inner(&self, task: Task) -> FileOutcome {
+        let Task {
+            upload,
+            mapped,
+            _permit,
+        } = task;
+        let lock = self.destination_lock(&mapped.destination);
+        let guard = lock.lock().await;
+        info!(
+            source = %mapped.source_url,
+            destination = %mapped.destination.display(),
+            awaits_commit = upload.awaits_commit(),
+            "COPY_INIT {} -> {}",
+            mapped.source_url,
+            mapped.destination.display()
+        );
+        let job = Job {
+            source: &mapped.source_url,
+            rel: &mapped.rel,
+            destination: &mapped.destination,
+            expected_size: upload.size,
+        };
+        let started = Instant::now();
+        let result = self.engine.copy(&job).await;
+        drop(guard);
+        self.release_destination(&mapped.destination, lock);
+        let mut record = Record {
+            time: Some(OffsetDateTime::now_utc()),
+            pnfsid: upload.pnfsid.to_string(),
+            billing_path: upload.billing_path.clone(),
+            source_url: mapped.source_url.to_string(),
+            destination: mapped.destination.display().to_string(),
+            size: upload.size,
+            ..Default::default()
+        };
+        let outcome = match result {
+            Ok(copied) => {
+                record.size = Some(copied.size);
+                record.checksum = copied
+                    .verified
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                record.attempts = copied.attempts;
+                record.seconds = copied.elapsed.as_secs_f64();
+                if copied.already_present {
+                    Stats::inc(&self.stats.already_present);
+                    info!("COPY_REPORT already present, nothing copied");
+                } else {
+                    Stats::inc(&self.stats.copied);
+                    self.stats.bytes.fetch_add(copied.size, Ordering::Relaxed);
+                    info!(
+                        bytes = copied.size,
+                        attempts = copied.attempts,
+                        "COPY_REPORT {} copied in {} ms, {:.2} Mbps",
+                        human_bytes(copied.size),
+                        started.elapsed().as_millis(),
+                        mbps(copied.size, started.elapsed())
+                    );
+                }
+                if let Err(e) = self.success.append(&record) {
+                    error!(error = %e, "cannot write success record");
+                }
+                self.mark(&upload.pnfsid, Seen::Done);
+                if copied.already_present {
+                    FileOutcome::AlreadyPresent
+                } else {
+                    FileOutcome::Copied
+                }
+            }
+            Err(failed) => {
+                Stats::inc(&self.stats.failed);
+                record.attempts = failed.attempts;
+                record.seconds = failed.elapsed.as_secs_f64();
+                record.error = failed.error.to_string();
+                error!(
+                    attempts = failed.attempts,
+                    kind = failed.error.kind(),
+                    "COPY_REPORT failed after {} attempt(s): {}",
+                    failed.attempts,
+                    failed.error
+                );
+                self.record_failure(record);
+                self.mark(&upload.pnfsid, Seen::Failed);
+                FileOutcome::Failed
+            }
+        };
+        outcome
+    }
+
+    fn mark(&self, pnfsid: &PnfsId, state: Seen) {
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .insert(pnfsid.clone(), state);
+    }
+
+    fn record_failure(&self, mut record: Record) {
+        record.time.get_or_insert_with(OffsetDateTime::now_utc);
+        if let Err(e) = self.failed.append(&record) {
+            error!(error = %e, "cannot write failure record");
+        }
+    }
+
+    fn destination_lock(&self, dest: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        self.destinations
+            .lock()
+            .expect("destinations lock")
+            .entry(dest.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn release_destination(&self, dest: &Path, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut map = self.destinations.lock().expect("destinations lock");
+        drop(lock);
+        if map.get(dest).is_some_and(|l| Arc::strong_count(l) == 1) {
+            map.remove(dest);
+        }
+    }
+}
