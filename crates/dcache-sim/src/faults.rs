@@ -16,6 +16,8 @@ pub enum Fault {
     Reset,
     /// Door GET: never answered (the request hangs).
     Hang,
+    /// Door GET: redirected to the pool over plain http (a downgrade clients must refuse).
+    RedirectHttp,
     /// Pool GET: the body stops after `at` bytes and the connection is cut.
     Truncate { at: u64 },
     /// Pool GET: after `at` bytes, nothing for `seconds`, then the rest.
@@ -36,7 +38,7 @@ impl Fault {
     /// Where the fault acts.
     pub fn stage(&self) -> Stage {
         match self {
-            Fault::Status { .. } | Fault::Reset | Fault::Hang => Stage::Door,
+            Fault::Status { .. } | Fault::Reset | Fault::Hang | Fault::RedirectHttp => Stage::Door,
             Fault::Truncate { .. }
             | Fault::Stall { .. }
             | Fault::FlipByte { .. }

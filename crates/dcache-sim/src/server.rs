@@ -420,7 +420,8 @@ async fn door_read(
     if is_get {
         state.door_gets.fetch_add(1, Ordering::Relaxed);
     }
-    match state.faults.take(&path, Stage::Door) {
+    let door_fault = state.faults.take(&path, Stage::Door);
+    match door_fault {
         Some(Fault::Status { code }) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return Ok(full(status, format!("injected {code}\n")));
@@ -478,11 +479,14 @@ async fn door_read(
         .lock()
         .expect("lock")
         .insert(uuid.clone(), path.clone());
-    let location = format!(
+    let mut location = format!(
         "{}{}?dcache-http-uuid={uuid}",
         state.pool_origin,
         req.uri().path()
     );
+    if door_fault == Some(Fault::RedirectHttp) {
+        location = location.replacen("https://", "http://", 1);
+    }
     let status = StatusCode::from_u16(state.cfg.redirect_status).unwrap_or(StatusCode::FOUND);
     Ok(Response::builder()
         .status(status)
@@ -582,6 +586,8 @@ fn file_stream(
                 }
                 Some(Fault::Truncate { at }) if s.sent >= at => {
                     s.done = true;
+                    // Let what was sent reach the client before the connection drops.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     return Some((Err(std::io::Error::other("injected truncation")), s));
                 }
                 Some(Fault::Stall { seconds, .. }) => {

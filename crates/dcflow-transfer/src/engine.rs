@@ -401,10 +401,7 @@ impl Engine {
                 .map_err(|_| TransferError::Stalled {
                     seconds: self.settings.stall_timeout.as_secs(),
                 })?
-                .map_err(|e| TransferError::Network {
-                    context: "request failed",
-                    source: e.without_url(),
-                })?;
+                .map_err(|e| self.network_error(&current, e))?;
             let status = resp.status();
             if status.is_redirection() {
                 let next = resp
@@ -434,6 +431,55 @@ impl Engine {
             url: strip(url),
             hint: ": too many redirects".into(),
         })
+    }
+
+    /// A request error: TLS failures that retrying cannot fix are told apart from the rest.
+    fn network_error(&self, url: &Url, e: reqwest::Error) -> TransferError {
+        use rustls::AlertDescription as A;
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            let tls = err.downcast_ref::<rustls::Error>();
+            match tls {
+                Some(rustls::Error::InvalidCertificate(why)) => {
+                    return TransferError::Tls {
+                        url: strip(url),
+                        why: format!(
+                            "the door's certificate is not trusted ({why:?}); check the CA folder {}",
+                            self.creds.capath.path.display()
+                        ),
+                    };
+                }
+                Some(rustls::Error::AlertReceived(
+                    alert @ (A::BadCertificate
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::CertificateRevoked
+                    | A::UnknownCA
+                    | A::AccessDenied),
+                )) => {
+                    return TransferError::Tls {
+                        url: strip(url),
+                        why: format!(
+                            "the door refused our certificate ({alert:?}): {}",
+                            self.creds.auth_hint()
+                        ),
+                    };
+                }
+                _ => {}
+            }
+            // io::Error hides the error it wraps from source(): step into it explicitly.
+            source = match err
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+            {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => err.source(),
+            };
+        }
+        TransferError::Network {
+            context: "request failed",
+            source: e.without_url(),
+        }
     }
 
     async fn check_status(

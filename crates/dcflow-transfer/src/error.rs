@@ -46,6 +46,10 @@ pub enum TransferError {
     },
     #[error("dCache offers no checksum of the configured kinds ({wanted}); set requirechecksum = false to accept a size check only")]
     NoChecksum { wanted: String },
+    /// The TLS handshake failed for a reason another attempt will not fix: the door's
+    /// certificate is not trusted, or the door refused our certificate.
+    #[error("TLS with {url} failed: {why}")]
+    Tls { url: String, why: String },
     #[error("refusing redirect from {from} to {to}: {why}")]
     RedirectRefused {
         from: String,
@@ -81,6 +85,7 @@ impl TransferError {
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
             ),
             Self::Auth { .. }
+            | Self::Tls { .. }
             | Self::NoChecksum { .. }
             | Self::RedirectRefused { .. }
             | Self::PathEscapes(_) => false,
@@ -102,6 +107,7 @@ impl TransferError {
             Self::Http { .. } => "http",
             Self::NotFound { .. } => "not-found",
             Self::Auth { .. } => "auth",
+            Self::Tls { .. } => "tls",
             Self::Stalled { .. } => "stalled",
             Self::TimedOut { .. } => "timeout",
             Self::Truncated { .. } => "truncated",
