@@ -1,0 +1,435 @@
+//! End to end: the real `dcflow` binary against the dCache emulator, as an operator runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use dcache_sim::{Fault, Sim, SimConfig};
+use dcflow_core::RecordFile;
+
+const FOLDER: &str = "/lsst/user/j/jdoe";
+
+struct Site {
+    sim: Sim,
+    dir: tempfile::TempDir,
+    client: reqwest::Client,
+}
+
+impl Site {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = Sim::start(SimConfig::new(&dir.path().join("sim")))
+            .await
+            .unwrap();
+        let ca = std::fs::read(&sim.pki.ca_pem).unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap();
+        Self { sim, dir, client }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn download(&self) -> PathBuf {
+        self.path("download")
+    }
+
+    /// Uploads `rel` below the configured folder; returns the door path.
+    async fn upload(&self, rel: &str, data: &[u8]) -> String {
+        let door_path = format!("{FOLDER}/{rel}");
+        let mut url = url::Url::parse(&self.sim.door_url).unwrap();
+        url.path_segments_mut()
+            .unwrap()
+            .pop_if_empty()
+            .extend(door_path[1..].split('/'));
+        let resp = self
+            .client
+            .put(url)
+            .bearer_auth(&self.sim.token)
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 201, "upload {rel}");
+        door_path
+    }
+
+    /// A configuration in the original tool's shape (plus `token` where asked).
+    fn write_config(&self, auth: &str, extra_dcache: &str) -> PathBuf {
+        let text = format!(
+            r#"[dcache]
+url = "{door}"
+pool = "/pnfs/example.org/data"
+folder = "{FOLDER}"
+retryseconds = 0
+retrytimes = 3
+maxdownloads = 4
+timeout = 120
+stalltimeout = 5
+{extra_dcache}
+[local]
+{auth}
+capath = "{capath}"
+downloadfolder = "{download}"
+permissions = '2750'
+failedtasksfile = "{failed}"
+successfultaskfile = "{success}"
+"#,
+            door = self.sim.door_url,
+            capath = self.sim.pki.capath.display(),
+            download = self.download().display(),
+            failed = self.path("failed.csv").display(),
+            success = self.path("success.csv").display(),
+        );
+        let path = self.path("dcflow.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn proxy_auth(&self) -> String {
+        format!("proxy = \"{}\"", self.sim.pki.proxy.display())
+    }
+
+    fn billing(&self) -> PathBuf {
+        self.path("sim/billing.jsonl")
+    }
+
+    fn records(&self, name: &str) -> Vec<dcflow_core::Record> {
+        RecordFile::read_all(&self.path(name)).unwrap_or_default()
+    }
+}
+
+fn dcflow(args: &[&str]) -> Output {
+    dcflow_stdin(args, None)
+}
+
+fn dcflow_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args(args)
+        .env_remove("X509_USER_PROXY")
+        .env_remove("BEARER_TOKEN")
+        .env_remove("BEARER_TOKEN_FILE")
+        .env("DCFLOW_LOG", "info")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    if std::env::var_os("DCFLOW_TEST_VERBOSE").is_some() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn data(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_below(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_copies_mixed_sizes_and_odd_names_byte_identical() {
+    let site = Site::new().await;
+    let files: Vec<(&str, usize)> = vec![
+        ("empty.dat", 0),
+        ("one-byte", 1),
+        ("run 1/with space.fits", 1_048_583),
+        ("run#2/hash%percent+plus?.root", 65_537),
+        ("ünïcödé/名前.txt", 4_096),
+        ("deep/a/b/c/d/e/f.bin", 33 << 20),
+        ("big/frame-300MiB.raw", 300 << 20),
+    ];
+    let mut expected = Vec::new();
+    for (i, (rel, size)) in files.iter().enumerate() {
+        let body = data(*size, i as u32 + 1);
+        site.upload(rel, &body).await;
+        expected.push((*rel, body));
+    }
+    let config = site.write_config(&site.proxy_auth(), "");
+    let out = dcflow(&[
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        site.billing().to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {stderr}",
+        text(&out.stdout)
+    );
+    for (rel, body) in &expected {
+        let got = std::fs::read(site.download().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert!(got == *body, "{rel} differs");
+    }
+    let success = site.records("success.csv");
+    assert_eq!(
+        success.len(),
+        files.len(),
+        "one success row per file (door and pool messages merged)"
+    );
+    assert!(success
+        .iter()
+        .all(|r| r.checksum.starts_with("adler32:") && r.error.is_empty()));
+    assert!(site.records("failed.csv").is_empty());
+    assert!(text(&out.stdout).contains(&format!(
+        "{} files selected, {} copied",
+        files.len(),
+        files.len()
+    )));
+    for tag in [
+        "UPLOAD",
+        "COPY_INIT",
+        "COPY_START",
+        "COPY_OVER",
+        "COPY_REPORT",
+    ] {
+        assert!(stderr.contains(tag), "log tag {tag} missing");
+    }
+    assert!(stderr.contains("pnfsid="), "structured pnfsid field");
+    assert_eq!(
+        files_below(&site.download()).len(),
+        files.len(),
+        "nothing else written"
+    );
+
+    // The same events again (a replay, a redelivery): nothing is copied twice.
+    let pool_gets = site.sim.pool_gets();
+    let again = dcflow(&[
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        site.billing().to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(0));
+    assert!(
+        text(&again.stdout).contains(&format!("{} already present", files.len())),
+        "{}",
+        text(&again.stdout)
+    );
+    assert_eq!(site.sim.pool_gets(), pool_gets, "no byte downloaded again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_recorded_or_skipped_and_good_files_still_land() {
+    let site = Site::new().await;
+    let good = [
+        ("good/one.dat", data(10_000, 7)),
+        ("good/two.dat", data(20_000, 8)),
+    ];
+    for (rel, body) in &good {
+        site.upload(rel, body).await;
+    }
+    // Corpus lines interleaved with the real billing messages, from stdin.
+    let corpus = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/bad-input/billing-corpus.jsonl"
+    ))
+    .unwrap();
+    let real = std::fs::read(site.billing()).unwrap();
+    let mut input = corpus.clone();
+    input.extend_from_slice(&real);
+    input.extend_from_slice(&corpus);
+    let config = site.write_config(&site.proxy_auth(), "");
+    let out = dcflow_stdin(
+        &["replay", "--config", config.to_str().unwrap(), "-"],
+        Some(&input),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "traversal paths are failures: {}",
+        text(&out.stderr)
+    );
+    for (rel, body) in &good {
+        assert_eq!(
+            &std::fs::read(site.download().join(rel)).unwrap(),
+            body,
+            "{rel}"
+        );
+    }
+    let failed = site.records("failed.csv");
+    let malformed = failed
+        .iter()
+        .filter(|r| r.error.starts_with("malformed billing message"))
+        .count();
+    assert_eq!(malformed, 24, "12 malformed lines, twice");
+    let escapes = failed
+        .iter()
+        .filter(|r| r.error.contains("escapes the download folder"))
+        .count();
+    assert_eq!(
+        escapes, 8,
+        "4 traversal paths, recorded each time they arrive"
+    );
+    assert_eq!(
+        files_below(&site.download()).len(),
+        2,
+        "only the good files were written"
+    );
+    assert!(!site.dir.path().join("escape.dat").exists());
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("2 copied") && stdout.contains("8 failed"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_always_fails_is_recorded_and_exits_1() {
+    let site = Site::new().await;
+    let door_path = site.upload("broken.dat", &data(5_000, 3)).await;
+    site.upload("fine.dat", &data(6_000, 4)).await;
+    site.sim
+        .add_fault(&door_path, Fault::Status { code: 500 }, None);
+    let config = site.write_config(
+        &format!("token = \"{}\"", site.sim.token_file.display()),
+        "",
+    );
+    let out = dcflow(&[
+        "--log-format",
+        "json",
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        site.billing().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let failed = site.records("failed.csv");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].attempts, 3);
+    assert!(failed[0].error.contains("HTTP 500"), "{}", failed[0].error);
+    assert!(failed[0].billing_path.ends_with("/broken.dat"));
+    assert!(!site.download().join("broken.dat").exists());
+    assert!(site.download().join("fine.dat").exists());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .all(|l| l.trim().is_empty() || l.starts_with('{')),
+        "JSON logs"
+    );
+    assert!(
+        !stderr.contains(&site.sim.token),
+        "the token never reaches the logs"
+    );
+    assert!(!text(&std::fs::read(site.path("failed.csv")).unwrap()).contains(&site.sim.token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_summarises_or_lists_every_problem() {
+    let site = Site::new().await;
+    let config = site.write_config(&site.proxy_auth(), "");
+    let out = dcflow(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    for needle in [
+        "writes to:",
+        "parallelism: 4 transfers",
+        "X.509 proxy",
+        "Jane Doe",
+        "CA files",
+        "/pnfs/example.org/data/lsst/user/j/jdoe/",
+    ] {
+        assert!(
+            summary.contains(needle),
+            "{needle:?} missing from\n{summary}"
+        );
+    }
+    assert!(summary.lines().count() <= 24, "one screen");
+
+    let bad = site.path("bad.toml");
+    std::fs::write(
+        &bad,
+        "[dcache]\nurl = 'ftp://x'\nmaxdownloads = 0\nspeed = 3\n[local]\npermissions = 'abc'\n",
+    )
+    .unwrap();
+    let out = dcflow(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    for key in [
+        "dcache.url",
+        "dcache.pool",
+        "dcache.maxdownloads",
+        "dcache.speed: unknown key",
+        "local.permissions",
+        "local.downloadfolder",
+    ] {
+        assert!(err.contains(key), "{key} missing from\n{err}");
+    }
+    // Replay refuses a bad configuration with exit 2 too, and an expired proxy.
+    let out = dcflow(&["replay", "--config", bad.to_str().unwrap(), "-"]);
+    assert_eq!(out.status.code(), Some(2));
+    let expired = site.write_config(
+        &format!("proxy = \"{}\"", site.sim.pki.expired_proxy.display()),
+        "",
+    );
+    let out = dcflow(&["check-config", "--config", expired.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("expired"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinked_directory_pointing_outside_is_refused() {
+    let site = Site::new().await;
+    site.upload("linked/secret.dat", &data(100, 5)).await;
+    let outside = site.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(site.download()).unwrap();
+    std::os::unix::fs::symlink(&outside, site.download().join("linked")).unwrap();
+    let config = site.write_config(&site.proxy_auth(), "");
+    let out = dcflow(&[
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        site.billing().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        files_below(&outside).is_empty(),
+        "nothing written through the symlink"
+    );
+    let failed = site.records("failed.csv");
+    assert!(failed[0].error.contains("symlink"), "{}", failed[0].error);
+}
