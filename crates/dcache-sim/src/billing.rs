@@ -10,34 +10,32 @@ use std::sync::Mutex;
 
 use rand::seq::SliceRandom;
 use serde::Serialize;
-use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 /// One JSON object whose key order is shuffled when written, like Java's `HashMap`.
+/// Values are kept as JSON text, so that doubles can be written as Java writes them.
 #[derive(Default)]
 pub struct Msg {
-    fields: Vec<(String, Box<RawValue>)>,
+    fields: Vec<(String, String)>,
 }
 
 impl Msg {
     pub fn put(mut self, key: &str, value: impl Serialize) -> Self {
-        let raw = serde_json::value::to_raw_value(&value).expect("serialisable");
-        if raw.get() == "null" {
+        let json = serde_json::to_string(&value).expect("serialisable");
+        if json == "null" {
             // org.json: put(k, null) removes the key.
             return self;
         }
-        self.fields.push((key.to_owned(), raw));
+        self.fields.push((key.to_owned(), json));
         self
     }
     /// A Java `double`, printed as `Double.toString` does.
     pub fn put_double(mut self, key: &str, value: f64) -> Self {
-        let raw = RawValue::from_string(java_double(value)).expect("valid number");
-        self.fields.push((key.to_owned(), raw));
+        self.fields.push((key.to_owned(), java_double(value)));
         self
     }
     pub fn put_msg(mut self, key: &str, value: Msg) -> Self {
-        let raw = RawValue::from_string(value.to_json()).expect("valid object");
-        self.fields.push((key.to_owned(), raw));
+        self.fields.push((key.to_owned(), value.to_json()));
         self
     }
     pub fn to_json(&self) -> String {
@@ -51,7 +49,7 @@ impl Msg {
             }
             out.push_str(&serde_json::to_string(k).expect("string"));
             out.push(':');
-            out.push_str(v.get());
+            out.push_str(v);
         }
         out.push('}');
         out
@@ -175,5 +173,46 @@ mod tests {
         assert_eq!(v["c"].as_f64(), Some(1.5e9));
         assert!(m.to_json().contains("1.5E9"));
         assert!(v.get("d").is_none(), "null values are absent keys");
+    }
+}
+
+/// rustc 1.95's MIR GVN pass turned this into a double free in optimised builds
+/// (rust-lang/rust#158830); `.cargo/config.toml` disables the pass. Run it with
+/// `cargo test --release -p dcache-sim --lib gvn`.
+#[cfg(test)]
+mod gvn_miscompile_guard {
+    use super::*;
+    #[test]
+    fn many_puts_in_a_closure() {
+        for _ in 0..1000 {
+            let s = String::from("session");
+            let p = serde_json::json!({"a": 1});
+            let common = |m: Msg| {
+                m.put("version", "1.0")
+                    .put("msgType", "transfer")
+                    .put("date", "x")
+                    .put("q", 0)
+                    .put("c", "p")
+                    .put("ct", "pool")
+                    .put("cd", "d")
+                    .put_double("bw", 1.5e8)
+                    .put("wi", "PT0.004S")
+                    .put("wa", format!("PT{}S", 3))
+                    .put("le", "x")
+                    .put("status", serde_json::json!({"code": 0}))
+                    .put("session", &s)
+                    .put("ts", 5u64)
+                    .put("tt", 5u64)
+                    .put("iw", "write")
+                    .put("pi", &p)
+                    .put("p2p", false)
+                    .put("tp", "/x")
+            };
+            let a = common(Msg::default())
+                .put("subject", ["a", "b"])
+                .put("pnfsid", "X");
+            let b = common(Msg::default());
+            assert!(a.to_json().len() > b.to_json().len());
+        }
     }
 }

@@ -641,14 +641,14 @@ async fn put(
     let tmp = target.with_file_name(format!(".upload-{}", uuid::Uuid::new_v4().simple()));
     let result = async {
         let mut file = tokio::fs::File::create(&tmp).await?;
-        let mut adler = simd_adler32::Adler32::new();
+        let mut adler = adler2::Adler32::new();
         let mut md5 = Md5::new();
         let mut size = 0u64;
         let mut body = req.into_body();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(std::io::Error::other)?;
             if let Some(data) = frame.data_ref() {
-                adler.write(data);
+                adler.write_slice(data);
                 md5.update(data);
                 size += data.len() as u64;
                 file.write_all(data).await?;
@@ -657,7 +657,7 @@ async fn put(
         file.flush().await?;
         drop(file);
         tokio::fs::rename(&tmp, &target).await?;
-        Ok::<_, std::io::Error>((size, adler.finish(), md5.finalize().into()))
+        Ok::<_, std::io::Error>((size, adler.checksum(), md5.finalize().into()))
     }
     .await;
     state.uploading.lock().expect("lock").remove(&path);
@@ -755,11 +755,14 @@ async fn delete(
         .put("fileSize", meta.size)
         .put("status", serde_json::json!({"code": 0, "msg": ""}));
     state.billing.emit(&msg);
+    let pool_session = format!("pool:{POOL_CELL}@{POOL_DOMAIN}:{}", session_id());
     let pool_msg = Msg::default()
         .put("version", "1.0")
         .put("msgType", "remove")
         .put("date", now())
         .put("queuingTime", 0)
+        .put("transaction", &pool_session)
+        .put("session", &pool_session)
         .put("cellName", POOL_CELL)
         .put("cellType", "pool")
         .put("cellDomain", POOL_DOMAIN)

@@ -81,7 +81,7 @@ impl fmt::Display for Checksum {
 
 /// Computes the configured checksums over a stream of chunks.
 pub struct Hasher {
-    adler32: Option<simd_adler32::Adler32>,
+    adler32: Option<adler2::Adler32>,
     md5: Option<Md5>,
 }
 
@@ -90,14 +90,14 @@ impl Hasher {
         Self {
             adler32: algos
                 .contains(&ChecksumAlgo::Adler32)
-                .then(simd_adler32::Adler32::new),
+                .then(adler2::Adler32::new),
             md5: algos.contains(&ChecksumAlgo::Md5).then(Md5::new),
         }
     }
 
     pub fn update(&mut self, data: &[u8]) {
         if let Some(a) = self.adler32.as_mut() {
-            a.write(data);
+            a.write_slice(data);
         }
         if let Some(m) = self.md5.as_mut() {
             m.update(data);
@@ -107,7 +107,7 @@ impl Hasher {
     pub fn finish(self) -> Vec<Checksum> {
         let mut out = Vec::new();
         if let Some(a) = self.adler32 {
-            out.push(Checksum::Adler32(a.finish()));
+            out.push(Checksum::Adler32(a.checksum()));
         }
         if let Some(m) = self.md5 {
             out.push(Checksum::Md5(m.finalize().into()));

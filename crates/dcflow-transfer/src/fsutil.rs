@@ -79,7 +79,7 @@ pub fn part_name(final_name: &str) -> String {
     } else {
         format!(
             ".dcflow-{:08x}.part",
-            simd_adler32::adler32(&final_name.as_bytes())
+            adler2::adler32_slice(final_name.as_bytes())
         )
     }
 }

@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""dcflow versus curl on the same files from the same dCache emulator.
+
+Large files: N files of SIZE MiB at 4 parallel transfers. curl (the physical limit: same
+server, same parallelism, GET at the door following the 302 to the pool) and `dcflow replay`
+(checksums verified, every file fsynced, renamed into place) are timed alternately, each run
+ending with `sync`, after removing the previous run's output. Prints a markdown table with the
+median of each and the ratio dcflow / curl.
+
+Memory: peak RSS of `dcflow replay` copying MEM_FILES files of MEM_SIZE MiB at once.
+
+Usage: bench/copy.py [--files 8] [--size-mib 256] [--runs 3] [--mem-files 4] [--mem-size-mib 1024]
+Everything lives under --work (default /var/tmp/dcflow-bench) and is removed at the end
+unless --keep is given.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def build():
+    sh("cargo", "build", "--release", "--locked", "-p", "dcflow", "-p", "dcache-sim", cwd=ROOT)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return target / "release" / "dcflow", target / "release" / "dcache-sim"
+
+
+def start_sim(sim_bin, state):
+    proc = subprocess.Popen([str(sim_bin), "serve", "--dir", str(state)], stdout=subprocess.DEVNULL)
+    info_file = state / "sim.json"
+    for _ in range(200):
+        if info_file.exists():
+            try:
+                return proc, json.loads(info_file.read_text())
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit("the emulator did not start")
+
+
+def upload(info, door_path, src):
+    token = Path(info["token_file"]).read_text().strip()
+    sh("curl", "-sS", "-f", "-o", "/dev/null", "--cacert", info["ca_pem"],
+       "-H", f"Authorization: Bearer {token}", "-T", str(src), info["door_url"] + door_path)
+
+
+def make_file(path, size_mib):
+    with open(path, "wb") as f:
+        for _ in range(size_mib):
+            f.write(os.urandom(1 << 20))
+
+
+def sync():
+    sh("sync")
+
+
+def run_curl(info, paths, out, parallel):
+    token = Path(info["token_file"]).read_text().strip()
+    args = ["curl", "-sS", "-f", "-L", "--parallel", "--parallel-max", str(parallel),
+            "--cacert", info["ca_pem"], "-H", f"Authorization: Bearer {token}"]
+    for i, p in enumerate(paths):
+        args += ["-o", str(out / f"f{i}"), info["door_url"] + p]
+    t = time.monotonic()
+    sh(*args)
+    sync()
+    return time.monotonic() - t
+
+
+def write_config(info, work, download, parallel, name):
+    cfg = work / f"{name}.toml"
+    cfg.write_text(f"""[dcache]
+url = "{info['door_url']}"
+pool = "{info['root']}"
+folder = "/bench"
+retryseconds = 1
+retrytimes = 3
+maxdownloads = {parallel}
+timeout = 3600
+[local]
+token = "{info['token_file']}"
+capath = "{info['capath']}"
+downloadfolder = "{download}"
+permissions = '0755'
+failedtasksfile = "{work}/{name}-failed.csv"
+successfultaskfile = "{work}/{name}-success.csv"
+""")
+    return cfg
+
+
+def run_dcflow(dcflow, cfg, events):
+    """Seconds for `dcflow replay`, including a final sync."""
+    t = time.monotonic()
+    proc = subprocess.run([str(dcflow), "replay", "--config", str(cfg), str(events)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          env={**os.environ, "DCFLOW_LOG": "warn"})
+    sync()
+    elapsed = time.monotonic() - t
+    if proc.returncode != 0:
+        sys.exit(f"dcflow replay failed ({proc.returncode}): {proc.stdout.decode()}")
+    return elapsed
+
+
+def peak_rss_of(cmd, env):
+    """Peak RSS (KiB) of one child, measured by polling /proc (ru_maxrss is per process tree
+    maximum and would keep earlier children's peaks)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        sys.exit(f"{cmd} failed with {proc.returncode}")
+    return peak
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mem-files", type=int, default=4)
+    ap.add_argument("--mem-size-mib", type=int, default=1024)
+    ap.add_argument("--work", default="/var/tmp/dcflow-bench")
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+
+    dcflow, sim_bin = build()
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sim, info = start_sim(sim_bin, work / "sim")
+    try:
+        src = work / "src"
+        src.mkdir()
+        paths = []
+        for i in range(a.files):
+            f = src / f"large-{i}"
+            make_file(f, a.size_mib)
+            door_path = f"/bench/large/file-{i}.dat"
+            upload(info, door_path, f)
+            paths.append(door_path)
+            f.unlink()
+        large_events = work / "large.jsonl"
+        shutil.copy(info["billing_file"], large_events)
+
+        curl_times, dcflow_times = [], []
+        for run in range(a.runs):
+            out = work / "curl-out"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            curl_times.append(run_curl(info, paths, out, a.parallel))
+            shutil.rmtree(out)
+            download = work / "dcflow-out"
+            shutil.rmtree(download, ignore_errors=True)
+            cfg = write_config(info, work, download, a.parallel, f"large-{run}")
+            secs = run_dcflow(dcflow, cfg, large_events)
+            dcflow_times.append(secs)
+            shutil.rmtree(download)
+            print(f"run {run + 1}: curl {curl_times[-1]:.2f} s, dcflow {dcflow_times[-1]:.2f} s", file=sys.stderr)
+
+        # Memory: MEM_FILES files of MEM_SIZE at once.
+        mem_paths = []
+        for i in range(a.mem_files):
+            f = src / f"mem-{i}"
+            make_file(f, a.mem_size_mib)
+            door_path = f"/bench/mem/file-{i}.dat"
+            upload(info, door_path, f)
+            mem_paths.append(door_path)
+            f.unlink()
+        all_events = [json.loads(l) for l in Path(info["billing_file"]).read_text().splitlines()]
+        mem_events = work / "mem.jsonl"
+        mem_events.write_text("".join(json.dumps(e) + "\n" for e in all_events
+                                      if "/bench/mem/" in e.get("billingPath", "")))
+        download = work / "mem-out"
+        cfg = write_config(info, work, download, a.mem_files, "mem")
+        rss_kib = peak_rss_of([str(dcflow), "replay", "--config", str(cfg), str(mem_events)],
+                              {**os.environ, "DCFLOW_LOG": "warn"})
+        shutil.rmtree(download)
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(timeout=10)
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    c, d = statistics.median(curl_times), statistics.median(dcflow_times)
+    total_mib = a.files * a.size_mib
+    print(f"\n### copy benchmark — {datetime.date.today()} — commit {commit}")
+    print(f"machine: {os.cpu_count()} cores, {cpu}; server: dcache-sim (TLS 1.3 door + pool) on 127.0.0.1\n")
+    print("| case | curl (limit) | dcflow | dcflow / curl |")
+    print("|---|---|---|---|")
+    print(f"| {a.files} × {a.size_mib} MiB, {a.parallel} parallel, median of {a.runs}, incl. final sync "
+          f"| {c:.2f} s ({total_mib * 8.388608 / c:.0f} Mbps) | {d:.2f} s ({total_mib * 8.388608 / d:.0f} Mbps) | **{d / c:.3f}** |")
+    print(f"\npeak RSS of dcflow copying {a.mem_files} × {a.mem_size_mib} MiB at once: **{rss_kib / 1024:.1f} MiB**")
+    print(f"(runs: curl {', '.join(f'{t:.2f}' for t in curl_times)} s; dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s)")
+
+
+if __name__ == "__main__":
+    main()
