@@ -59,6 +59,8 @@ pub struct SimConfig {
     pub redirect_status: u16,
     /// The pool answers `Want-Digest` on GET (else only the door's HEAD does).
     pub digest_on_get: bool,
+    /// Files have checksums (false: like files written without any, no `Digest` at all).
+    pub checksums: bool,
     pub proxy_key: ProxyKey,
     pub door_port: u16,
     pub pool_port: u16,
@@ -73,6 +75,7 @@ impl SimConfig {
             order: BillingOrder::Random,
             redirect_status: 302,
             digest_on_get: true,
+            checksums: true,
             proxy_key: ProxyKey::RsaPkcs1,
             door_port: 0,
             pool_port: 0,
@@ -462,7 +465,9 @@ async fn door_read(
             .status(StatusCode::OK)
             .header(header::CONTENT_LENGTH, meta.size)
             .header(header::ETAG, format!("\"{}_0\"", meta.pnfsid));
-        if let Some(d) = digest_header(&meta, &wanted_digests(&req), wrong) {
+        if let Some(d) =
+            digest_header(&meta, &wanted_digests(&req), wrong).filter(|_| state.cfg.checksums)
+        {
             r = r.header("Digest", d);
         }
         return Ok(r
@@ -547,7 +552,9 @@ async fn pool(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body
         .header(header::CONTENT_LENGTH, meta.size);
     if state.cfg.digest_on_get {
         let wrong = state.faults.take(&path, Stage::Digest).is_some();
-        if let Some(d) = digest_header(&meta, &wanted_digests(&req), wrong) {
+        if let Some(d) =
+            digest_header(&meta, &wanted_digests(&req), wrong).filter(|_| state.cfg.checksums)
+        {
             r = r.header("Digest", d);
         }
     }

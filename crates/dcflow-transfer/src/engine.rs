@@ -32,6 +32,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Start kernel writeback every this many bytes written.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 const MAX_REDIRECTS: usize = 5;
+/// Body chunks queued between the network task and the writer thread.
+const WRITER_QUEUE: usize = 8;
+/// The writer's buffer: big writes, few syscalls.
+const WRITE_BUFFER: usize = 512 << 10;
 
 /// What the engine needs from the configuration.
 #[derive(Debug, Clone)]
@@ -192,7 +196,9 @@ impl Engine {
         let part = parent.join(fsutil::part_name(name));
         let file = fsutil::create_part(&part, s.permissions.file_mode)?;
         let guard = fsutil::PartGuard::new(part.clone());
-        let (tx, rx) = mpsc::channel::<Chunk>(64);
+        // A short queue: chunks can be a few hundred KiB, and memory must not grow with
+        // the number of transfers times a deep queue when the disk is slower than the network.
+        let (tx, rx) = mpsc::channel::<Chunk>(WRITER_QUEUE);
         let algos = s.checksums.clone();
         let part_for_writer = part.clone();
         let writer =
@@ -557,7 +563,7 @@ fn write_part(
     use std::io::Write;
     let io = |what| TransferError::io(what, path);
     let mut hasher = Hasher::new(algos);
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
     let mut written = 0u64;
     let mut since_writeback = 0u64;
     while let Some(chunk) = rx.blocking_recv() {

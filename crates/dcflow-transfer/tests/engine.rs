@@ -448,3 +448,26 @@ async fn ecdsa_pkcs8_proxies_work_too() {
     let engine = s.engine(&cfg);
     s.copy(&engine, &cfg, "/e/f", None).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_file_without_checksum_fails_unless_size_only_is_allowed() {
+    let s = Setup::with(|c| c.checksums = false).await;
+    let body = data(4_000, 6);
+    s.upload("/n/f", &body).await;
+    let cfg = s.config(Auth::Token, "");
+    let failed = s
+        .copy(&s.engine(&cfg), &cfg, "/n/f", None)
+        .await
+        .unwrap_err();
+    assert_eq!(failed.error.kind(), "no-checksum");
+    assert_eq!(failed.attempts, 1);
+    assert!(!s.download().join("n/f").exists());
+    let cfg = s.config(Auth::Token, "requirechecksum = false");
+    let done = s
+        .copy(&s.engine(&cfg), &cfg, "/n/f", Some(4_000))
+        .await
+        .unwrap();
+    assert!(done.verified.is_empty(), "size check only");
+    assert_eq!(std::fs::read(s.download().join("n/f")).unwrap(), body);
+    s.assert_no_part_files();
+}
