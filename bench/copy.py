@@ -66,6 +66,19 @@ def make_file(path, size_mib):
             f.write(os.urandom(1 << 20))
 
 
+def upload_set(info, src, name, count, size_mib):
+    """Uploads `count` random files of `size_mib` to /bench/<name>/; returns the door paths."""
+    paths = []
+    for i in range(count):
+        f = src / f"{name}-{i}"
+        make_file(f, size_mib)
+        door_path = f"/bench/{name}/file-{i}.dat"
+        upload(info, door_path, f)
+        paths.append(door_path)
+        f.unlink()
+    return paths
+
+
 def sync():
     sh("sync")
 
@@ -167,14 +180,7 @@ def main():
     try:
         src = work / "src"
         src.mkdir()
-        paths = []
-        for i in range(a.files):
-            f = src / f"large-{i}"
-            make_file(f, a.size_mib)
-            door_path = f"/bench/large/file-{i}.dat"
-            upload(info, door_path, f)
-            paths.append(door_path)
-            f.unlink()
+        paths = upload_set(info, src, "large", a.files, a.size_mib)
         large_events = work / "large.jsonl"
         shutil.copy(info["billing_file"], large_events)
 
@@ -196,14 +202,7 @@ def main():
             print(f"run {run + 1}: curl {curl_times[-1]:.2f} s, dcflow {dcflow_times[-1]:.2f} s", file=sys.stderr)
 
         # Memory: MEM_FILES files of MEM_SIZE at once.
-        mem_paths = []
-        for i in range(a.mem_files):
-            f = src / f"mem-{i}"
-            make_file(f, a.mem_size_mib)
-            door_path = f"/bench/mem/file-{i}.dat"
-            upload(info, door_path, f)
-            mem_paths.append(door_path)
-            f.unlink()
+        upload_set(info, src, "mem", a.mem_files, a.mem_size_mib)
         all_events = [json.loads(l) for l in Path(info["billing_file"]).read_text().splitlines()]
         mem_events = work / "mem.jsonl"
         mem_events.write_text("".join(json.dumps(e) + "\n" for e in all_events

@@ -118,6 +118,8 @@ pub struct Sim {
     /// A bearer token the door accepts, and a file holding it.
     pub token: String,
     pub token_file: PathBuf,
+    /// An HTTPS client trusting the emulator's CA, for [`Sim::upload`].
+    client: reqwest::Client,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -175,6 +177,9 @@ impl Sim {
             tokio::spawn(serve(door_listener, door_tls, state.clone(), Role::Door)),
             tokio::spawn(serve(pool_listener, pool_tls, state.clone(), Role::Pool)),
         ];
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_der(&pki.ca_der)?)
+            .build()?;
         Ok(Self {
             state,
             door_url,
@@ -182,6 +187,7 @@ impl Sim {
             pki: pki.files,
             token,
             token_file,
+            client,
             tasks,
         })
     }
@@ -218,6 +224,29 @@ impl Sim {
     pub fn namespace_path(&self, door_path: &str) -> String {
         format!("{}{}", self.state.cfg.root, door_path)
     }
+    /// Uploads `data` to a door path (`/lsst/a b/f`, not encoded) as a user would: PUT at the
+    /// door with the bearer token, checked for 201. Each upload emits its billing messages.
+    pub async fn upload(&self, door_path: &str, data: Vec<u8>) -> Result<()> {
+        let mut url = reqwest::Url::parse(&self.door_url)?;
+        url.path_segments_mut()
+            .map_err(|_| anyhow::anyhow!("door URL cannot have a path"))?
+            .pop_if_empty()
+            .extend(door_path.trim_start_matches('/').split('/'));
+        let resp = self
+            .client
+            .put(url)
+            .bearer_auth(&self.token)
+            .body(data)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status().as_u16() == 201,
+            "upload of {door_path}: {}",
+            resp.status()
+        );
+        Ok(())
+    }
+
     /// Where the emulator stores a door path's bytes.
     pub fn stored_file(&self, door_path: &str) -> PathBuf {
         self.state.storage.join(door_path.trim_start_matches('/'))

@@ -12,7 +12,6 @@ use dcflow_transfer::{Copied, Credentials, Engine, EngineSettings, Failed, Job, 
 struct Setup {
     sim: Sim,
     dir: tempfile::TempDir,
-    client: reqwest::Client,
 }
 
 enum Auth {
@@ -31,12 +30,7 @@ impl Setup {
         let mut cfg = SimConfig::new(&dir.path().join("sim"));
         tweak(&mut cfg);
         let sim = Sim::start(cfg).await.unwrap();
-        let ca = std::fs::read(&sim.pki.ca_pem).unwrap();
-        let client = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .build()
-            .unwrap();
-        Self { sim, dir, client }
+        Self { sim, dir }
     }
 
     fn download(&self) -> PathBuf {
@@ -44,20 +38,7 @@ impl Setup {
     }
 
     async fn upload(&self, door_path: &str, data: &[u8]) {
-        let mut url = url::Url::parse(&self.sim.door_url).unwrap();
-        url.path_segments_mut()
-            .unwrap()
-            .pop_if_empty()
-            .extend(door_path[1..].split('/'));
-        let resp = self
-            .client
-            .put(url)
-            .bearer_auth(&self.sim.token)
-            .body(data.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 201);
+        self.sim.upload(door_path, data.to_vec()).await.unwrap();
     }
 
     fn config(&self, auth: Auth, extra: &str) -> Config {

@@ -93,10 +93,6 @@ successfultaskfile = "{dir}/success.csv"
     let config = Config::load(&config_path, &Env::from_process()).map_err(anyhow::Error::msg)?;
 
     // Upload through the door with the emulator's token, as a user would.
-    let creds = dcflow_transfer::Credentials::load(&config.local.auth)?;
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(creds.tls_config()?)
-        .build()?;
     let started = Instant::now();
     let mut originals = Vec::new();
     let mut total = 0u64;
@@ -109,16 +105,8 @@ successfultaskfile = "{dir}/success.csv"
                     .rotate_left(i as u32 % 31) as u8
             })
             .collect();
-        let url = format!("{}/lsst/user/j/jdoe/{}", sim.door_url, encode(&rel));
-        let resp = client
-            .put(&url)
-            .bearer_auth(&sim.token)
-            .body(data.clone())
-            .send()
+        sim.upload(&format!("/lsst/user/j/jdoe/{rel}"), data.clone())
             .await?;
-        if resp.status().as_u16() != 201 {
-            bail!("upload of {rel} answered {}", resp.status());
-        }
         total += size;
         originals.push((rel, data));
     }
@@ -161,13 +149,4 @@ successfultaskfile = "{dir}/success.csv"
         config_path.display()
     );
     Ok((summary, dir))
-}
-
-fn encode(rel: &str) -> String {
-    rel.split('/')
-        .map(|p| {
-            percent_encoding::utf8_percent_encode(p, percent_encoding::NON_ALPHANUMERIC).to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("/")
 }

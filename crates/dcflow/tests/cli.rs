@@ -11,7 +11,6 @@ const FOLDER: &str = "/lsst/user/j/jdoe";
 struct Site {
     sim: Sim,
     dir: tempfile::TempDir,
-    client: reqwest::Client,
 }
 
 impl Site {
@@ -20,12 +19,7 @@ impl Site {
         let sim = Sim::start(SimConfig::new(&dir.path().join("sim")))
             .await
             .unwrap();
-        let ca = std::fs::read(&sim.pki.ca_pem).unwrap();
-        let client = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .build()
-            .unwrap();
-        Self { sim, dir, client }
+        Self { sim, dir }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -39,21 +33,18 @@ impl Site {
     /// Uploads `rel` below the configured folder; returns the door path.
     async fn upload(&self, rel: &str, data: &[u8]) -> String {
         let door_path = format!("{FOLDER}/{rel}");
-        let mut url = url::Url::parse(&self.sim.door_url).unwrap();
-        url.path_segments_mut()
-            .unwrap()
-            .pop_if_empty()
-            .extend(door_path[1..].split('/'));
-        let resp = self
-            .client
-            .put(url)
-            .bearer_auth(&self.sim.token)
-            .body(data.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 201, "upload {rel}");
+        self.sim.upload(&door_path, data.to_vec()).await.unwrap();
         door_path
+    }
+
+    /// `dcflow replay` of everything the emulator announced so far.
+    fn replay(&self, config: &Path) -> Output {
+        dcflow(&[
+            "replay",
+            "--config",
+            config.to_str().unwrap(),
+            self.billing().to_str().unwrap(),
+        ])
     }
 
     /// A configuration in the original tool's shape (plus `token` where asked).
@@ -182,12 +173,7 @@ async fn replay_copies_mixed_sizes_and_odd_names_byte_identical() {
         expected.push((*rel, body));
     }
     let config = site.write_config(&site.proxy_auth(), "");
-    let out = dcflow(&[
-        "replay",
-        "--config",
-        config.to_str().unwrap(),
-        site.billing().to_str().unwrap(),
-    ]);
+    let out = site.replay(&config);
     let stderr = text(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -232,12 +218,7 @@ async fn replay_copies_mixed_sizes_and_odd_names_byte_identical() {
 
     // The same events again (a replay, a redelivery): nothing is copied twice.
     let pool_gets = site.sim.pool_gets();
-    let again = dcflow(&[
-        "replay",
-        "--config",
-        config.to_str().unwrap(),
-        site.billing().to_str().unwrap(),
-    ]);
+    let again = site.replay(&config);
     assert_eq!(again.status.code(), Some(0));
     assert!(
         text(&again.stdout).contains(&format!("{} already present", files.len())),
@@ -419,12 +400,7 @@ async fn symlinked_directory_pointing_outside_is_refused() {
     std::fs::create_dir_all(site.download()).unwrap();
     std::os::unix::fs::symlink(&outside, site.download().join("linked")).unwrap();
     let config = site.write_config(&site.proxy_auth(), "");
-    let out = dcflow(&[
-        "replay",
-        "--config",
-        config.to_str().unwrap(),
-        site.billing().to_str().unwrap(),
-    ]);
+    let out = site.replay(&config);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         files_below(&outside).is_empty(),
