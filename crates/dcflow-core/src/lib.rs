@@ -8,6 +8,7 @@
 //! mapping  billing path → (source URL, destination) with escape checks
 //! retry    RetryPolicy: attempts and back-off with jitter
 //! records  success/failure CSV files
+//! watermark contiguous commit positions per partition (Kafka offsets, SSE ids)
 //! ```
 
 pub mod config;
@@ -15,9 +16,11 @@ pub mod event;
 pub mod mapping;
 pub mod records;
 pub mod retry;
+pub mod watermark;
 
 pub use config::{ChecksumAlgo, Config, ConfigError, Env};
 pub use event::{BillingMessage, DecodeError, NotAnUpload, PnfsId, Upload, UploadSignal};
 pub use mapping::{Mapped, PathEscapes, PathMapper};
 pub use records::{Record, RecordFile};
 pub use retry::RetryPolicy;
+pub use watermark::{Ticket, Watermarks};

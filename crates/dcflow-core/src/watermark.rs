@@ -1,0 +1,197 @@
+//! Contiguous commit watermarks: an offset (or an SSE event id) may be acknowledged only when
+//! every earlier one of its partition has finished, whatever order the files finish in.
+//!
+//! A consumer hands out offsets of a partition in increasing order ([`Watermarks::start`]);
+//! work finishes in any order ([`Watermarks::finish`]). The committable position of a
+//! partition is the smallest offset still in flight, or one past the highest offset seen when
+//! nothing is in flight (Kafka commits the *next* offset to read). Gaps between offsets
+//! (compaction, transaction markers) need no special care.
+//!
+//! When a partition is revoked its state is dropped; a [`Ticket`] carries the generation of
+//! its assignment, so work that finishes after a revocation (or after the partition came back)
+//! can never move the new owner's watermark.
+
+use std::collections::{BTreeSet, HashMap};
+
+/// One in-flight offset, to be handed back to [`Watermarks::finish`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    pub partition: i32,
+    pub offset: i64,
+    generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    generation: u64,
+    in_flight: BTreeSet<i64>,
+    highest_seen: Option<i64>,
+    committed: Option<i64>,
+}
+
+impl Partition {
+    fn committable(&self) -> Option<i64> {
+        match self.in_flight.first() {
+            Some(&lowest) => Some(lowest),
+            None => self.highest_seen.map(|h| h + 1),
+        }
+    }
+}
+
+/// Watermarks of all partitions of one topic that this consumer owns.
+#[derive(Debug, Default)]
+pub struct Watermarks {
+    partitions: HashMap<i32, Partition>,
+    next_generation: u64,
+}
+
+impl Watermarks {
+    /// The partition is (re)assigned to us: a new generation starts.
+    pub fn assign(&mut self, partition: i32) {
+        self.next_generation += 1;
+        self.partitions.insert(
+            partition,
+            Partition {
+                generation: self.next_generation,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// The partition was revoked: forget it; late finishes of its tickets are ignored.
+    pub fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    /// Registers an offset handed to the pipeline. Offsets of a partition must be started in
+    /// increasing order. Returns `None` for a partition we do not own.
+    pub fn start(&mut self, partition: i32, offset: i64) -> Option<Ticket> {
+        let p = self.partitions.get_mut(&partition)?;
+        debug_assert!(
+            p.highest_seen.is_none_or(|h| offset > h),
+            "offsets start in order"
+        );
+        p.in_flight.insert(offset);
+        p.highest_seen = Some(p.highest_seen.map_or(offset, |h| h.max(offset)));
+        Some(Ticket {
+            partition,
+            offset,
+            generation: p.generation,
+        })
+    }
+
+    /// Marks a ticket's work finished (done, skipped, or failed and recorded). Returns false
+    /// when the ticket belongs to an assignment that no longer exists.
+    pub fn finish(&mut self, ticket: &Ticket) -> bool {
+        match self.partitions.get_mut(&ticket.partition) {
+            Some(p) if p.generation == ticket.generation => p.in_flight.remove(&ticket.offset),
+            _ => false,
+        }
+    }
+
+    /// Positions that advanced since the last call, as (partition, next offset to read): what
+    /// to commit now.
+    pub fn take_commits(&mut self) -> Vec<(i32, i64)> {
+        let mut out = Vec::new();
+        for (&partition, p) in &mut self.partitions {
+            if let Some(pos) = p.committable() {
+                if p.committed.is_none_or(|c| pos > c) {
+                    p.committed = Some(pos);
+                    out.push((partition, pos));
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Offsets in flight across all partitions.
+    pub fn in_flight(&self) -> usize {
+        self.partitions.values().map(|p| p.in_flight.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::seq::SliceRandom;
+
+    #[test]
+    fn commits_only_a_contiguous_prefix() {
+        let mut w = Watermarks::default();
+        w.assign(0);
+        let t: Vec<Ticket> = (10..15).map(|o| w.start(0, o).unwrap()).collect();
+        assert!(
+            w.take_commits().iter().all(|&(_, pos)| pos == 10),
+            "nothing finished yet"
+        );
+        w.finish(&t[2]);
+        w.finish(&t[1]);
+        assert_eq!(w.take_commits(), vec![], "10 still in flight");
+        w.finish(&t[0]);
+        assert_eq!(w.take_commits(), vec![(0, 13)]);
+        w.finish(&t[4]);
+        assert_eq!(w.take_commits(), vec![], "13 still in flight");
+        w.finish(&t[3]);
+        assert_eq!(w.take_commits(), vec![(0, 15)]);
+        assert_eq!(w.take_commits(), vec![], "no repeat");
+    }
+
+    #[test]
+    fn gaps_between_offsets_do_not_block() {
+        let mut w = Watermarks::default();
+        w.assign(3);
+        let a = w.start(3, 100).unwrap();
+        let b = w.start(3, 250).unwrap();
+        w.finish(&b);
+        assert_eq!(w.take_commits(), vec![(3, 100)]);
+        w.finish(&a);
+        assert_eq!(w.take_commits(), vec![(3, 251)]);
+    }
+
+    #[test]
+    fn revoked_work_never_moves_the_new_owner() {
+        let mut w = Watermarks::default();
+        w.assign(1);
+        let old = w.start(1, 5).unwrap();
+        w.revoke(1);
+        assert_eq!(w.start(1, 6), None, "not ours any more");
+        assert!(!w.finish(&old));
+        w.assign(1);
+        let new = w.start(1, 5).unwrap();
+        assert!(
+            !w.finish(&old),
+            "a ticket of the previous assignment is ignored"
+        );
+        assert_eq!(w.take_commits(), vec![(1, 5)]);
+        assert!(w.finish(&new));
+        assert_eq!(w.take_commits(), vec![(1, 6)]);
+    }
+
+    #[test]
+    fn random_finish_orders_never_commit_past_unfinished_work() {
+        let mut rng = rand::thread_rng();
+        for _ in 0..200 {
+            let mut w = Watermarks::default();
+            w.assign(0);
+            let mut tickets: Vec<Ticket> = (0..50).map(|o| w.start(0, o).unwrap()).collect();
+            tickets.shuffle(&mut rng);
+            let mut finished = BTreeSet::new();
+            let mut last = 0;
+            for t in &tickets {
+                w.finish(t);
+                finished.insert(t.offset);
+                for (_, pos) in w.take_commits() {
+                    assert!(
+                        (0..pos).all(|o| finished.contains(&o)),
+                        "committed {pos} past unfinished work"
+                    );
+                    assert!(pos > last || pos == 0);
+                    last = pos;
+                }
+            }
+            assert_eq!(last, 50);
+            assert_eq!(w.in_flight(), 0);
+        }
+    }
+}
