@@ -161,12 +161,43 @@ pub struct AuthConfig {
     pub capath: CredentialPath,
 }
 
+/// Where a consumer group without a committed offset starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    /// The oldest message still in the topic: nothing announced before the first start is
+    /// missed (files already copied are recognised and not downloaded again).
+    Earliest,
+    /// Only messages produced after the group first joins.
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Earliest => "earliest",
+            Self::Latest => "latest",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub topic: String,
     pub servers: Vec<String>,
     pub consumer_group: String,
+    pub offset_reset: OffsetReset,
+    /// Raw librdkafka properties (SASL, SSL, timeouts...), passed through as given.
+    pub properties: BTreeMap<String, String>,
 }
+
+/// librdkafka properties dcflow sets itself: its delivery promise depends on them.
+pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+];
 
 #[derive(Debug, Clone)]
 pub struct DcacheConfig {
@@ -224,7 +255,13 @@ pub struct Config {
 
 pub const DEFAULT_CAPATH: &str = "/etc/grid-security/certificates";
 
-const KAFKA_KEYS: &[&str] = &["topic", "servers", "consumergroup"];
+const KAFKA_KEYS: &[&str] = &[
+    "topic",
+    "servers",
+    "consumergroup",
+    "offsetreset",
+    "properties",
+];
 const DCACHE_KEYS: &[&str] = &[
     "url",
     "pool",
@@ -472,11 +509,62 @@ fn kafka_section(mut s: Section<'_>) -> Option<KafkaConfig> {
         }
     }
     let group = s.required_string("consumergroup");
+    let offset_reset = match s.string("offsetreset").as_deref() {
+        None | Some("earliest") => OffsetReset::Earliest,
+        Some("latest") => OffsetReset::Latest,
+        Some(other) => {
+            s.fail(
+                "offsetreset",
+                format!("{other:?} is not earliest or latest"),
+            );
+            OffsetReset::Earliest
+        }
+    };
+    let properties = kafka_properties(&mut s);
     Some(KafkaConfig {
         topic,
         servers: servers?,
         consumer_group: group?,
+        offset_reset,
+        properties,
     })
+}
+
+/// `[kafka.properties]`: librdkafka settings passed through (strings, integers, booleans).
+fn kafka_properties(s: &mut Section<'_>) -> BTreeMap<String, String> {
+    let mut properties = BTreeMap::new();
+    match s.get("properties") {
+        None => {}
+        Some(toml::Value::Table(t)) => {
+            for (key, value) in t {
+                let name = format!("properties.{key}");
+                let text = match value {
+                    toml::Value::String(v) => Some(v.clone()),
+                    toml::Value::Integer(i) => Some(i.to_string()),
+                    toml::Value::Boolean(b) => Some(b.to_string()),
+                    _ => None,
+                };
+                if RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                    s.fail(
+                        &name,
+                        "is set by dcflow (use servers, consumergroup, offsetreset)",
+                    );
+                } else if let Some(v) = text {
+                    properties.insert(key.clone(), v);
+                } else {
+                    s.fail(&name, "must be a string, integer or boolean");
+                }
+            }
+        }
+        Some(other) => s.fail(
+            "properties",
+            format!(
+                "must be a table of librdkafka properties, found {}",
+                other.type_str()
+            ),
+        ),
+    }
+    properties
 }
 
 /// Normalises a namespace path: absolute, single slashes, no trailing slash, no `.`/`..`.
@@ -822,6 +910,36 @@ permissions = "rwx"
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
         assert!(err.to_string().contains("dcache.colour: unknown key"));
+    }
+
+    #[test]
+    fn kafka_additions() {
+        let with = |extra: &str| {
+            ORIGINAL.replacen(
+                "consumergroup = \"imsimprod001\"",
+                &format!("consumergroup = \"imsimprod001\"\n{extra}"),
+                1,
+            )
+        };
+        let text = with("offsetreset = \"latest\"\nproperties = { \"security.protocol\" = \"SASL_SSL\", \"session.timeout.ms\" = 45000 }");
+        let k = Config::from_toml(&text, &env()).unwrap().kafka.unwrap();
+        assert_eq!(k.offset_reset, OffsetReset::Latest);
+        assert_eq!(k.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(k.properties["session.timeout.ms"], "45000");
+        let k = Config::from_toml(ORIGINAL, &env()).unwrap().kafka.unwrap();
+        assert_eq!(k.offset_reset, OffsetReset::Earliest);
+
+        let bad =
+            with("offsetreset = \"middle\"\nproperties = { \"group.id\" = \"x\", \"a\" = [1] }");
+        let err = Config::from_toml(&bad, &env()).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "kafka.offsetreset",
+            "kafka.properties.group.id",
+            "kafka.properties.a",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
     }
 
     #[test]

@@ -12,3 +12,4 @@ pub mod check;
 pub mod demo;
 pub mod pipeline;
 pub mod replay;
+pub mod run;

@@ -10,6 +10,7 @@ use dcflow::demo::{demo, DemoOptions};
 use dcflow::pipeline::Pipeline;
 use dcflow::replay::replay;
 use dcflow_core::{Config, Env};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -33,10 +34,15 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The daemon: consume the configured event source (Kafka) until SIGTERM.
+    /// The daemon: consume the configured Kafka topic until SIGTERM or SIGINT, which stop
+    /// fetching, let running transfers finish (up to --drain-seconds), commit and exit 0.
+    /// A second signal exits at once.
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// How long running transfers may take to finish after a stop signal.
+        #[arg(long, default_value_t = 120)]
+        drain_seconds: u64,
     },
     /// Run every billing message of a JSONL file (`-` = stdin) through the pipeline, then exit:
     /// 0 if every selected file succeeded or was already present, 1 if any failed.
@@ -152,15 +158,42 @@ async fn async_main(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
-            if let Err(code) = load_config(&config) {
-                return code;
+        Command::Run {
+            config,
+            drain_seconds,
+        } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(kafka) = cfg.kafka.clone() else {
+                eprintln!(
+                    "dcflow run: {} has no [kafka] section; the SSE source is not implemented \
+                     yet; feed billing messages with `dcflow replay`",
+                    config.display()
+                );
+                return ExitCode::from(2);
+            };
+            let pipeline = match Pipeline::try_new(&cfg) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    eprintln!("dcflow: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(watch_signals(shutdown.clone()));
+            let drain = std::time::Duration::from_secs(drain_seconds);
+            match dcflow::run::run_kafka(pipeline, &kafka, shutdown, drain).await {
+                Ok(summary) => {
+                    tracing::info!("stopped: {summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dcflow run: {e:#}");
+                    ExitCode::from(2)
+                }
             }
-            eprintln!(
-                "dcflow run: the Kafka and SSE sources are not implemented in this version; \
-                 feed billing messages with `dcflow replay --config FILE EVENTS.jsonl`"
-            );
-            ExitCode::from(2)
         }
         Command::Demo {
             dir,
@@ -181,6 +214,32 @@ async fn async_main(command: Command) -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// First SIGTERM/SIGINT: graceful stop. Second: exit at once (offsets not committed past
+/// unfinished work are redelivered next time).
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    for n in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if n == 0 {
+            tracing::info!("stop signal: draining (send it again to exit at once)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second stop signal: exiting now");
+            std::process::exit(130);
         }
     }
 }

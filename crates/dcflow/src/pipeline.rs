@@ -92,6 +92,22 @@ impl Pipeline {
         })
     }
 
+    /// Transfer slots free now.
+    pub fn free_slots(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Returns once a transfer slot is free, without taking it (the single admitting loop
+    /// takes it in [`Pipeline::admit`]).
+    pub async fn wait_for_slot(&self) {
+        drop(
+            self.permits
+                .acquire()
+                .await
+                .expect("semaphore never closed"),
+        );
+    }
+
     pub fn success_file(&self) -> &Path {
         self.success.path()
     }

@@ -1,0 +1,235 @@
+//! dcflow's Kafka source: a consumer in the configured group, with automatic commits off.
+//! An offset is committed only when every earlier offset of its partition has finished
+//! (copied, skipped, or failed and recorded), using [`dcflow_core::Watermarks`].
+//!
+//! # Layout
+//! ```text
+//! KafkaSource::recv ──► Delivery (payload, partition, offset, ticket)
+//!      pipeline work ──► KafkaSource::finish(ticket) ──► watermark advances
+//!      KafkaSource::commit (periodically, on revoke, at shutdown) ──► broker
+//! ```
+//! Rebalances: before partitions are revoked, what they finished is committed and their
+//! state dropped, so this consumer never commits for a partition it no longer owns; work
+//! still running for them completes but is not committed (the new owner redelivers it, and
+//! copies are idempotent). Pausing all partitions lets the caller keep polling (heartbeats,
+//! rebalances) while its transfer slots are full.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dcflow_core::config::KafkaConfig;
+use dcflow_core::{Ticket, Watermarks};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+pub use rdkafka::error::KafkaError as Error;
+
+/// One billing message taken from the topic.
+#[derive(Debug)]
+pub struct Delivery {
+    pub payload: Vec<u8>,
+    pub partition: i32,
+    pub offset: i64,
+    pub ticket: Ticket,
+}
+
+struct Shared {
+    topic: String,
+    watermarks: Mutex<Watermarks>,
+}
+
+impl Shared {
+    fn commit_list(&self, commits: &[(i32, i64)]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for &(partition, offset) in commits {
+            let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset));
+        }
+        tpl
+    }
+}
+
+/// Maps librdkafka's callbacks to logs and watermark state.
+pub struct Context {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                error!(facility = fac, "kafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => warn!(facility = fac, "kafka: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(facility = fac, "kafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => debug!(facility = fac, "kafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Broker outages land here; librdkafka reconnects by itself.
+        warn!(error = %error, "kafka: {reason}");
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let mut w = self.shared.watermarks.lock().expect("watermarks lock");
+            let commits = w.take_commits();
+            if !commits.is_empty() {
+                if let Err(e) =
+                    consumer.commit(&self.shared.commit_list(&commits), CommitMode::Sync)
+                {
+                    warn!(error = %e, "commit before revocation failed: these offsets will be redelivered");
+                }
+            }
+            let revoked: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            for &p in &revoked {
+                w.revoke(p);
+            }
+            info!(?revoked, committed = ?commits, "partitions revoked; their unfinished work will not be committed here");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let mut w = self.shared.watermarks.lock().expect("watermarks lock");
+                let assigned: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+                for &p in &assigned {
+                    w.assign(p);
+                }
+                info!(?assigned, "partitions assigned");
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// The consumer and its watermarks.
+pub struct KafkaSource {
+    consumer: StreamConsumer<Context>,
+    shared: Arc<Shared>,
+}
+
+impl KafkaSource {
+    /// Creates the consumer (automatic commits and offset stores off) and subscribes.
+    pub fn try_new(cfg: &KafkaConfig) -> Result<Self, KafkaError> {
+        let shared = Arc::new(Shared {
+            topic: cfg.topic.clone(),
+            watermarks: Mutex::default(),
+        });
+        let mut client = ClientConfig::new();
+        for (k, v) in &cfg.properties {
+            client.set(k, v);
+        }
+        client
+            .set("bootstrap.servers", cfg.servers.join(","))
+            .set("group.id", &cfg.consumer_group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", cfg.offset_reset.as_str());
+        let consumer: StreamConsumer<Context> = client.create_with_context(Context {
+            shared: shared.clone(),
+        })?;
+        consumer.subscribe(&[&cfg.topic])?;
+        Ok(Self { consumer, shared })
+    }
+
+    /// The next message. `Ok(None)` for a message of a partition this consumer does not own
+    /// (any more): it is left to the partition's owner.
+    pub async fn recv(&self) -> Result<Option<Delivery>, KafkaError> {
+        let msg = self.consumer.recv().await?;
+        let (partition, offset) = (msg.partition(), msg.offset());
+        let ticket = self
+            .shared
+            .watermarks
+            .lock()
+            .expect("watermarks lock")
+            .start(partition, offset);
+        Ok(ticket.map(|ticket| Delivery {
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            partition,
+            offset,
+            ticket,
+        }))
+    }
+
+    /// The work of a delivery ended (done, skipped, or failed and recorded).
+    pub fn finish(&self, ticket: &Ticket) {
+        self.shared
+            .watermarks
+            .lock()
+            .expect("watermarks lock")
+            .finish(ticket);
+    }
+
+    /// Commits every position that advanced; returns them.
+    pub fn commit(&self, mode: CommitMode) -> Result<Vec<(i32, i64)>, KafkaError> {
+        let commits = self
+            .shared
+            .watermarks
+            .lock()
+            .expect("watermarks lock")
+            .take_commits();
+        if !commits.is_empty() {
+            self.consumer
+                .commit(&self.shared.commit_list(&commits), mode)?;
+            debug!(?commits, "offsets committed");
+        }
+        Ok(commits)
+    }
+
+    /// Offsets handed out and not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .watermarks
+            .lock()
+            .expect("watermarks lock")
+            .in_flight()
+    }
+
+    /// Stops fetching from every assigned partition (polling goes on).
+    pub fn pause(&self) -> Result<(), KafkaError> {
+        self.consumer.pause(&self.consumer.assignment()?)
+    }
+
+    pub fn resume(&self) -> Result<(), KafkaError> {
+        self.consumer.resume(&self.consumer.assignment()?)
+    }
+
+    /// Per assigned partition: messages between the committed position and the end of the
+    /// partition. Blocking (asks the broker); call it off the async threads.
+    pub fn lag(&self, timeout: Duration) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let assignment = self.consumer.assignment()?;
+        let committed = self
+            .consumer
+            .committed_offsets(assignment.clone(), timeout)?;
+        let mut out = BTreeMap::new();
+        for e in committed.elements() {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(e.topic(), e.partition(), timeout)?;
+            let position = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            out.insert(e.partition(), (high - position).max(0));
+        }
+        Ok(out)
+    }
+}

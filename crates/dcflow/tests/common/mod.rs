@@ -1,0 +1,165 @@
+//! Shared by the end-to-end tests: a site (the emulator plus a configuration) and the real
+//! `dcflow` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use dcache_sim::{Sim, SimConfig};
+use dcflow_core::RecordFile;
+
+pub const FOLDER: &str = "/lsst/user/j/jdoe";
+
+pub struct Site {
+    pub sim: Sim,
+    pub dir: tempfile::TempDir,
+}
+
+impl Site {
+    pub async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = Sim::start(SimConfig::new(&dir.path().join("sim")))
+            .await
+            .unwrap();
+        Self { sim, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn download(&self) -> PathBuf {
+        self.path("download")
+    }
+
+    /// Uploads `rel` below the configured folder; returns the door path.
+    pub async fn upload(&self, rel: &str, data: &[u8]) -> String {
+        let door_path = format!("{FOLDER}/{rel}");
+        self.sim.upload(&door_path, data.to_vec()).await.unwrap();
+        door_path
+    }
+
+    /// `dcflow replay` of everything the emulator announced so far.
+    pub fn replay(&self, config: &Path) -> Output {
+        dcflow(&[
+            "replay",
+            "--config",
+            config.to_str().unwrap(),
+            self.billing().to_str().unwrap(),
+        ])
+    }
+
+    /// A configuration in the original tool's shape (plus `token` where asked).
+    pub fn write_config(&self, auth: &str, extra_dcache: &str) -> PathBuf {
+        let text = format!(
+            r#"[dcache]
+url = "{door}"
+pool = "/pnfs/example.org/data"
+folder = "{FOLDER}"
+retryseconds = 0
+retrytimes = 3
+maxdownloads = 4
+timeout = 120
+stalltimeout = 5
+{extra_dcache}
+[local]
+{auth}
+capath = "{capath}"
+downloadfolder = "{download}"
+permissions = '2750'
+failedtasksfile = "{failed}"
+successfultaskfile = "{success}"
+"#,
+            door = self.sim.door_url,
+            capath = self.sim.pki.capath.display(),
+            download = self.download().display(),
+            failed = self.path("failed.csv").display(),
+            success = self.path("success.csv").display(),
+        );
+        let path = self.path("dcflow.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The same configuration with a `[kafka]` section in front.
+    pub fn write_kafka_config(&self, kafka: &str, extra_dcache: &str) -> PathBuf {
+        let path = self.write_config(&self.proxy_auth(), extra_dcache);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("[kafka]\n{kafka}\n{text}")).unwrap();
+        path
+    }
+
+    pub fn proxy_auth(&self) -> String {
+        format!("proxy = \"{}\"", self.sim.pki.proxy.display())
+    }
+
+    pub fn billing(&self) -> PathBuf {
+        self.path("sim/billing.jsonl")
+    }
+
+    pub fn records(&self, name: &str) -> Vec<dcflow_core::Record> {
+        RecordFile::read_all(&self.path(name)).unwrap_or_default()
+    }
+}
+
+pub fn dcflow(args: &[&str]) -> Output {
+    dcflow_stdin(args, None)
+}
+
+pub fn dcflow_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args(args)
+        .env_remove("X509_USER_PROXY")
+        .env_remove("BEARER_TOKEN")
+        .env_remove("BEARER_TOKEN_FILE")
+        .env("DCFLOW_LOG", "info")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    if std::env::var_os("DCFLOW_TEST_VERBOSE").is_some() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn data(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_below(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
