@@ -232,3 +232,77 @@ async fn a_poison_message_at_the_head_does_not_block_the_rest() {
         "failed and malformed messages are acknowledged once recorded"
     );
 }
+
+fn kill9(mut child: Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+/// A cheap varying number (no RNG dependency needed for test timing).
+fn jitter(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    (nanos / 1000) % n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_nothing_and_leaves_no_partial_file() {
+    let Some(broker) = broker() else { return };
+    let site = Site::new().await;
+    let mut expected = Vec::new();
+    for i in 0..500usize {
+        let size = match i % 10 {
+            0 => 0,
+            1..=6 => 1000 + i * 37,
+            7 | 8 => 200_000 + i * 101,
+            _ => 2_000_000 + i * 997,
+        };
+        let rel = format!("crash/d{}/f-{i:03}.dat", i % 7);
+        let door_path = site.upload(&rel, &data(size, i as u32 + 7)).await;
+        if i % 10 == 9 {
+            // Slow transfers, so that kills land in the middle of some.
+            site.sim.add_fault(&door_path, Fault::SlowLink { bytes_per_second: 4_000_000 }, None);
+        }
+        expected.push((rel, size, i as u32 + 7));
+    }
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    let fixtures = fixture_lines();
+    for (n, line) in std::fs::read_to_string(site.billing()).unwrap().lines().enumerate() {
+        lines.push(line.as_bytes().to_vec());
+        lines.push(fixtures[n % fixtures.len()].clone());
+    }
+    let (topic, group) = (unique("billing"), unique("group"));
+    produce(&broker, &topic, &lines);
+    let kafka = format!(
+        "topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"\n\
+         properties = {{ \"session.timeout.ms\" = 6000, \"heartbeat.interval.ms\" = 1000 }}"
+    );
+    let config = site.write_kafka_config(&kafka, "maxdownloads = 8");
+
+    let mut kills = 0;
+    for round in 0..5 {
+        let child = start_run(&config, &site.path(&format!("crash-{round}.log")));
+        std::thread::sleep(Duration::from_millis(1500 + jitter(4000)));
+        kill9(child);
+        kills += 1;
+    }
+    let child = start_run(&config, &site.path("final.log"));
+    wait_for("the committed offset to reach the end", Duration::from_secs(300), || {
+        let (committed, end) = committed_and_end(&broker, &topic, &group);
+        committed == end
+    });
+    assert_eq!(stop(child), 0);
+
+    for (rel, size, seed) in &expected {
+        let got = std::fs::read(site.download().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert!(got.len() == *size && got == data(*size, *seed), "{rel} differs");
+    }
+    let all = files_below(&site.download());
+    assert_eq!(all.len(), expected.len(), "exactly the expected files, no temporary file: {all:?}");
+    let downloaded_twice = site.sim.pool_gets().saturating_sub(expected.len() as u64);
+    eprintln!(
+        "crash test: {kills} kill -9, {} files, {} pool GETs in all ({downloaded_twice} downloaded again), {} success rows",
+        expected.len(),
+        site.sim.pool_gets(),
+        site.records("success.csv").len()
+    );
+}
