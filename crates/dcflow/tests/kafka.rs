@@ -234,13 +234,19 @@ async fn a_poison_message_at_the_head_does_not_block_the_rest() {
 }
 
 fn kill9(mut child: Child) {
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!("dcflow run had already exited ({status}) before the kill");
+    }
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = child.wait();
 }
 
 /// A cheap varying number (no RNG dependency needed for test timing).
 fn jitter(n: u64) -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
     (nanos / 1000) % n
 }
 
@@ -249,7 +255,11 @@ async fn kill_9_at_random_moments_loses_nothing_and_leaves_no_partial_file() {
     let Some(broker) = broker() else { return };
     let site = Site::new().await;
     let mut expected = Vec::new();
-    for i in 0..500usize {
+    let files: usize = std::env::var("DCFLOW_CRASH_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    for i in 0..files {
         let size = match i % 10 {
             0 => 0,
             1..=6 => 1000 + i * 37,
@@ -260,13 +270,23 @@ async fn kill_9_at_random_moments_loses_nothing_and_leaves_no_partial_file() {
         let door_path = site.upload(&rel, &data(size, i as u32 + 7)).await;
         if i % 10 == 9 {
             // Slow transfers, so that kills land in the middle of some.
-            site.sim.add_fault(&door_path, Fault::SlowLink { bytes_per_second: 4_000_000 }, None);
+            site.sim.add_fault(
+                &door_path,
+                Fault::SlowLink {
+                    bytes_per_second: 4_000_000,
+                },
+                None,
+            );
         }
         expected.push((rel, size, i as u32 + 7));
     }
     let mut lines: Vec<Vec<u8>> = Vec::new();
     let fixtures = fixture_lines();
-    for (n, line) in std::fs::read_to_string(site.billing()).unwrap().lines().enumerate() {
+    for (n, line) in std::fs::read_to_string(site.billing())
+        .unwrap()
+        .lines()
+        .enumerate()
+    {
         lines.push(line.as_bytes().to_vec());
         lines.push(fixtures[n % fixtures.len()].clone());
     }
@@ -286,18 +306,45 @@ async fn kill_9_at_random_moments_loses_nothing_and_leaves_no_partial_file() {
         kills += 1;
     }
     let child = start_run(&config, &site.path("final.log"));
-    wait_for("the committed offset to reach the end", Duration::from_secs(300), || {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
         let (committed, end) = committed_and_end(&broker, &topic, &group);
-        committed == end
-    });
+        if committed == end {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log: String = ["crash-0.log", "crash-4.log", "final.log"]
+                .iter()
+                .map(|f| {
+                    format!(
+                        "== {f}\n{}",
+                        std::fs::read_to_string(site.path(f)).unwrap_or_default()
+                    )
+                })
+                .collect();
+            let tail: Vec<&str> = log.lines().filter(|l| !l.contains("COPY_")).collect();
+            panic!(
+                "committed {committed} of {end} after 300 s; log without COPY_ lines (last 40):\n{}",
+                tail[tail.len().saturating_sub(40)..].join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert_eq!(stop(child), 0);
 
     for (rel, size, seed) in &expected {
         let got = std::fs::read(site.download().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
-        assert!(got.len() == *size && got == data(*size, *seed), "{rel} differs");
+        assert!(
+            got.len() == *size && got == data(*size, *seed),
+            "{rel} differs"
+        );
     }
     let all = files_below(&site.download());
-    assert_eq!(all.len(), expected.len(), "exactly the expected files, no temporary file: {all:?}");
+    assert_eq!(
+        all.len(),
+        expected.len(),
+        "exactly the expected files, no temporary file: {all:?}"
+    );
     let downloaded_twice = site.sim.pool_gets().saturating_sub(expected.len() as u64);
     eprintln!(
         "crash test: {kills} kill -9, {} files, {} pool GETs in all ({downloaded_twice} downloaded again), {} success rows",

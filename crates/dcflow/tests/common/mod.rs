@@ -49,19 +49,26 @@ impl Site {
         ])
     }
 
-    /// A configuration in the original tool's shape (plus `token` where asked).
+    /// A configuration in the original tool's shape (plus `token` where asked). Keys in
+    /// `extra_dcache` replace the test defaults of the same name.
     pub fn write_config(&self, auth: &str, extra_dcache: &str) -> PathBuf {
+        let defaults: String = [
+            "retryseconds = 0",
+            "retrytimes = 3",
+            "maxdownloads = 4",
+            "timeout = 120",
+            "stalltimeout = 5",
+        ]
+        .iter()
+        .filter(|line| !extra_dcache.contains(line.split(' ').next().unwrap()))
+        .map(|line| format!("{line}\n"))
+        .collect();
         let text = format!(
             r#"[dcache]
 url = "{door}"
 pool = "/pnfs/example.org/data"
 folder = "{FOLDER}"
-retryseconds = 0
-retrytimes = 3
-maxdownloads = 4
-timeout = 120
-stalltimeout = 5
-{extra_dcache}
+{defaults}{extra_dcache}
 [local]
 {auth}
 capath = "{capath}"
