@@ -186,6 +186,12 @@ pub struct KafkaConfig {
     pub servers: Vec<String>,
     pub consumer_group: String,
     pub offset_reset: OffsetReset,
+    /// Scale-out: `dcflow dispatch` moves selected uploads from `topic` to this topic (keyed
+    /// by pnfsid, `work_partitions` partitions) and `dcflow run` consumes it.
+    pub work_topic: Option<String>,
+    pub work_partitions: i32,
+    /// Where files that failed after all retries are published (the event, error, attempts).
+    pub dead_letter_topic: Option<String>,
     /// Raw librdkafka properties (SASL, SSL, timeouts...), passed through as given.
     pub properties: BTreeMap<String, String>,
 }
@@ -260,6 +266,9 @@ const KAFKA_KEYS: &[&str] = &[
     "servers",
     "consumergroup",
     "offsetreset",
+    "worktopic",
+    "workpartitions",
+    "deadlettertopic",
     "properties",
 ];
 const DCACHE_KEYS: &[&str] = &[
@@ -520,12 +529,21 @@ fn kafka_section(mut s: Section<'_>) -> Option<KafkaConfig> {
             OffsetReset::Earliest
         }
     };
+    let work_topic = s.string("worktopic").filter(|t| !t.is_empty());
+    let work_partitions = s.int("workpartitions", 6, 1, 10_000) as i32;
+    let dead_letter_topic = s.string("deadlettertopic").filter(|t| !t.is_empty());
+    if work_topic.as_deref() == Some(topic.as_str()) {
+        s.fail("worktopic", "must differ from topic");
+    }
     let properties = kafka_properties(&mut s);
     Some(KafkaConfig {
         topic,
         servers: servers?,
         consumer_group: group?,
         offset_reset,
+        work_topic,
+        work_partitions,
+        dead_letter_topic,
         properties,
     })
 }

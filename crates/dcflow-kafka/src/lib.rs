@@ -20,12 +20,17 @@ use std::time::Duration;
 
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::{Ticket, Watermarks};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
@@ -126,27 +131,23 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Creates the consumer (automatic commits and offset stores off) and subscribes.
-    pub fn try_new(cfg: &KafkaConfig) -> Result<Self, KafkaError> {
+    /// Creates the consumer (automatic commits and offset stores off) of `topic` in `group`
+    /// and subscribes.
+    pub fn try_new(cfg: &KafkaConfig, topic: &str, group: &str) -> Result<Self, KafkaError> {
         let shared = Arc::new(Shared {
-            topic: cfg.topic.clone(),
+            topic: topic.to_owned(),
             watermarks: Mutex::default(),
         });
-        let mut client = ClientConfig::new();
-        for (k, v) in &cfg.properties {
-            client.set(k, v);
-        }
-        client
-            .set("bootstrap.servers", cfg.servers.join(","))
-            .set("group.id", &cfg.consumer_group)
+        let consumer: StreamConsumer<Context> = base_config(cfg)
+            .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", cfg.offset_reset.as_str());
-        let consumer: StreamConsumer<Context> = client.create_with_context(Context {
-            shared: shared.clone(),
-        })?;
-        consumer.subscribe(&[&cfg.topic])?;
+            .set("auto.offset.reset", cfg.offset_reset.as_str())
+            .create_with_context(Context {
+                shared: shared.clone(),
+            })?;
+        consumer.subscribe(&[topic])?;
         Ok(Self { consumer, shared })
     }
 
@@ -231,5 +232,71 @@ impl KafkaSource {
             out.insert(e.partition(), (high - position).max(0));
         }
         Ok(out)
+    }
+}
+
+fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (k, v) in &cfg.properties {
+        client.set(k, v);
+    }
+    client.set("bootstrap.servers", cfg.servers.join(","));
+    client
+}
+
+/// Produces to one topic and waits for the broker's acknowledgement of each message.
+pub struct TopicProducer {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl TopicProducer {
+    /// An idempotent producer: its own retries add no duplicates.
+    pub fn try_new(cfg: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
+        let producer = base_config(cfg)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()?;
+        Ok(Self {
+            producer,
+            topic: topic.to_owned(),
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Sends and waits until the broker has it: (partition, offset).
+    pub async fn send(&self, key: Option<&str>, payload: &[u8]) -> Result<(i32, i64), KafkaError> {
+        let mut record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(&self.topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        let delivery = self
+            .producer
+            .send(record, Timeout::Never)
+            .await
+            .map_err(|(e, _)| e)?;
+        Ok((delivery.partition, delivery.offset))
+    }
+
+    /// Creates `topic` with `partitions` partitions if it does not exist yet.
+    pub async fn ensure_topic(
+        cfg: &KafkaConfig,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<(), KafkaError> {
+        let admin: AdminClient<DefaultClientContext> = base_config(cfg).create()?;
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+            match result {
+                Ok(_) => info!(topic, partitions, "topic created"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+            }
+        }
+        Ok(())
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod check;
 pub mod demo;
+pub mod dispatch;
 pub mod pipeline;
 pub mod replay;
 pub mod run;

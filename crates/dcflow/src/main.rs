@@ -57,6 +57,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Scale-out: move the uploads announced on `[kafka] topic` to `[kafka] worktopic`, keyed by
+    /// pnfsid, for any number of `dcflow run` workers. Stops like `run`.
+    Dispatch {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The whole flow on an embedded default: dCache emulator, uploads, verified copies.
     Demo {
         /// Where to keep the emulator's state, the copies and the records (default: a new
@@ -191,6 +197,36 @@ async fn async_main(command: Command) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("dcflow run: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Dispatch { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(kafka) = cfg.kafka.clone().filter(|k| k.work_topic.is_some()) else {
+                eprintln!(
+                    "dcflow dispatch: {} needs [kafka] with worktopic",
+                    config.display()
+                );
+                return ExitCode::from(2);
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(watch_signals(shutdown.clone()));
+            match dcflow::dispatch::dispatch(&cfg, &kafka, shutdown).await {
+                Ok(s) => {
+                    tracing::info!(
+                        consumed = s.consumed,
+                        forwarded = s.forwarded,
+                        malformed = s.malformed,
+                        "dispatch stopped"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dcflow dispatch: {e:#}");
                     ExitCode::from(2)
                 }
             }

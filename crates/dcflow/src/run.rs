@@ -29,8 +29,13 @@ pub async fn run_kafka(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> Result<Summary> {
-    let source = Arc::new(KafkaSource::try_new(cfg).context("creating the Kafka consumer")?);
-    info!(topic = %cfg.topic, group = %cfg.consumer_group, servers = %cfg.servers.join(","), "consuming");
+    // With a work topic, `dcflow dispatch` feeds it and workers consume it.
+    let topic = cfg.work_topic.as_deref().unwrap_or(&cfg.topic);
+    let source = Arc::new(
+        KafkaSource::try_new(cfg, topic, &cfg.consumer_group)
+            .context("creating the Kafka consumer")?,
+    );
+    info!(topic, group = %cfg.consumer_group, servers = %cfg.servers.join(","), "consuming");
     let mut tasks = JoinSet::new();
     let mut backlog: VecDeque<Delivery> = VecDeque::new();
     let mut commit_tick = tokio::time::interval(COMMIT_EVERY);

@@ -353,3 +353,133 @@ async fn kill_9_at_random_moments_loses_nothing_and_leaves_no_partial_file() {
         site.records("success.csv").len()
     );
 }
+
+/// Whether `group` committed every partition of `topic` up to its end.
+fn caught_up(broker: &str, topic: &str, group: &str, partitions: i32) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return false;
+    };
+    committed.elements().iter().all(|e| {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
+            .unwrap_or((0, -1));
+        match e.offset() {
+            Offset::Offset(o) => o == high,
+            _ => high == 0,
+        }
+    })
+}
+
+fn start(args: &[&str], log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args(args)
+        .env("DCFLOW_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dispatcher_three_workers_survive_losing_a_worker() {
+    let Some(broker) = broker() else { return };
+    let site = Site::new().await;
+    let mut expected = Vec::new();
+    for i in 0..150usize {
+        let rel = format!("scale/f-{i:03}.dat");
+        let door_path = site
+            .upload(&rel, &data(20_000 + i * 131, i as u32 + 3))
+            .await;
+        // Slow enough that the run lasts a while and work spreads over the workers.
+        site.sim.add_fault(
+            &door_path,
+            Fault::SlowLink {
+                bytes_per_second: 400_000,
+            },
+            None,
+        );
+        expected.push((rel, 20_000 + i * 131, i as u32 + 3));
+    }
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    let fixtures = fixture_lines();
+    for (n, line) in std::fs::read_to_string(site.billing())
+        .unwrap()
+        .lines()
+        .enumerate()
+    {
+        lines.push(line.as_bytes().to_vec());
+        lines.push(fixtures[n % fixtures.len()].clone());
+    }
+    let (topic, work, group) = (unique("billing"), unique("work"), unique("group"));
+    produce(&broker, &topic, &lines);
+    let kafka = format!(
+        "topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"\n\
+         worktopic = \"{work}\"\nworkpartitions = 6\n\
+         properties = {{ \"session.timeout.ms\" = 6000, \"heartbeat.interval.ms\" = 1000 }}"
+    );
+    let config = site.write_kafka_config(&kafka, "maxdownloads = 4");
+    let cfg = config.to_str().unwrap();
+    let dispatcher = start(&["dispatch", "--config", cfg], &site.path("dispatch.log"));
+    let mut workers: Vec<Option<Child>> = (0..3)
+        .map(|w| {
+            Some(start(
+                &["run", "--config", cfg, "--drain-seconds", "60"],
+                &site.path(&format!("worker-{w}.log")),
+            ))
+        })
+        .collect();
+    wait_for(
+        "a first share of the files",
+        Duration::from_secs(120),
+        || site.records("success.csv").len() >= 30,
+    );
+    kill9(workers[1].take().unwrap());
+
+    wait_for(
+        "dispatcher and workers to commit everything",
+        Duration::from_secs(300),
+        || {
+            caught_up(&broker, &topic, &format!("{group}-dispatch"), 1)
+                && caught_up(&broker, &work, &group, 6)
+        },
+    );
+    assert_eq!(stop(dispatcher), 0);
+    for w in workers.iter_mut().filter_map(Option::take) {
+        assert_eq!(stop(w), 0);
+    }
+    for (rel, size, seed) in &expected {
+        assert_eq!(
+            std::fs::read(site.download().join(rel)).unwrap(),
+            data(*size, *seed),
+            "{rel}"
+        );
+    }
+    assert_eq!(files_below(&site.download()).len(), expected.len());
+    let shares: Vec<usize> = (0..3)
+        .map(|w| {
+            std::fs::read_to_string(site.path(&format!("worker-{w}.log")))
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("COPY_REPORT"))
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "scale-out: 1 dispatcher, 3 workers on 6 partitions, worker 1 killed: shares {shares:?} of {} files, {} pool GETs",
+        expected.len(),
+        site.sim.pool_gets()
+    );
+    assert!(
+        shares.iter().filter(|&&s| s > 0).count() >= 2,
+        "work was spread: {shares:?}"
+    );
+}

@@ -1,0 +1,143 @@
+//! `dcflow dispatch`: scale-out beyond dCache's single billing partition.
+//!
+//! Consumes the billing topic (group `<consumergroup>-dispatch`), keeps the messages that
+//! announce an upload under `pool + folder`, and produces each, unchanged, to the work topic
+//! keyed by pnfsid (so both messages of one upload reach the same worker, which merges them).
+//! Any number of `dcflow run` workers consume the work topic in `consumergroup`. A billing
+//! offset is committed only when its message was skipped or acknowledged by the broker on
+//! the work topic: the same watermark rule on both hops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use dcflow_core::config::KafkaConfig;
+use dcflow_core::{BillingMessage, Config, PathMapper, Record, RecordFile};
+use dcflow_kafka::{KafkaSource, TopicProducer};
+use rdkafka::consumer::CommitMode;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Produces awaiting the broker's acknowledgement at once.
+const MAX_OUTSTANDING: usize = 1000;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DispatchSummary {
+    pub consumed: u64,
+    pub forwarded: u64,
+    pub malformed: u64,
+}
+
+pub async fn dispatch(
+    config: &Config,
+    kafka: &KafkaConfig,
+    shutdown: CancellationToken,
+) -> Result<DispatchSummary> {
+    let work_topic = kafka
+        .work_topic
+        .as_deref()
+        .context("dispatch needs [kafka] worktopic")?;
+    TopicProducer::ensure_topic(kafka, work_topic, kafka.work_partitions)
+        .await
+        .with_context(|| format!("creating work topic {work_topic}"))?;
+    let group = format!("{}-dispatch", kafka.consumer_group);
+    let source = Arc::new(KafkaSource::try_new(kafka, &kafka.topic, &group)?);
+    let producer = Arc::new(TopicProducer::try_new(kafka, work_topic)?);
+    let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
+    let failures = RecordFile::open(&config.local.failed_file)?;
+    let outstanding = Arc::new(Semaphore::new(MAX_OUTSTANDING));
+    let mut sends = JoinSet::new();
+    let mut summary = DispatchSummary::default();
+    let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
+    info!(from = %kafka.topic, to = work_topic, partitions = kafka.work_partitions, group, "dispatching");
+    loop {
+        while sends.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = outstanding.clone().acquire_owned() => p.expect("never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let delivery = tokio::select! {
+            received = source.recv() => match received {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(error = %e, "kafka consumer error");
+                    continue;
+                }
+            },
+            _ = commit_tick.tick() => {
+                if let Err(e) = source.commit(CommitMode::Async) {
+                    warn!(error = %e, "commit failed; retried at the next tick");
+                }
+                continue;
+            }
+            _ = shutdown.cancelled() => break,
+        };
+        summary.consumed += 1;
+        let key = match BillingMessage::decode(&delivery.payload) {
+            Err(e) => {
+                summary.malformed += 1;
+                let origin = format!(
+                    "partition {} offset {}",
+                    delivery.partition, delivery.offset
+                );
+                warn!(origin, error = %e, "malformed billing message skipped");
+                let excerpt: String = String::from_utf8_lossy(&delivery.payload)
+                    .chars()
+                    .take(2000)
+                    .collect();
+                let record = Record {
+                    error: format!("malformed billing message ({origin}): {e}; message: {excerpt}"),
+                    ..Default::default()
+                };
+                if let Err(e) = failures.append(&record) {
+                    warn!(error = %e, "cannot write failure record");
+                }
+                None
+            }
+            Ok(msg) => match msg.upload() {
+                // Unsafe paths are forwarded too: the worker records them as failures.
+                Ok(up) if !matches!(mapper.map(&up.billing_path), Ok(None)) => {
+                    Some(up.pnfsid.to_string())
+                }
+                _ => None,
+            },
+        };
+        let Some(key) = key else {
+            source.finish(&delivery.ticket);
+            continue;
+        };
+        summary.forwarded += 1;
+        debug!(pnfsid = %key, "forwarding");
+        let (source, producer) = (source.clone(), producer.clone());
+        sends.spawn(async move {
+            let _permit = permit;
+            // Retried until the broker takes it: the billing offset must not be committed
+            // before the task is safely on the work topic.
+            loop {
+                match producer.send(Some(&key), &delivery.payload).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        warn!(error = %e, pnfsid = %key, "cannot produce to the work topic; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            source.finish(&delivery.ticket);
+        });
+    }
+    info!(
+        outstanding = sends.len(),
+        "stopping: waiting for the work topic to acknowledge"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while sends.join_next().await.is_some() {}
+    })
+    .await;
+    if let Err(e) = source.commit(CommitMode::Sync) {
+        warn!(error = %e, "final commit failed: the last messages will be dispatched again");
+    }
+    Ok(summary)
+}
