@@ -58,6 +58,16 @@ impl Record {
         ]
     }
 
+    /// The failure row of a message that could not be decoded: the reason and the message
+    /// itself (up to 2000 characters), so that nothing is lost.
+    pub fn malformed(origin: &str, reason: &dyn std::fmt::Display, raw: &[u8]) -> Self {
+        let excerpt: String = String::from_utf8_lossy(raw).chars().take(2000).collect();
+        Self {
+            error: format!("malformed billing message ({origin}): {reason}; message: {excerpt}"),
+            ..Default::default()
+        }
+    }
+
     /// Reads a record back from a CSV row (for `retry` and tests).
     pub fn from_row(row: &csv::StringRecord) -> Option<Self> {
         let get = |i: usize| row.get(i).unwrap_or("").to_owned();

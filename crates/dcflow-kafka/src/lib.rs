@@ -300,3 +300,48 @@ impl TopicProducer {
         Ok(())
     }
 }
+
+/// Every message of `topic` from its beginning to its current end (the dead-letter topic, for
+/// `dcflow retry`). Blocking; no group offsets are read or written.
+pub fn read_topic(
+    cfg: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>, KafkaError> {
+    let consumer: BaseConsumer = base_config(cfg)
+        .set("group.id", "dcflow-topic-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = BTreeMap::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+            if high > low {
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
+                remaining.insert(p.id(), high);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if remaining.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    while !remaining.is_empty() {
+        let msg = match consumer.poll(timeout) {
+            Some(m) => m?,
+            None => {
+                return Err(KafkaError::MessageConsumption(
+                    rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                ))
+            }
+        };
+        if msg.offset() + 1 >= remaining.get(&msg.partition()).copied().unwrap_or(0) {
+            remaining.remove(&msg.partition());
+        }
+        out.push(msg.payload().unwrap_or_default().to_vec());
+    }
+    Ok(out)
+}

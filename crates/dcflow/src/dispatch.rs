@@ -84,14 +84,7 @@ pub async fn dispatch(
                     delivery.partition, delivery.offset
                 );
                 warn!(origin, error = %e, "malformed billing message skipped");
-                let excerpt: String = String::from_utf8_lossy(&delivery.payload)
-                    .chars()
-                    .take(2000)
-                    .collect();
-                let record = Record {
-                    error: format!("malformed billing message ({origin}): {e}; message: {excerpt}"),
-                    ..Default::default()
-                };
+                let record = Record::malformed(&origin, &e, &delivery.payload);
                 if let Err(e) = failures.append(&record) {
                     warn!(error = %e, "cannot write failure record");
                 }

@@ -13,4 +13,5 @@ pub mod demo;
 pub mod dispatch;
 pub mod pipeline;
 pub mod replay;
+pub mod retry;
 pub mod run;

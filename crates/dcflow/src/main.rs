@@ -52,6 +52,21 @@ enum Command {
         /// JSONL file of dCache billing messages, one per line; `-` for stdin.
         events: PathBuf,
     },
+    /// Re-run recorded failures through the same pipeline: the rows of a failure CSV, or
+    /// (with --dead-letters) every message of the dead-letter topic. Exit codes as replay.
+    Retry {
+        #[arg(long)]
+        config: PathBuf,
+        /// Failure CSV (e.g. the configured failedtasksfile).
+        #[arg(
+            required_unless_present = "dead_letters",
+            conflicts_with = "dead_letters"
+        )]
+        failures: Option<PathBuf>,
+        /// Read the failures from [kafka] deadlettertopic instead.
+        #[arg(long)]
+        dead_letters: bool,
+    },
     /// Validate a configuration and summarise what dcflow will do; exit 2 listing problems.
     CheckConfig {
         #[arg(long)]
@@ -147,22 +162,7 @@ async fn async_main(command: Command) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match replay(pipeline.clone(), &events).await {
-                Ok(summary) => {
-                    tracing::info!("replay done: {summary}");
-                    println!("{summary}");
-                    if summary.failed > 0 {
-                        println!("failures recorded in {}", pipeline.failed_file().display());
-                        ExitCode::from(1)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => {
-                    eprintln!("dcflow: {e:#}");
-                    ExitCode::from(2)
-                }
-            }
+            finish_batch(replay(pipeline.clone(), &events).await, &pipeline)
         }
         Command::Run {
             config,
@@ -200,6 +200,33 @@ async fn async_main(command: Command) -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Retry {
+            config,
+            failures,
+            dead_letters,
+        } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let pipeline = match Pipeline::try_new(&cfg) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    eprintln!("dcflow: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let result = match (&failures, cfg.kafka.as_ref()) {
+                (Some(csv), _) => dcflow::retry::retry_csv(pipeline.clone(), csv).await,
+                (None, Some(kafka)) if dead_letters => {
+                    dcflow::retry::retry_dead_letters(pipeline.clone(), kafka).await
+                }
+                _ => Err(anyhow::anyhow!(
+                    "--dead-letters needs a [kafka] section with deadlettertopic"
+                )),
+            };
+            finish_batch(result, &pipeline)
         }
         Command::Dispatch { config } => {
             let cfg = match load_config(&config) {
@@ -276,6 +303,26 @@ async fn watch_signals(shutdown: CancellationToken) {
         } else {
             tracing::warn!("second stop signal: exiting now");
             std::process::exit(130);
+        }
+    }
+}
+
+/// Exit code of a batch (replay, retry): 0 all selected files done, 1 a failure, 2 an error.
+fn finish_batch(result: anyhow::Result<dcflow::replay::Summary>, pipeline: &Pipeline) -> ExitCode {
+    match result {
+        Ok(summary) => {
+            tracing::info!("done: {summary}");
+            println!("{summary}");
+            if summary.failed > 0 {
+                println!("failures recorded in {}", pipeline.failed_file().display());
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("dcflow: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use dcflow_core::{BillingMessage, Config, PathMapper, PnfsId, Record, RecordFile, Upload};
+use dcflow_kafka::TopicProducer;
 use dcflow_transfer::engine::{human_bytes, mbps};
 use dcflow_transfer::{Credentials, Engine, EngineSettings, Job};
 use time::OffsetDateTime;
@@ -65,13 +66,35 @@ pub struct Pipeline {
     permits: Arc<Semaphore>,
     seen: Mutex<HashMap<PnfsId, Seen>>,
     destinations: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    dead_letters: Option<TopicProducer>,
     pub stats: Stats,
+}
+
+/// The dead-letter message: the original event (as JSON where it parses, else as text),
+/// the error, the attempts, and where it came from. `dcflow retry --dead-letters` re-runs it.
+pub fn dead_letter(record: &Record, raw: &[u8], origin: &str) -> Vec<u8> {
+    let event = serde_json::from_slice::<serde_json::Value>(raw)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(raw).into_owned()));
+    let letter = serde_json::json!({
+        "time": record.time.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+        "pnfsid": record.pnfsid,
+        "billingPath": record.billing_path,
+        "destination": record.destination,
+        "error": record.error,
+        "attempts": record.attempts,
+        "origin": origin,
+        "event": event,
+    });
+    serde_json::to_vec(&letter).expect("JSON")
 }
 
 /// An upload that passed selection, with the permit that lets it run.
 pub struct Task {
     upload: Upload,
     mapped: dcflow_core::Mapped,
+    /// The billing message, for the dead-letter topic.
+    raw: Vec<u8>,
+    origin: String,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -80,6 +103,17 @@ impl Pipeline {
     pub fn try_new(config: &Config) -> Result<Self> {
         let creds = Credentials::load(&config.local.auth).context("loading credentials")?;
         let engine = Engine::try_new(EngineSettings::from_config(config), Arc::new(creds))?;
+        let dead_letters = match config
+            .kafka
+            .as_ref()
+            .and_then(|k| Some((k, k.dead_letter_topic.as_deref()?)))
+        {
+            Some((kafka, topic)) => Some(
+                TopicProducer::try_new(kafka, topic)
+                    .context("creating the dead-letter producer")?,
+            ),
+            None => None,
+        };
         Ok(Self {
             mapper: PathMapper::new(&config.dcache, config.local.download_folder.clone()),
             engine,
@@ -88,6 +122,7 @@ impl Pipeline {
             permits: Arc::new(Semaphore::new(config.dcache.max_downloads.get())),
             seen: Mutex::default(),
             destinations: Mutex::default(),
+            dead_letters,
             stats: Stats::default(),
         })
     }
@@ -124,13 +159,8 @@ impl Pipeline {
             Err(e) => {
                 Stats::inc(&self.stats.malformed);
                 warn!(origin, error = %e, "malformed billing message skipped ({origin}): {e}");
-                // The message itself goes into the record (bounded), so nothing is lost.
-                let text = String::from_utf8_lossy(raw);
-                let excerpt: String = text.chars().take(2000).collect();
-                self.record_failure(Record {
-                    error: format!("malformed billing message ({origin}): {e}; message: {excerpt}"),
-                    ..Default::default()
-                });
+                self.fail(Record::malformed(origin, &e, raw), raw, origin)
+                    .await;
                 return None;
             }
         };
@@ -158,13 +188,14 @@ impl Pipeline {
                 Stats::inc(&self.stats.selected);
                 Stats::inc(&self.stats.failed);
                 error!(pnfsid = %upload.pnfsid, origin, "refused: {escape}");
-                self.record_failure(Record {
+                let record = Record {
                     pnfsid: upload.pnfsid.to_string(),
                     billing_path: upload.billing_path.clone(),
                     size: upload.size,
                     error: escape.to_string(),
                     ..Default::default()
-                });
+                };
+                self.fail(record, raw, origin).await;
                 return None;
             }
         };
@@ -200,6 +231,8 @@ impl Pipeline {
         Some(Task {
             upload,
             mapped,
+            raw: raw.to_vec(),
+            origin: origin.to_owned(),
             _permit: permit,
         })
     }
@@ -214,6 +247,8 @@ impl Pipeline {
         let Task {
             upload,
             mapped,
+            raw,
+            origin,
             _permit,
         } = task;
         let lock = self.destination_lock(&mapped.destination);
@@ -293,7 +328,7 @@ impl Pipeline {
                     failed.attempts,
                     failed.error
                 );
-                self.record_failure(record);
+                self.fail(record, &raw, &origin).await;
                 self.mark(&upload.pnfsid, Seen::Failed);
                 FileOutcome::Failed
             }
@@ -308,10 +343,20 @@ impl Pipeline {
             .insert(pnfsid.clone(), state);
     }
 
-    fn record_failure(&self, mut record: Record) {
+    /// Records a failure: a row of the failure CSV and, where configured, a message on the
+    /// dead-letter topic (awaited, so that the event is acknowledged only once it is there).
+    async fn fail(&self, mut record: Record, raw: &[u8], origin: &str) {
         record.time.get_or_insert_with(OffsetDateTime::now_utc);
         if let Err(e) = self.failed.append(&record) {
             error!(error = %e, "cannot write failure record");
+        }
+        let Some(dead_letters) = &self.dead_letters else {
+            return;
+        };
+        let letter = dead_letter(&record, raw, origin);
+        let key = (!record.pnfsid.is_empty()).then_some(record.pnfsid.as_str());
+        if let Err(e) = dead_letters.send(key, &letter).await {
+            error!(error = %e, topic = dead_letters.topic(), "cannot publish the dead letter (the failure CSV has it)");
         }
     }
 

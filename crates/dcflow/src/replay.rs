@@ -58,6 +58,41 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// Runs messages through the pipeline as they come: a transfer slot is taken before a copy
+/// starts, so the producer of messages waits while all slots are busy.
+pub struct Batch {
+    pipeline: Arc<Pipeline>,
+    tasks: JoinSet<FileOutcome>,
+}
+
+impl Batch {
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        Self {
+            pipeline,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    pub async fn push(&mut self, raw: &[u8], origin: &str) -> Result<()> {
+        if let Some(task) = self.pipeline.admit(raw, origin).await {
+            let p = self.pipeline.clone();
+            self.tasks.spawn(async move { p.run(task).await });
+        }
+        while let Some(done) = self.tasks.try_join_next() {
+            done.context("copy task panicked")?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every copy, then sums up.
+    pub async fn finish(mut self) -> Result<Summary> {
+        while let Some(done) = self.tasks.join_next().await {
+            done.context("copy task panicked")?;
+        }
+        Ok(Summary::of(&self.pipeline.stats))
+    }
+}
+
 /// Reads `input` (`-` = stdin) line by line; each line is one billing message.
 pub async fn replay(pipeline: Arc<Pipeline>, input: &Path) -> Result<Summary> {
     let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if input == Path::new("-") {
@@ -71,7 +106,7 @@ pub async fn replay(pipeline: Arc<Pipeline>, input: &Path) -> Result<Summary> {
     };
     // Bytes, not strings: a line that is not UTF-8 is a malformed message, not a fatal error.
     let mut lines = BufReader::with_capacity(1 << 20, reader).split(b'\n');
-    let mut tasks = JoinSet::new();
+    let mut batch = Batch::new(pipeline);
     let mut lineno = 0u64;
     while let Some(line) = lines
         .next_segment()
@@ -82,17 +117,7 @@ pub async fn replay(pipeline: Arc<Pipeline>, input: &Path) -> Result<Summary> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        // Waits for a transfer slot: reading pauses while maxdownloads copies run.
-        if let Some(task) = pipeline.admit(&line, &format!("line {lineno}")).await {
-            let p = pipeline.clone();
-            tasks.spawn(async move { p.run(task).await });
-        }
-        while let Some(done) = tasks.try_join_next() {
-            done.context("copy task panicked")?;
-        }
+        batch.push(&line, &format!("line {lineno}")).await?;
     }
-    while let Some(done) = tasks.join_next().await {
-        let _: FileOutcome = done.context("copy task panicked")?;
-    }
-    Ok(Summary::of(&pipeline.stats))
+    batch.finish().await
 }

@@ -260,3 +260,40 @@ async fn symlinked_directory_pointing_outside_is_refused() {
     let failed = site.records("failed.csv");
     assert!(failed[0].error.contains("symlink"), "{}", failed[0].error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_from_the_failure_csv_reruns_only_the_failures() {
+    let site = Site::new().await;
+    let door_path = site.upload("r/flaky.dat", &data(7_000, 9)).await;
+    site.upload("r/fine.dat", &data(8_000, 10)).await;
+    site.sim
+        .add_fault(&door_path, Fault::Status { code: 503 }, None);
+    let config = site.write_config(&site.proxy_auth(), "");
+    assert_eq!(site.replay(&config).status.code(), Some(1));
+    assert!(!site.download().join("r/flaky.dat").exists());
+
+    site.sim.clear_faults();
+    let gets = site.sim.pool_gets();
+    let failed = site.path("failed.csv");
+    let out = dcflow(&[
+        "retry",
+        "--config",
+        config.to_str().unwrap(),
+        failed.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(site.download().join("r/flaky.dat")).unwrap(),
+        data(7_000, 9)
+    );
+    assert_eq!(
+        site.sim.pool_gets(),
+        gets + 1,
+        "only the failed file is fetched again"
+    );
+    assert!(
+        text(&out.stdout).contains("1 files selected, 1 copied"),
+        "{}",
+        text(&out.stdout)
+    );
+}

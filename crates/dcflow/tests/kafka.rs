@@ -208,8 +208,10 @@ async fn a_poison_message_at_the_head_does_not_block_the_rest() {
     lines.extend(all.lines().skip(2).map(|l| l.as_bytes().to_vec()));
     let (topic, group) = (unique("billing"), unique("group"));
     produce(&broker, &topic, &lines);
-    let kafka =
-        format!("topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"");
+    let dead = unique("dead");
+    let kafka = format!(
+        "topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"\ndeadlettertopic = \"{dead}\""
+    );
     let config = site.write_kafka_config(&kafka, "");
     let child = start_run(&config, &site.path("run.log"));
     wait_for(
@@ -231,6 +233,23 @@ async fn a_poison_message_at_the_head_does_not_block_the_rest() {
         committed, end,
         "failed and malformed messages are acknowledged once recorded"
     );
+
+    // Both failures are on the dead-letter topic; once the cause is gone, a retry from it
+    // copies the file (the malformed message is recorded again, not a file failure).
+    site.sim.clear_faults();
+    let out = dcflow(&[
+        "retry",
+        "--config",
+        config.to_str().unwrap(),
+        "--dead-letters",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("2 messages: 1 files selected, 1 copied"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(site.download().join("p/always-fails.dat").exists());
 }
 
 fn kill9(mut child: Child) {
