@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use dcache_sim::Fault;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 fn broker() -> Option<String> {
@@ -34,20 +33,6 @@ fn unique(prefix: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-/// Produces lines to a topic as dCache does: null keys, UTF-8 JSON values.
-fn produce(broker: &str, topic: &str, lines: &[Vec<u8>]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", broker)
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    for line in lines {
-        let record: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic).payload(line.as_slice());
-        producer.send(record).map_err(|(e, _)| e).unwrap();
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
 }
 
 /// The group's committed offset and the end of partition 0.

@@ -170,3 +170,19 @@ pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Produces lines to a topic as dCache does: null keys, UTF-8 JSON values.
+pub fn produce(broker: &str, topic: &str, lines: &[Vec<u8>]) {
+    let producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker)
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+    for line in lines {
+        let record: rdkafka::producer::BaseRecord<'_, (), [u8]> =
+            rdkafka::producer::BaseRecord::to(topic).payload(line.as_slice());
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    rdkafka::producer::Producer::flush(&producer, std::time::Duration::from_secs(30)).unwrap();
+}
