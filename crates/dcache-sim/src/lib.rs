@@ -20,4 +20,4 @@ mod server;
 
 pub use faults::{Fault, FaultRule};
 pub use pki::{PkiFiles, ProxyKey};
-pub use server::{BillingOrder, Sim, SimConfig};
+pub use server::{BillingOrder, Sim, SimConfig, SimKafka};

@@ -30,6 +30,15 @@ enum Cmd {
         /// Proxy key as ECDSA/PKCS#8 instead of RSA/PKCS#1.
         #[arg(long)]
         ecdsa_proxy: bool,
+        /// Also publish billing messages to this Kafka broker (host:port), as dCache does.
+        #[arg(long)]
+        kafka: Option<String>,
+        /// Billing topic.
+        #[arg(long, default_value = "billing")]
+        topic: String,
+        /// Partitions of the billing topic when it is created.
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
     },
 }
 
@@ -46,6 +55,9 @@ async fn main() -> Result<()> {
         redirect_307,
         no_digest_on_get,
         ecdsa_proxy,
+        kafka,
+        topic,
+        partitions,
     } = Cmd::parse();
     let mut cfg = SimConfig::new(&dir);
     cfg.root = root;
@@ -59,6 +71,11 @@ async fn main() -> Result<()> {
     } else {
         ProxyKey::RsaPkcs1
     };
+    cfg.kafka = kafka.map(|brokers| dcache_sim::SimKafka {
+        brokers,
+        topic,
+        partitions,
+    });
     let billing = cfg.billing_file.clone();
     let sim = Sim::start(cfg).await?;
     let info = serde_json::json!({

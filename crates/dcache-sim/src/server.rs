@@ -64,6 +64,17 @@ pub struct SimConfig {
     pub proxy_key: ProxyKey,
     pub door_port: u16,
     pub pool_port: u16,
+    /// Also publish billing messages to Kafka, as dCache does.
+    pub kafka: Option<SimKafka>,
+}
+
+/// dCache's Kafka billing output.
+#[derive(Debug, Clone)]
+pub struct SimKafka {
+    pub brokers: String,
+    pub topic: String,
+    /// dCache's billing topic usually has one partition.
+    pub partitions: i32,
 }
 
 impl SimConfig {
@@ -79,6 +90,7 @@ impl SimConfig {
             proxy_key: ProxyKey::RsaPkcs1,
             door_port: 0,
             pool_port: 0,
+            kafka: None,
         }
     }
 }
@@ -160,7 +172,10 @@ impl Sim {
             .with_single_cert(pki.server_chain.clone(), pki.server_key())?;
 
         let state = Arc::new(State {
-            billing: BillingLog::new(cfg.billing_file.as_deref())?,
+            billing: BillingLog::new(
+                cfg.billing_file.as_deref(),
+                kafka_sink(cfg.kafka.as_ref()).await?,
+            )?,
             cfg,
             storage,
             files: Mutex::default(),
@@ -206,6 +221,21 @@ impl Sim {
     pub fn faults_fired(&self, path: &str) -> u32 {
         self.state.faults.fired(path)
     }
+    /// Waits until the billing messages emitted so far are on the Kafka broker.
+    pub fn flush_billing(&self) {
+        self.state.billing.flush();
+    }
+
+    /// Emits `n` billing messages of the traffic around uploads: reads (pool transfer and door
+    /// request), p2p copies, flushes to tape, cache hits, removes.
+    pub fn background(&self, n: usize) {
+        for i in 0..n {
+            self.state
+                .billing
+                .emit(&background_message(&self.state.cfg.root, i));
+        }
+    }
+
     /// Every billing message emitted so far, as JSON lines.
     pub fn billing_messages(&self) -> Vec<String> {
         self.state.billing.messages()
@@ -989,4 +1019,87 @@ fn srm_put_done(meta: &FileMeta, billing_path: &str, transfer_path: &str) -> Msg
         .put("billingPath", billing_path)
         .put("fileSize", meta.size)
         .put("storageInfo", "disk:sim@osm")
+}
+
+async fn kafka_sink(kafka: Option<&SimKafka>) -> Result<Option<crate::billing::KafkaSink>> {
+    let Some(k) = kafka else { return Ok(None) };
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &k.brokers)
+        .create()?;
+    let topic = NewTopic::new(&k.topic, k.partitions, TopicReplication::Fixed(1));
+    for r in admin.create_topics([&topic], &AdminOptions::new()).await? {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => anyhow::bail!("cannot create topic {t}: {e}"),
+        }
+    }
+    Ok(Some(crate::billing::KafkaSink::new(&k.brokers, &k.topic)?))
+}
+
+/// One message of background billing traffic, in the fixtures' shapes.
+fn background_message(root: &str, i: usize) -> Msg {
+    let pnfsid = format!("0000{}", uuid::Uuid::new_v4().simple()).to_ascii_uppercase();
+    let path = format!("{root}/other/run{}/file-{i}.dat", i % 17);
+    let size = 1_000_000 + (i as u64 * 7919) % 100_000_000;
+    let pool = |kind: &str| {
+        Msg::default()
+            .put("version", "1.0")
+            .put("msgType", kind)
+            .put("date", now())
+            .put("queuingTime", 0)
+            .put("cellName", POOL_CELL)
+            .put("cellType", "pool")
+            .put("cellDomain", POOL_DOMAIN)
+            .put("status", serde_json::json!({"code": 0, "msg": ""}))
+            .put("pnfsid", &pnfsid)
+            .put("billingPath", &path)
+            .put("fileSize", size)
+            .put("storageInfo", "disk:sim@osm")
+    };
+    let mover = |m: Msg, direction: &str, p2p: bool| {
+        m.put_double("meanReadBandwidth", 2.3981544E8)
+            .put("readIdle", "PT0.021S")
+            .put("readActive", "PT0.5S")
+            .put("transferSize", size)
+            .put("transferTime", 641)
+            .put("isWrite", direction)
+            .put("isP2p", p2p)
+            .put("transferPath", &path)
+            .put("protocolInfo", serde_json::json!({"protocol": if p2p {"Http"} else {"Https"}, "versionMajor":1,"versionMinor":1,"transferTag":"","port":53988,"host":"127.0.0.1"}))
+    };
+    match i % 6 {
+        0 => mover(pool("transfer"), "read", false).put("subject", ["UidPrincipal[3915]"]),
+        1 => mover(pool("transfer"), "write", true).put("subject", ["UidPrincipal[0]"]),
+        2 => pool("store")
+            .put("transferTime", 48211)
+            .put("hsm", serde_json::json!({"type":"osm","instance":"hpss","provider":"script"}))
+            .put("locations", ["osm://hpss/?store=sim&group=disk&bfid=0000000000001A2B3C4D"]),
+        3 => Msg::default()
+            .put("version", "1.0")
+            .put("msgType", "hit")
+            .put("date", now())
+            .put("cellName", POOL_CELL)
+            .put("cellType", "pool")
+            .put("cellDomain", POOL_DOMAIN)
+            .put("status", serde_json::json!({"code": 0, "msg": ""}))
+            .put("pnfsid", &pnfsid)
+            .put("filesize", size)
+            .put("billingPath", &path)
+            .put("cached", true),
+        4 => pool("remove").put("billingPath", "Unknown"),
+        _ => Msg::default()
+            .put("VERSION", "1.0")
+            .put("msgType", "request")
+            .put("date", now())
+            .put("cellName", DOOR_CELL)
+            .put("cellType", "door")
+            .put("cellDomain", DOOR_DOMAIN)
+            .put("status", serde_json::json!({"code": 0, "msg": ""}))
+            .put("pnfsid", &pnfsid)
+            .put("billingPath", &path)
+            .put("transferPath", &path)
+            .put("fileSize", size)
+            .put("moverInfo", serde_json::json!({"version":"1.0","msgType":"transfer","cellType":"pool","isWrite":"read","isP2p":false,"status":{"code":0,"msg":""}})),
+    }
 }

@@ -110,25 +110,20 @@ fn fixture_lines() -> Vec<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_copies_every_upload_commits_to_the_end_and_restarts_idle() {
     let Some(broker) = broker() else { return };
-    let site = Site::new().await;
+    let (topic, group) = (unique("billing"), unique("group"));
+    // The emulator publishes to Kafka itself, as dCache does: uploads amid background
+    // billing traffic (reads, p2p copies, stores, hits, removes).
+    let site = Site::with_kafka(&broker, &topic).await;
     let mut expected = Vec::new();
     for i in 0..40 {
         let body = data(1000 + i * 7919, i as u32);
         let rel = format!("k/run{}/file {i}.dat", i % 3);
         site.upload(&rel, &body).await;
+        site.sim.background(8);
         expected.push((rel, body));
     }
-    // dCache's messages amid background billing traffic (reads, p2p, stores, removes...).
-    let mut lines: Vec<Vec<u8>> = Vec::new();
-    let billing = std::fs::read_to_string(site.billing()).unwrap();
-    for (n, line) in billing.lines().enumerate() {
-        lines.push(line.as_bytes().to_vec());
-        if n % 4 == 0 {
-            lines.extend(fixture_lines());
-        }
-    }
-    let (topic, group) = (unique("billing"), unique("group"));
-    produce(&broker, &topic, &lines);
+    site.sim.flush_billing();
+    let lines = site.sim.billing_messages();
 
     let kafka =
         format!("topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"");
@@ -257,7 +252,8 @@ fn jitter(n: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing_and_leaves_no_partial_file() {
     let Some(broker) = broker() else { return };
-    let site = Site::new().await;
+    let (topic, group) = (unique("billing"), unique("group"));
+    let site = Site::with_kafka(&broker, &topic).await;
     let mut expected = Vec::new();
     let files: usize = std::env::var("DCFLOW_CRASH_FILES")
         .ok()
@@ -283,19 +279,9 @@ async fn kill_9_at_random_moments_loses_nothing_and_leaves_no_partial_file() {
             );
         }
         expected.push((rel, size, i as u32 + 7));
+        site.sim.background(2);
     }
-    let mut lines: Vec<Vec<u8>> = Vec::new();
-    let fixtures = fixture_lines();
-    for (n, line) in std::fs::read_to_string(site.billing())
-        .unwrap()
-        .lines()
-        .enumerate()
-    {
-        lines.push(line.as_bytes().to_vec());
-        lines.push(fixtures[n % fixtures.len()].clone());
-    }
-    let (topic, group) = (unique("billing"), unique("group"));
-    produce(&broker, &topic, &lines);
+    site.sim.flush_billing();
     let kafka = format!(
         "topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"\n\
          properties = {{ \"session.timeout.ms\" = 6000, \"heartbeat.interval.ms\" = 1000 }}"

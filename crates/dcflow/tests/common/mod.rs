@@ -17,10 +17,25 @@ pub struct Site {
 
 impl Site {
     pub async fn new() -> Self {
+        Self::start(None).await
+    }
+
+    /// A site whose emulator also publishes its billing messages to `topic` (one partition),
+    /// as dCache does.
+    pub async fn with_kafka(broker: &str, topic: &str) -> Self {
+        Self::start(Some(dcache_sim::SimKafka {
+            brokers: broker.into(),
+            topic: topic.into(),
+            partitions: 1,
+        }))
+        .await
+    }
+
+    async fn start(kafka: Option<dcache_sim::SimKafka>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let sim = Sim::start(SimConfig::new(&dir.path().join("sim")))
-            .await
-            .unwrap();
+        let mut cfg = SimConfig::new(&dir.path().join("sim"));
+        cfg.kafka = kafka;
+        let sim = Sim::start(cfg).await.unwrap();
         Self { sim, dir }
     }
 
