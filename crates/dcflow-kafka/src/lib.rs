@@ -133,7 +133,15 @@ pub struct KafkaSource {
 impl KafkaSource {
     /// Creates the consumer (automatic commits and offset stores off) of `topic` in `group`
     /// and subscribes.
-    pub fn try_new(cfg: &KafkaConfig, topic: &str, group: &str) -> Result<Self, KafkaError> {
+    ///
+    /// With `report_end`, `recv` returns `Err(KafkaError::PartitionEOF(p))` each time a
+    /// partition's end is reached (for `dcflow run --until-caught-up`).
+    pub fn try_new(
+        cfg: &KafkaConfig,
+        topic: &str,
+        group: &str,
+        report_end: bool,
+    ) -> Result<Self, KafkaError> {
         let shared = Arc::new(Shared {
             topic: topic.to_owned(),
             watermarks: Mutex::default(),
@@ -142,7 +150,10 @@ impl KafkaSource {
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
+            .set(
+                "enable.partition.eof",
+                if report_end { "true" } else { "false" },
+            )
             .set("auto.offset.reset", cfg.offset_reset.as_str())
             .create_with_context(Context {
                 shared: shared.clone(),
@@ -193,6 +204,11 @@ impl KafkaSource {
             debug!(?commits, "offsets committed");
         }
         Ok(commits)
+    }
+
+    /// Partitions assigned to this consumer now.
+    pub fn assigned(&self) -> usize {
+        self.consumer.assignment().map(|a| a.count()).unwrap_or(0)
     }
 
     /// Offsets handed out and not finished yet.

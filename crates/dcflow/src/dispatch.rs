@@ -43,7 +43,7 @@ pub async fn dispatch(
         .await
         .with_context(|| format!("creating work topic {work_topic}"))?;
     let group = format!("{}-dispatch", kafka.consumer_group);
-    let source = Arc::new(KafkaSource::try_new(kafka, &kafka.topic, &group)?);
+    let source = Arc::new(KafkaSource::try_new(kafka, &kafka.topic, &group, false)?);
     let producer = Arc::new(TopicProducer::try_new(kafka, work_topic)?);
     let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
     let failures = RecordFile::open(&config.local.failed_file)?;

@@ -43,6 +43,10 @@ enum Command {
         /// How long running transfers may take to finish after a stop signal.
         #[arg(long, default_value_t = 120)]
         drain_seconds: u64,
+        /// Exit (0) once every assigned partition was read to its end and its transfers
+        /// finished: work off a backlog, or measure.
+        #[arg(long)]
+        until_caught_up: bool,
     },
     /// Run every billing message of a JSONL file (`-` = stdin) through the pipeline, then exit:
     /// 0 if every selected file succeeded or was already present, 1 if any failed.
@@ -167,6 +171,7 @@ async fn async_main(command: Command) -> ExitCode {
         Command::Run {
             config,
             drain_seconds,
+            until_caught_up,
         } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
@@ -190,7 +195,7 @@ async fn async_main(command: Command) -> ExitCode {
             let shutdown = CancellationToken::new();
             tokio::spawn(watch_signals(shutdown.clone()));
             let drain = std::time::Duration::from_secs(drain_seconds);
-            match dcflow::run::run_kafka(pipeline, &kafka, shutdown, drain).await {
+            match dcflow::run::run_kafka(pipeline, &kafka, shutdown, drain, until_caught_up).await {
                 Ok(summary) => {
                     tracing::info!("stopped: {summary}");
                     ExitCode::SUCCESS

@@ -5,7 +5,7 @@
 //! busy the partitions are paused and the consumer keeps polling (heartbeats, rebalances),
 //! so a long transfer neither grows a queue nor drops the consumer out of its group.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
 use dcflow_kafka::{Delivery, KafkaSource};
 use rdkafka::consumer::CommitMode;
+use rdkafka::error::KafkaError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -28,16 +29,19 @@ pub async fn run_kafka(
     cfg: &KafkaConfig,
     shutdown: CancellationToken,
     drain: Duration,
+    until_caught_up: bool,
 ) -> Result<Summary> {
     // With a work topic, `dcflow dispatch` feeds it and workers consume it.
     let topic = cfg.work_topic.as_deref().unwrap_or(&cfg.topic);
     let source = Arc::new(
-        KafkaSource::try_new(cfg, topic, &cfg.consumer_group)
+        KafkaSource::try_new(cfg, topic, &cfg.consumer_group, until_caught_up)
             .context("creating the Kafka consumer")?,
     );
     info!(topic, group = %cfg.consumer_group, servers = %cfg.servers.join(","), "consuming");
     let mut tasks = JoinSet::new();
     let mut backlog: VecDeque<Delivery> = VecDeque::new();
+    // Partitions read to their end (reported only with --until-caught-up).
+    let mut at_end: BTreeSet<i32> = BTreeSet::new();
     let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
     let mut lag_tick = tokio::time::interval(LAG_EVERY);
     lag_tick.tick().await;
@@ -69,8 +73,19 @@ pub async fn run_kafka(
             Some(d) => d,
             None => tokio::select! {
                 received = source.recv() => match received {
-                    Ok(Some(d)) => d,
+                    Ok(Some(d)) => {
+                        at_end.remove(&d.partition);
+                        d
+                    }
                     Ok(None) => continue,
+                    Err(KafkaError::PartitionEOF(p)) => {
+                        at_end.insert(p);
+                        if until_caught_up && backlog.is_empty() && at_end.len() >= source.assigned() {
+                            info!("caught up: every assigned partition read to its end");
+                            break 'consume;
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         // Broker outages: librdkafka reconnects; say so and go on.
                         warn!(error = %e, "kafka consumer error");

@@ -9,7 +9,7 @@ median of each and the ratio dcflow / curl.
 
 Memory: peak RSS of `dcflow replay` copying MEM_FILES files of MEM_SIZE MiB at once.
 
-Usage: bench/copy.py [--files 8] [--size-mib 256] [--runs 3] [--mem-files 4] [--mem-size-mib 1024]
+Usage: bench/large_files.py [--files 8] [--size-mib 256] [--runs 3] [--mem-files 4] [--mem-size-mib 1024]
 Everything lives under --work (default /var/tmp/dcflow-bench) and is removed at the end
 unless --keep is given.
 """

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Event rate: dcflow consuming and deciding billing messages versus kcat reading the topic.
+
+1,000,000 billing messages (--messages) go to one partition of a real Kafka broker: 99 % are
+dCache's other traffic (reads, p2p copies, stores, restores, removes, hits, warnings, failed
+uploads, door requests, from fixtures/billing), 1 % are completed uploads under the
+configured folder, each with its own pnfsid, naming 100 small files stored in the emulator.
+The first upload of each file copies it; the others find it already present (a HEAD and a
+local checksum). Then, on the same topic:
+
+- kcat -C -e (Debian package kcat), reading every message to /dev/null, median of --runs;
+- dcflow run --until-caught-up in a new consumer group each time: consume, decode, select,
+  copy or verify, commit; the time includes process start and joining the group.
+
+Prints a markdown table with messages per second and the ratio. The broker comes from
+DCFLOW_KAFKA, or scripts/kafka.sh starts one for the run.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from large_files import build, start_sim, upload  # noqa: E402  (bench/large_files.py)
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def broker_address(work):
+    if os.environ.get("DCFLOW_KAFKA"):
+        return os.environ["DCFLOW_KAFKA"], None
+    env = {**os.environ, "KAFKA_STATE": str(work / "kafka")}
+    out = sh(str(ROOT / "scripts/kafka.sh"), "start", env=env, capture_output=True, text=True).stdout
+    address = re.search(r"DCFLOW_KAFKA=(\S+)", out).group(1)
+    return address, env
+
+
+def make_events(path, count, info, files, folder):
+    fixtures = {}
+    for f in sorted((ROOT / "fixtures/billing").glob("*.json")):
+        fixtures[f.stem] = f.read_text().strip()
+    background = [v for k, v in fixtures.items() if k != "transfer-pool-upload"]
+    upload_template = json.loads(fixtures["transfer-pool-upload"])
+    selected = 0
+    with open(path, "w") as out:
+        for i in range(count):
+            pnfsid = f"0000{i:032X}"
+            if i % 100 == 50:
+                msg = dict(upload_template)
+                msg["pnfsid"] = pnfsid
+                msg["billingPath"] = f"{info['root']}{folder}/file-{selected % files}.dat"
+                msg["transferPath"] = msg["billingPath"]
+                msg["fileSize"] = msg["transferSize"] = 1024
+                out.write(json.dumps(msg, separators=(",", ":")) + "\n")
+                selected += 1
+            else:
+                line = background[i % len(background)]
+                out.write(line.replace("00004F0AF7BEAE5A4CBEBF0FBF036D01F4C4", pnfsid) + "\n")
+    return selected
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=1_000_000)
+    ap.add_argument("--files", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", default="/var/tmp/dcflow-bench-events")
+    a = ap.parse_args()
+    if not shutil.which("kcat"):
+        sys.exit("kcat is needed: apt-get install kcat")
+
+    dcflow, sim_bin = build()
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    broker, kafka_env = broker_address(work)
+    sim, info = start_sim(sim_bin, work / "sim")
+    try:
+        folder = "/bench/events"
+        src = work / "one-kib"
+        src.write_bytes(os.urandom(1024))
+        for i in range(a.files):
+            upload(info, f"{folder}/file-{i}.dat", src)
+        events = work / "events.jsonl"
+        selected = make_events(events, a.messages, info, a.files, folder)
+        topic = f"billing-bench-{int(time.time())}"
+        sh("kcat", "-P", "-b", broker, "-t", topic, "-l", str(events))
+        events.unlink()
+
+        kcat_times = []
+        for _ in range(a.runs):
+            t = time.monotonic()
+            out = subprocess.run(["kcat", "-C", "-b", broker, "-t", topic, "-o", "beginning", "-e", "-q",
+                                  "-f", "%o\\n"], stdout=subprocess.PIPE, check=True)
+            kcat_times.append(time.monotonic() - t)
+            read = out.stdout.count(b"\n")
+            if read != a.messages:
+                sys.exit(f"kcat read {read} messages, expected {a.messages}")
+
+        dcflow_times = []
+        for run in range(a.runs):
+            cfg = work / f"run-{run}.toml"
+            cfg.write_text(f"""[kafka]
+topic = "{topic}"
+servers = ["{broker}"]
+consumergroup = "bench-{run}-{int(time.time())}"
+[dcache]
+url = "{info['door_url']}"
+pool = "{info['root']}"
+folder = "{folder}"
+maxdownloads = 32
+[local]
+token = "{info['token_file']}"
+capath = "{info['capath']}"
+downloadfolder = "{work}/download"
+failedtasksfile = "{work}/failed.csv"
+successfultaskfile = "{work}/success-{run}.csv"
+""")
+            t = time.monotonic()
+            sh(str(dcflow), "run", "--config", str(cfg), "--until-caught-up",
+               env={**os.environ, "DCFLOW_LOG": "warn"}, stdout=subprocess.DEVNULL)
+            dcflow_times.append(time.monotonic() - t)
+            rows = sum(1 for _ in open(work / f"success-{run}.csv")) - 1
+            if rows != selected:
+                sys.exit(f"dcflow recorded {rows} successes, expected {selected}")
+            print(f"run {run + 1}: kcat {kcat_times[run]:.2f} s, dcflow {dcflow_times[-1]:.2f} s",
+                  file=sys.stderr)
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(timeout=10)
+        if kafka_env:
+            subprocess.run([str(ROOT / "scripts/kafka.sh"), "stop"], env=kafka_env)
+        shutil.rmtree(work, ignore_errors=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    k, d = statistics.median(kcat_times), statistics.median(dcflow_times)
+    n = a.messages
+    print(f"\n#### event-rate benchmark — {datetime.date.today()} — commit {commit}")
+    print(f"machine: {os.cpu_count()} cores; Apache Kafka broker on 127.0.0.1; one partition; "
+          f"{n} messages, {selected} selected uploads ({a.files} distinct files)\n")
+    print("| reader | time (median of %d) | messages/s | dcflow / kcat rate |" % a.runs)
+    print("|---|---|---|---|")
+    print(f"| kcat -C -e | {k:.2f} s | {n / k:,.0f} | |")
+    print(f"| dcflow run --until-caught-up (decode, select, copy or verify, commit) | {d:.2f} s "
+          f"| {n / d:,.0f} | **{(n / d) / (n / k):.2f}** |")
+    print(f"\n(runs: kcat {', '.join(f'{t:.2f}' for t in kcat_times)} s; "
+          f"dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s)")
+
+
+if __name__ == "__main__":
+    main()
