@@ -47,7 +47,7 @@ def broker_address(work):
     return address, env
 
 
-def make_events(path, count, info, files, folder):
+def make_events(path, count, info, files, folder, per_mille):
     fixtures = {}
     for f in sorted((ROOT / "fixtures/billing").glob("*.json")):
         fixtures[f.stem] = f.read_text().strip()
@@ -57,7 +57,7 @@ def make_events(path, count, info, files, folder):
     with open(path, "w") as out:
         for i in range(count):
             pnfsid = f"0000{i:032X}"
-            if i % 100 == 50:
+            if per_mille and i % (1000 // per_mille) == 50 % (1000 // per_mille):
                 msg = dict(upload_template)
                 msg["pnfsid"] = pnfsid
                 msg["billingPath"] = f"{info['root']}{folder}/file-{selected % files}.dat"
@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--files", type=int, default=100)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--selected-per-mille", type=int, default=10,
+                    help="selected uploads per 1000 messages (10 = 1 %%; 0 = none)")
     ap.add_argument("--work", default="/var/tmp/dcflow-bench-events")
     a = ap.parse_args()
     if not shutil.which("kcat"):
@@ -94,7 +96,7 @@ def main():
         for i in range(a.files):
             upload(info, f"{folder}/file-{i}.dat", src)
         events = work / "events.jsonl"
-        selected = make_events(events, a.messages, info, a.files, folder)
+        selected = make_events(events, a.messages, info, a.files, folder, a.selected_per_mille)
         topic = f"billing-bench-{int(time.time())}"
         sh("kcat", "-P", "-b", broker, "-t", topic, "-l", str(events))
         events.unlink()
@@ -132,7 +134,8 @@ successfultaskfile = "{work}/success-{run}.csv"
             sh(str(dcflow), "run", "--config", str(cfg), "--until-caught-up",
                env={**os.environ, "DCFLOW_LOG": "warn"}, stdout=subprocess.DEVNULL)
             dcflow_times.append(time.monotonic() - t)
-            rows = sum(1 for _ in open(work / f"success-{run}.csv")) - 1
+            success = work / f"success-{run}.csv"
+            rows = sum(1 for _ in open(success)) - 1 if success.exists() else 0
             if rows != selected:
                 sys.exit(f"dcflow recorded {rows} successes, expected {selected}")
             print(f"run {run + 1}: kcat {kcat_times[run]:.2f} s, dcflow {dcflow_times[-1]:.2f} s",

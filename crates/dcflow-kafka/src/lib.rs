@@ -83,6 +83,12 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
+            return; // reaching the end of a partition is not a problem
+        }
         // Broker outages land here; librdkafka reconnects by itself.
         warn!(error = %error, "kafka: {reason}");
     }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
@@ -23,6 +23,8 @@ use crate::replay::Summary;
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const LAG_EVERY: Duration = Duration::from_secs(60);
+/// How long to wait for a transfer slot before pausing the partitions.
+const PAUSE_AFTER: Duration = Duration::from_secs(2);
 
 pub async fn run_kafka(
     pipeline: Arc<Pipeline>,
@@ -43,13 +45,32 @@ pub async fn run_kafka(
     // Partitions read to their end (reported only with --until-caught-up).
     let mut at_end: BTreeSet<i32> = BTreeSet::new();
     let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
-    let mut lag_tick = tokio::time::interval(LAG_EVERY);
-    lag_tick.tick().await;
+    let mut last_commit = Instant::now();
+    let mut last_lag = Instant::now();
 
     'consume: loop {
         while tasks.try_join_next().is_some() {}
-        if pipeline.free_slots() == 0 {
-            // Full: stop fetching, keep polling, until a slot frees.
+        // Clocks are read here, not raced in select!: polling timers for every message
+        // costs more than the message itself.
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if last_commit.elapsed() >= COMMIT_EVERY {
+            commit(&source, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+        if last_lag.elapsed() >= LAG_EVERY {
+            log_lag(&source);
+            last_lag = Instant::now();
+        }
+        // All slots busy: a slot usually frees within moments. Only a longer wait pauses
+        // the partitions (pausing makes librdkafka drop what it prefetched, and resuming
+        // fetches it again), while polling goes on so the consumer stays in its group.
+        if pipeline.free_slots() == 0
+            && tokio::time::timeout(PAUSE_AFTER, pipeline.wait_for_slot())
+                .await
+                .is_err()
+        {
             if let Err(e) = source.pause() {
                 warn!(error = %e, "cannot pause partitions");
             }
@@ -72,6 +93,7 @@ pub async fn run_kafka(
         let delivery = match backlog.pop_front() {
             Some(d) => d,
             None => tokio::select! {
+                biased;
                 received = source.recv() => match received {
                     Ok(Some(d)) => {
                         at_end.remove(&d.partition);
@@ -92,14 +114,8 @@ pub async fn run_kafka(
                         continue;
                     }
                 },
-                _ = commit_tick.tick() => {
-                    commit(&source, CommitMode::Async);
-                    continue;
-                }
-                _ = lag_tick.tick() => {
-                    log_lag(&source);
-                    continue;
-                }
+                // Nothing to read: wake up now and then for commits and lag.
+                _ = tokio::time::sleep(COMMIT_EVERY) => continue,
                 _ = shutdown.cancelled() => break 'consume,
             },
         };
