@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// mimalloc for Rust and, through its `override` feature, for librdkafka's C code: with
+/// glibc's malloc the consuming thread spent most of its time waiting on the arena lock that
+/// librdkafka's broker thread holds (messages are allocated there and freed here).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dcflow::demo::{demo, DemoOptions};
 use dcflow::pipeline::Pipeline;
 use dcflow::replay::replay;
