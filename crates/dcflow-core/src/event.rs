@@ -165,6 +165,52 @@ fn rfc3339_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>
     .transpose()
 }
 
+/// The type and path of a billing message, read without building the whole message: most
+/// of the billing traffic (reads, p2p, stores, hits, other folders) is dismissed on these.
+/// Only a message that may announce an upload under the handled prefix is decoded in full,
+/// so a wrong type in a field of an unrelated message is not reported as malformed.
+#[derive(Debug, Deserialize)]
+pub struct Peek<'a> {
+    #[serde(rename = "msgType", borrow)]
+    msg_type: std::borrow::Cow<'a, str>,
+    #[serde(rename = "billingPath", borrow, default)]
+    billing_path: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// What a [`Peek`] tells about a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Glance {
+    /// Neither a `transfer` nor a `request`: cannot announce an upload.
+    NotUpload,
+    /// A transfer or request whose billing path is not under the prefix.
+    Outside,
+    /// May announce an upload under the prefix: decode it in full.
+    Candidate,
+}
+
+impl<'a> Peek<'a> {
+    pub fn parse(json: &'a [u8]) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_slice(json)?)
+    }
+
+    /// Classifies against the handled namespace prefix (`pool + folder`, no trailing slash).
+    pub fn glance(&self, prefix: &str) -> Glance {
+        if self.msg_type != "transfer" && self.msg_type != "request" {
+            return Glance::NotUpload;
+        }
+        let under = self
+            .billing_path
+            .as_deref()
+            .and_then(|p| p.strip_prefix(prefix))
+            .is_some_and(|rest| rest.starts_with('/'));
+        if under {
+            Glance::Candidate
+        } else {
+            Glance::Outside
+        }
+    }
+}
+
 /// What announced a completed upload. Door and pool messages of one upload share a pnfsid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UploadSignal {
@@ -477,6 +523,39 @@ mod tests {
         }
         let other = BillingMessage::decode(br#"{"msgType":"newkind"}"#).unwrap();
         assert_eq!(other.msg_type, MessageType::Other("newkind".into()));
+    }
+
+    #[test]
+    fn peek_dismisses_unrelated_traffic_cheaply() {
+        let prefix = "/pnfs/in2p3.fr/data/doma";
+        let glance = |name: &str| {
+            let path = format!(
+                "{}/../../fixtures/billing/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let bytes = std::fs::read(path).unwrap();
+            Peek::parse(&bytes).unwrap().glance(prefix)
+        };
+        assert_eq!(glance("transfer-pool-upload.json"), Glance::Candidate);
+        assert_eq!(glance("request-door-upload.json"), Glance::Candidate);
+        assert_eq!(glance("request-srm-putdone.json"), Glance::Candidate);
+        assert_eq!(glance("store-pool.json"), Glance::NotUpload);
+        assert_eq!(glance("hit-poolmanager.json"), Glance::NotUpload);
+        assert_eq!(glance("remove-pool.json"), Glance::NotUpload);
+        let outside = br#"{"msgType":"transfer","billingPath":"/pnfs/in2p3.fr/data/domain/x"}"#;
+        assert_eq!(
+            Peek::parse(outside).unwrap().glance(prefix),
+            Glance::Outside
+        );
+        let escaped = br#"{"msgType":"transfer","billingPath":"\/pnfs\/in2p3.fr\/data\/doma\/x"}"#;
+        assert_eq!(
+            Peek::parse(escaped).unwrap().glance(prefix),
+            Glance::Candidate,
+            "escapes are decoded"
+        );
+        for bad in [&b"{"[..], b"[1]", br#"{"msgType":7}"#, b"{}"] {
+            assert!(Peek::parse(bad).is_err());
+        }
     }
 
     #[test]

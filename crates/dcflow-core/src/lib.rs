@@ -19,7 +19,9 @@ pub mod retry;
 pub mod watermark;
 
 pub use config::{ChecksumAlgo, Config, ConfigError, Env};
-pub use event::{BillingMessage, DecodeError, NotAnUpload, PnfsId, Upload, UploadSignal};
+pub use event::{
+    BillingMessage, DecodeError, Glance, NotAnUpload, Peek, PnfsId, Upload, UploadSignal,
+};
 pub use mapping::{Mapped, PathEscapes, PathMapper};
 pub use records::{Record, RecordFile};
 pub use retry::RetryPolicy;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
-use dcflow_core::{BillingMessage, Config, PathMapper, Record, RecordFile};
+use dcflow_core::{BillingMessage, Config, Glance, PathMapper, Peek, Record, RecordFile};
 use dcflow_kafka::{KafkaSource, TopicProducer};
 use rdkafka::consumer::CommitMode;
 use tokio::sync::Semaphore;
@@ -76,27 +76,31 @@ pub async fn dispatch(
             _ = shutdown.cancelled() => break,
         };
         summary.consumed += 1;
-        let key = match BillingMessage::decode(&delivery.payload) {
+        let origin = || {
+            format!(
+                "partition {} offset {}",
+                delivery.partition, delivery.offset
+            )
+        };
+        let decoded =
+            Peek::parse(&delivery.payload).and_then(|peek| match peek.glance(mapper.prefix()) {
+                Glance::Candidate => BillingMessage::decode(&delivery.payload).map(Some),
+                Glance::NotUpload | Glance::Outside => Ok(None),
+            });
+        let key = match decoded {
             Err(e) => {
                 summary.malformed += 1;
-                let origin = format!(
-                    "partition {} offset {}",
-                    delivery.partition, delivery.offset
-                );
-                warn!(origin, error = %e, "malformed billing message skipped");
-                let record = Record::malformed(&origin, &e, &delivery.payload);
-                if let Err(e) = failures.append(&record) {
+                warn!(origin = %origin(), error = %e, "malformed billing message skipped");
+                if let Err(e) =
+                    failures.append(&Record::malformed(&origin(), &e, &delivery.payload))
+                {
                     warn!(error = %e, "cannot write failure record");
                 }
                 None
             }
-            Ok(msg) => match msg.upload() {
-                // Unsafe paths are forwarded too: the worker records them as failures.
-                Ok(up) if !matches!(mapper.map(&up.billing_path), Ok(None)) => {
-                    Some(up.pnfsid.to_string())
-                }
-                _ => None,
-            },
+            // Unsafe paths are forwarded too: the worker records them as failures.
+            Ok(Some(msg)) => msg.upload().ok().map(|up| up.pnfsid.to_string()),
+            Ok(None) => None,
         };
         let Some(key) = key else {
             source.finish(&delivery.ticket);

@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use dcflow_core::{BillingMessage, Config, PathMapper, PnfsId, Record, RecordFile, Upload};
+use dcflow_core::{
+    BillingMessage, Config, DecodeError, Glance, PathMapper, Peek, PnfsId, Record, RecordFile,
+    Upload,
+};
 use dcflow_kafka::TopicProducer;
 use dcflow_transfer::engine::{human_bytes, mbps};
 use dcflow_transfer::{Credentials, Engine, EngineSettings, Job};
@@ -154,15 +157,25 @@ impl Pipeline {
     /// was skipped or recorded. Waits for a free transfer slot before returning a task.
     pub async fn admit(&self, raw: &[u8], origin: &str) -> Option<Task> {
         Stats::inc(&self.stats.events);
-        let msg = match BillingMessage::decode(raw) {
-            Ok(m) => m,
-            Err(e) => {
-                Stats::inc(&self.stats.malformed);
-                warn!(origin, error = %e, "malformed billing message skipped ({origin}): {e}");
-                self.fail(Record::malformed(origin, &e, raw), raw, origin)
-                    .await;
+        // Most billing traffic is dismissed on its type and path alone.
+        let glance = match Peek::parse(raw) {
+            Ok(peek) => peek.glance(self.mapper.prefix()),
+            Err(e) => return self.reject_malformed(raw, origin, e).await,
+        };
+        match glance {
+            Glance::NotUpload => {
+                Stats::inc(&self.stats.not_upload);
                 return None;
             }
+            Glance::Outside => {
+                Stats::inc(&self.stats.outside_folder);
+                return None;
+            }
+            Glance::Candidate => {}
+        }
+        let msg = match BillingMessage::decode(raw) {
+            Ok(m) => m,
+            Err(e) => return self.reject_malformed(raw, origin, e).await,
         };
         let upload = match msg.upload() {
             Ok(u) => u,
@@ -334,6 +347,14 @@ impl Pipeline {
             }
         };
         outcome
+    }
+
+    async fn reject_malformed(&self, raw: &[u8], origin: &str, e: DecodeError) -> Option<Task> {
+        Stats::inc(&self.stats.malformed);
+        warn!(origin, error = %e, "malformed billing message skipped ({origin}): {e}");
+        self.fail(Record::malformed(origin, &e, raw), raw, origin)
+            .await;
+        None
     }
 
     fn mark(&self, pnfsid: &PnfsId, state: Seen) {
