@@ -125,6 +125,18 @@ fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
     })
 }
 
+/// The configuration and a pipeline built from it (credentials loaded, records opened).
+fn load_pipeline(path: &PathBuf) -> Result<(Config, Arc<Pipeline>), ExitCode> {
+    let cfg = load_config(path)?;
+    match Pipeline::try_new(&cfg) {
+        Ok(p) => Ok((cfg, Arc::new(p))),
+        Err(e) => {
+            eprintln!("dcflow: {e:#}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -161,16 +173,9 @@ async fn async_main(command: Command) -> ExitCode {
             }
         }
         Command::Replay { config, events } => {
-            let cfg = match load_config(&config) {
-                Ok(c) => c,
+            let (_, pipeline) = match load_pipeline(&config) {
+                Ok(loaded) => loaded,
                 Err(code) => return code,
-            };
-            let pipeline = match Pipeline::try_new(&cfg) {
-                Ok(p) => Arc::new(p),
-                Err(e) => {
-                    eprintln!("dcflow: {e:#}");
-                    return ExitCode::from(2);
-                }
             };
             finish_batch(replay(pipeline.clone(), &events).await, &pipeline)
         }
@@ -179,8 +184,8 @@ async fn async_main(command: Command) -> ExitCode {
             drain_seconds,
             until_caught_up,
         } => {
-            let cfg = match load_config(&config) {
-                Ok(c) => c,
+            let (cfg, pipeline) = match load_pipeline(&config) {
+                Ok(loaded) => loaded,
                 Err(code) => return code,
             };
             let Some(kafka) = cfg.kafka.clone() else {
@@ -190,13 +195,6 @@ async fn async_main(command: Command) -> ExitCode {
                     config.display()
                 );
                 return ExitCode::from(2);
-            };
-            let pipeline = match Pipeline::try_new(&cfg) {
-                Ok(p) => Arc::new(p),
-                Err(e) => {
-                    eprintln!("dcflow: {e:#}");
-                    return ExitCode::from(2);
-                }
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(watch_signals(shutdown.clone()));
@@ -217,16 +215,9 @@ async fn async_main(command: Command) -> ExitCode {
             failures,
             dead_letters,
         } => {
-            let cfg = match load_config(&config) {
-                Ok(c) => c,
+            let (cfg, pipeline) = match load_pipeline(&config) {
+                Ok(loaded) => loaded,
                 Err(code) => return code,
-            };
-            let pipeline = match Pipeline::try_new(&cfg) {
-                Ok(p) => Arc::new(p),
-                Err(e) => {
-                    eprintln!("dcflow: {e:#}");
-                    return ExitCode::from(2);
-                }
             };
             let result = match (&failures, cfg.kafka.as_ref()) {
                 (Some(csv), _) => dcflow::retry::retry_csv(pipeline.clone(), csv).await,
