@@ -19,7 +19,7 @@ use dcflow_kafka::TopicProducer;
 use dcflow_transfer::engine::{human_bytes, mbps};
 use dcflow_transfer::{Credentials, Engine, EngineSettings, Job};
 use time::OffsetDateTime;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn, Instrument};
 
 /// What became of one selected file.
@@ -54,11 +54,34 @@ impl Stats {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Seen {
-    InFlight,
+    /// Being copied; the receiver completes when that copy ends.
+    InFlight(watch::Receiver<()>),
     Done,
     Failed,
+}
+
+/// What to do with one message.
+pub enum Admission {
+    /// Copy it.
+    Run(Task),
+    /// The same upload (same pnfsid) is being copied: acknowledge this message only once that
+    /// copy ended (`Merged::wait`), never before, or a crash could lose the file.
+    Merged(Merged),
+    /// Nothing to do (skipped, or recorded as a failure).
+    Skip,
+}
+
+/// A message merged into the copy of the same upload.
+pub struct Merged(watch::Receiver<()>);
+
+impl Merged {
+    /// Returns when the copy it was merged into has ended (copied, or failed and recorded).
+    pub async fn wait(mut self) {
+        // The sender is dropped when the copy ends: changed() then returns an error.
+        while self.0.changed().await.is_ok() {}
+    }
 }
 
 pub struct Pipeline {
@@ -98,6 +121,8 @@ pub struct Task {
     /// The billing message, for the dead-letter topic.
     raw: Vec<u8>,
     origin: String,
+    /// Dropped when the copy ends: wakes the messages merged into it.
+    _ended: watch::Sender<()>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -155,7 +180,7 @@ impl Pipeline {
 
     /// Decodes and selects one raw message. Returns a task to run, or `None` when the message
     /// was skipped or recorded. Waits for a free transfer slot before returning a task.
-    pub async fn admit(&self, raw: &[u8], origin: &str) -> Option<Task> {
+    pub async fn admit(&self, raw: &[u8], origin: &str) -> Admission {
         Stats::inc(&self.stats.events);
         // Most billing traffic is dismissed on its type and path alone.
         let glance = match Peek::parse(raw) {
@@ -165,11 +190,11 @@ impl Pipeline {
         match glance {
             Glance::NotUpload => {
                 Stats::inc(&self.stats.not_upload);
-                return None;
+                return Admission::Skip;
             }
             Glance::Outside => {
                 Stats::inc(&self.stats.outside_folder);
-                return None;
+                return Admission::Skip;
             }
             Glance::Candidate => {}
         }
@@ -187,7 +212,7 @@ impl Pipeline {
                     reason = why.reason(),
                     "not an upload: skipped"
                 );
-                return None;
+                return Admission::Skip;
             }
         };
         let mapped = match self.mapper.map(&upload.billing_path) {
@@ -195,7 +220,7 @@ impl Pipeline {
             Ok(None) => {
                 Stats::inc(&self.stats.outside_folder);
                 debug!(origin, path = %upload.billing_path, "outside {}: skipped", self.mapper.prefix());
-                return None;
+                return Admission::Skip;
             }
             Err(escape) => {
                 Stats::inc(&self.stats.selected);
@@ -209,22 +234,29 @@ impl Pipeline {
                     ..Default::default()
                 };
                 self.fail(record, raw, origin).await;
-                return None;
+                return Admission::Skip;
             }
         };
-        {
+        let ended = {
             let mut seen = self.seen.lock().expect("seen lock");
-            match seen.get(&upload.pnfsid) {
-                Some(Seen::InFlight) | Some(Seen::Done) => {
+            match seen.get(&upload.pnfsid).cloned() {
+                Some(Seen::InFlight(copy_running)) => {
                     Stats::inc(&self.stats.duplicates);
-                    debug!(pnfsid = %upload.pnfsid, signal = upload.signal.as_str(), "same upload already handled: merged");
-                    return None;
+                    debug!(pnfsid = %upload.pnfsid, signal = upload.signal.as_str(), "same upload being copied: merged");
+                    return Admission::Merged(Merged(copy_running));
+                }
+                Some(Seen::Done) => {
+                    Stats::inc(&self.stats.duplicates);
+                    debug!(pnfsid = %upload.pnfsid, signal = upload.signal.as_str(), "same upload already copied");
+                    return Admission::Skip;
                 }
                 _ => {
-                    seen.insert(upload.pnfsid.clone(), Seen::InFlight);
+                    let (ended, copy_running) = watch::channel(());
+                    seen.insert(upload.pnfsid.clone(), Seen::InFlight(copy_running));
+                    ended
                 }
             }
-        }
+        };
         Stats::inc(&self.stats.selected);
         info!(
             pnfsid = %upload.pnfsid,
@@ -241,11 +273,12 @@ impl Pipeline {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        Some(Task {
+        Admission::Run(Task {
             upload,
             mapped,
             raw: raw.to_vec(),
             origin: origin.to_owned(),
+            _ended: ended,
             _permit: permit,
         })
     }
@@ -262,6 +295,7 @@ impl Pipeline {
             mapped,
             raw,
             origin,
+            _ended,
             _permit,
         } = task;
         let lock = self.destination_lock(&mapped.destination);
@@ -349,12 +383,12 @@ impl Pipeline {
         outcome
     }
 
-    async fn reject_malformed(&self, raw: &[u8], origin: &str, e: DecodeError) -> Option<Task> {
+    async fn reject_malformed(&self, raw: &[u8], origin: &str, e: DecodeError) -> Admission {
         Stats::inc(&self.stats.malformed);
         warn!(origin, error = %e, "malformed billing message skipped ({origin}): {e}");
         self.fail(Record::malformed(origin, &e, raw), raw, origin)
             .await;
-        None
+        Admission::Skip
     }
 
     fn mark(&self, pnfsid: &PnfsId, state: Seen) {

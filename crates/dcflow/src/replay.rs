@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinSet;
 
-use crate::pipeline::{FileOutcome, Pipeline, Stats};
+use crate::pipeline::{Admission, FileOutcome, Pipeline, Stats};
 
 /// The end of a replay.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +74,8 @@ impl Batch {
     }
 
     pub async fn push(&mut self, raw: &[u8], origin: &str) -> Result<()> {
-        if let Some(task) = self.pipeline.admit(raw, origin).await {
+        // A merged message needs no acknowledgement here: the batch waits for every copy.
+        if let Admission::Run(task) = self.pipeline.admit(raw, origin).await {
             let p = self.pipeline.clone();
             self.tasks.spawn(async move { p.run(task).await });
         }

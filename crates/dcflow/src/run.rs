@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Admission, Pipeline};
 use crate::replay::Summary;
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
@@ -124,14 +124,21 @@ pub async fn run_kafka(
             delivery.partition, delivery.offset
         );
         match pipeline.admit(&delivery.payload, &origin).await {
-            Some(task) => {
+            Admission::Run(task) => {
                 let (p, s) = (pipeline.clone(), source.clone());
                 tasks.spawn(async move {
                     p.run(task).await;
                     s.finish(&delivery.ticket);
                 });
             }
-            None => source.finish(&delivery.ticket),
+            Admission::Merged(merged) => {
+                let s = source.clone();
+                tasks.spawn(async move {
+                    merged.wait().await;
+                    s.finish(&delivery.ticket);
+                });
+            }
+            Admission::Skip => source.finish(&delivery.ticket),
         }
     }
 
