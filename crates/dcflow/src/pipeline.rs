@@ -62,6 +62,49 @@ enum Seen {
     Failed,
 }
 
+/// How many finished uploads are remembered for merging duplicates; older ones are
+/// forgotten first (a forgotten duplicate costs a HEAD and a local checksum instead).
+const REMEMBER_FINISHED: usize = 1_000_000;
+
+/// Uploads in flight (always kept) and the most recently finished ones (bounded), so that a
+/// daemon running for months does not grow with every file it ever copied.
+struct SeenMap {
+    map: HashMap<PnfsId, Seen>,
+    finished: std::collections::VecDeque<PnfsId>,
+    limit: usize,
+}
+
+impl SeenMap {
+    fn new(limit: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            finished: Default::default(),
+            limit,
+        }
+    }
+
+    fn get(&self, pnfsid: &PnfsId) -> Option<&Seen> {
+        self.map.get(pnfsid)
+    }
+
+    fn start(&mut self, pnfsid: &PnfsId, running: watch::Receiver<()>) {
+        self.map.insert(pnfsid.clone(), Seen::InFlight(running));
+    }
+
+    fn finish(&mut self, pnfsid: &PnfsId, state: Seen) {
+        self.map.insert(pnfsid.clone(), state);
+        self.finished.push_back(pnfsid.clone());
+        while self.finished.len() > self.limit {
+            let Some(old) = self.finished.pop_front() else {
+                break;
+            };
+            if !matches!(self.map.get(&old), Some(Seen::InFlight(_))) {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
 /// What to do with one message.
 pub enum Admission {
     /// Copy it.
@@ -90,7 +133,7 @@ pub struct Pipeline {
     success: RecordFile,
     failed: RecordFile,
     permits: Arc<Semaphore>,
-    seen: Mutex<HashMap<PnfsId, Seen>>,
+    seen: Mutex<SeenMap>,
     destinations: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     dead_letters: Option<TopicProducer>,
     pub stats: Stats,
@@ -148,7 +191,7 @@ impl Pipeline {
             success: RecordFile::open(&config.local.success_file)?,
             failed: RecordFile::open(&config.local.failed_file)?,
             permits: Arc::new(Semaphore::new(config.dcache.max_downloads.get())),
-            seen: Mutex::default(),
+            seen: Mutex::new(SeenMap::new(REMEMBER_FINISHED)),
             destinations: Mutex::default(),
             dead_letters,
             stats: Stats::default(),
@@ -252,7 +295,7 @@ impl Pipeline {
                 }
                 _ => {
                     let (ended, copy_running) = watch::channel(());
-                    seen.insert(upload.pnfsid.clone(), Seen::InFlight(copy_running));
+                    seen.start(&upload.pnfsid, copy_running);
                     ended
                 }
             }
@@ -392,10 +435,7 @@ impl Pipeline {
     }
 
     fn mark(&self, pnfsid: &PnfsId, state: Seen) {
-        self.seen
-            .lock()
-            .expect("seen lock")
-            .insert(pnfsid.clone(), state);
+        self.seen.lock().expect("seen lock").finish(pnfsid, state);
     }
 
     /// Records a failure: a row of the failure CSV and, where configured, a message on the
@@ -430,5 +470,31 @@ impl Pipeline {
         if map.get(dest).is_some_and(|l| Arc::strong_count(l) == 1) {
             map.remove(dest);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finished_uploads_are_remembered_up_to_a_bound() {
+        let id = |n: u32| PnfsId::parse(&format!("{n:036X}")).unwrap();
+        let mut seen = SeenMap::new(3);
+        let (_running, rx) = watch::channel(());
+        seen.start(&id(0), rx);
+        for n in 1..=5 {
+            seen.finish(&id(n), Seen::Done);
+        }
+        assert!(
+            matches!(seen.get(&id(0)), Some(Seen::InFlight(_))),
+            "in flight is never forgotten"
+        );
+        assert!(
+            seen.get(&id(1)).is_none() && seen.get(&id(2)).is_none(),
+            "oldest forgotten"
+        );
+        assert!((3..=5).all(|n| seen.get(&id(n)).is_some()));
+        assert_eq!(seen.map.len(), 4);
     }
 }
