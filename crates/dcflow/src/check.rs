@@ -16,12 +16,27 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
     let mut out = String::new();
     let _ = writeln!(out, "{}: OK", path.display());
     let source = match &config.kafka {
-        Some(k) => format!(
-            "Kafka topic {:?} on {}, consumer group {:?} (dcflow run)",
-            k.topic,
-            k.servers.join(", "),
-            k.consumer_group
-        ),
+        Some(k) => {
+            let mut line = format!(
+                "Kafka topic {:?} on {}, group {:?}, new groups start at the {} offset",
+                k.topic,
+                k.servers.join(", "),
+                k.consumer_group,
+                k.offset_reset.as_str()
+            );
+            if let Some(work) = &k.work_topic {
+                line.push_str(&format!(
+                    "\n             scale-out: dcflow dispatch forwards to {work:?} ({} partitions), dcflow run consumes it",
+                    k.work_partitions
+                ));
+            }
+            if let Some(dead) = &k.dead_letter_topic {
+                line.push_str(&format!(
+                    "\n             failures also go to dead-letter topic {dead:?}"
+                ));
+            }
+            line
+        }
         None => "no [kafka] section: events come from `dcflow replay` files".into(),
     };
     let _ = writeln!(out, "source:      {source}");
