@@ -1,7 +1,7 @@
 //! The `dcflow` command. Exit codes are decided here only: 0 success, 1 a file failed,
 //! 2 usage, configuration or credential error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -118,7 +118,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path, &Env::from_process()).map_err(|e| {
         eprintln!("dcflow: {}: {e}", path.display());
         ExitCode::from(2)
@@ -126,7 +126,7 @@ fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
 }
 
 /// The configuration and a pipeline built from it (credentials loaded, records opened).
-fn load_pipeline(path: &PathBuf) -> Result<(Config, Arc<Pipeline>), ExitCode> {
+fn load_pipeline(path: &Path) -> Result<(Config, Arc<Pipeline>), ExitCode> {
     let cfg = load_config(path)?;
     match Pipeline::try_new(&cfg) {
         Ok(p) => Ok((cfg, Arc::new(p))),

@@ -108,7 +108,7 @@ impl SeenMap {
 /// What to do with one message.
 pub enum Admission {
     /// Copy it.
-    Run(Task),
+    Run(Box<Task>),
     /// The same upload (same pnfsid) is being copied: acknowledge this message only once that
     /// copy ended (`Merged::wait`), never before, or a crash could lose the file.
     Merged(Merged),
@@ -316,23 +316,23 @@ impl Pipeline {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        Admission::Run(Task {
+        Admission::Run(Box::new(Task {
             upload,
             mapped,
             raw: raw.to_vec(),
             origin: origin.to_owned(),
             _ended: ended,
             _permit: permit,
-        })
+        }))
     }
 
     /// Copies one admitted file and records the outcome.
-    pub async fn run(self: &Arc<Self>, task: Task) -> FileOutcome {
+    pub async fn run(self: &Arc<Self>, task: Box<Task>) -> FileOutcome {
         let span = tracing::info_span!("file", pnfsid = %task.upload.pnfsid);
         self.run_inner(task).instrument(span).await
     }
 
-    async fn run_inner(&self, task: Task) -> FileOutcome {
+    async fn run_inner(&self, task: Box<Task>) -> FileOutcome {
         let Task {
             upload,
             mapped,
@@ -340,7 +340,7 @@ impl Pipeline {
             origin,
             _ended,
             _permit,
-        } = task;
+        } = *task;
         let lock = self.destination_lock(&mapped.destination);
         let guard = lock.lock().await;
         info!(
