@@ -180,7 +180,7 @@ impl OffsetReset {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaConfig {
     pub topic: String,
     pub servers: Vec<String>,
@@ -194,6 +194,23 @@ pub struct KafkaConfig {
     pub dead_letter_topic: Option<String>,
     /// Raw librdkafka properties (SASL, SSL, timeouts...), passed through as given.
     pub properties: BTreeMap<String, String>,
+}
+
+/// Property values can be secrets (`sasl.password`, `ssl.key.password`): only their names
+/// are printed.
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("topic", &self.topic)
+            .field("servers", &self.servers)
+            .field("consumer_group", &self.consumer_group)
+            .field("offset_reset", &self.offset_reset)
+            .field("work_topic", &self.work_topic)
+            .field("work_partitions", &self.work_partitions)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// librdkafka properties dcflow sets itself: its delivery promise depends on them.
@@ -944,6 +961,15 @@ permissions = "rwx"
         assert_eq!(k.offset_reset, OffsetReset::Latest);
         assert_eq!(k.properties["security.protocol"], "SASL_SSL");
         assert_eq!(k.properties["session.timeout.ms"], "45000");
+        let mut with_password = k.clone();
+        with_password
+            .properties
+            .insert("sasl.password".into(), "hunter2-secret".into());
+        let printed = format!("{with_password:?}");
+        assert!(
+            printed.contains("sasl.password") && !printed.contains("hunter2-secret"),
+            "{printed}"
+        );
         let k = Config::from_toml(ORIGINAL, &env()).unwrap().kafka.unwrap();
         assert_eq!(k.offset_reset, OffsetReset::Earliest);
 
