@@ -340,16 +340,21 @@ impl Engine {
         if size.is_some_and(|s| s != meta.len()) || remote.is_empty() {
             return Ok(None);
         }
-        let path = job.destination.to_owned();
-        let algos = self.settings.checksums.clone();
-        let local = tokio::task::spawn_blocking(move || hash_file(&path, &algos))
-            .await
-            .map_err(|e| TransferError::Io {
-                what: "hashing",
-                path: job.destination.to_owned(),
-                source: std::io::Error::other(e.to_string()),
-            })?
-            .map_err(TransferError::io("cannot read existing", job.destination))?;
+        let local = if meta.len() <= INLINE_HASH_MAX {
+            // Hashing a small file costs less than handing it to another thread.
+            hash_file(job.destination, &self.settings.checksums)
+        } else {
+            let path = job.destination.to_owned();
+            let algos = self.settings.checksums.clone();
+            tokio::task::spawn_blocking(move || hash_file(&path, &algos))
+                .await
+                .map_err(|e| TransferError::Io {
+                    what: "hashing",
+                    path: job.destination.to_owned(),
+                    source: std::io::Error::other(e.to_string()),
+                })?
+        }
+        .map_err(TransferError::io("cannot read existing", job.destination))?;
         match compare(&local, &remote) {
             Ok(matched) if !matched.is_empty() => {
                 info!(destination = %job.destination.display(), "COPY_OVER already present with the same size and checksum: nothing to copy");
@@ -593,11 +598,16 @@ fn write_part(
     )))
 }
 
+/// Existing destinations up to this size are hashed on the async thread.
+const INLINE_HASH_MAX: u64 = 256 * 1024;
+
 fn hash_file(path: &Path, algos: &[ChecksumAlgo]) -> std::io::Result<Vec<Checksum>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let mut hasher = Hasher::new(algos);
-    let mut buf = vec![0u8; 1 << 20];
+    // A small file gets a small buffer: zeroing 1 MiB to hash 1 KiB dominated re-checks.
+    let len = f.metadata()?.len();
+    let mut buf = vec![0u8; (len + 1).clamp(4096, 1 << 20) as usize];
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
