@@ -211,6 +211,51 @@ impl<'a> Peek<'a> {
     }
 }
 
+/// Sorts billing messages against the handled namespace prefix (`pool + folder`, no trailing
+/// slash), the cheap way first.
+///
+/// Most of a site's billing traffic is about other folders. A message whose bytes do not
+/// contain the prefix at all cannot have a billing path under it, provided that it holds no
+/// JSON escape (`\/` or `\u` could spell the prefix differently). Such a message is dismissed
+/// as [`Glance::Outside`] without parsing, if it is one whole JSON object by its first and last
+/// bytes and valid UTF-8: a truncated or binary message is still parsed and reported as
+/// malformed, since it may be a damaged upload of ours. Everything else gets a [`Peek`].
+pub struct Selector {
+    prefix: String,
+    finder: memchr::memmem::Finder<'static>,
+}
+
+impl Selector {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            finder: memchr::memmem::Finder::new(prefix.as_bytes()).into_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where `raw` stands; `Err` for a message that cannot be read as a billing message.
+    pub fn glance(&self, raw: &[u8]) -> Result<Glance, DecodeError> {
+        if self.dismisses(raw) {
+            return Ok(Glance::Outside);
+        }
+        Ok(Peek::parse(raw)?.glance(&self.prefix))
+    }
+
+    /// True when `raw` certainly announces nothing under the prefix (see the type's notes).
+    pub fn dismisses(&self, raw: &[u8]) -> bool {
+        let body = raw.trim_ascii();
+        body.first() == Some(&b'{')
+            && body.last() == Some(&b'}')
+            && memchr::memchr(b'\\', body).is_none()
+            && self.finder.find(body).is_none()
+            && std::str::from_utf8(body).is_ok()
+    }
+}
+
 /// What announced a completed upload. Door and pool messages of one upload share a pnfsid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UploadSignal {
@@ -556,6 +601,61 @@ mod tests {
         for bad in [&b"{"[..], b"[1]", br#"{"msgType":7}"#, b"{}"] {
             assert!(Peek::parse(bad).is_err());
         }
+    }
+
+    #[test]
+    fn selector_dismisses_only_what_a_peek_would_not_select() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/billing");
+        let mut fixtures = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                fixtures.push(std::fs::read(path).unwrap());
+            }
+        }
+        assert!(fixtures.len() >= 16);
+        let mut dismissed = std::collections::BTreeMap::new();
+        for prefix in ["/pnfs/in2p3.fr/data/doma", "/pnfs/other/x"] {
+            let selector = Selector::new(prefix);
+            for raw in &fixtures {
+                let peek = Peek::parse(raw).unwrap().glance(prefix);
+                let fast = selector.glance(raw).unwrap();
+                if selector.dismisses(raw) {
+                    *dismissed.entry(prefix).or_insert(0) += 1;
+                    assert_ne!(peek, Glance::Candidate, "{prefix}");
+                    assert_eq!(fast, Glance::Outside);
+                } else {
+                    assert_eq!(fast, peek);
+                }
+            }
+        }
+        // Under another folder every fixture is dismissed unparsed; under the fixtures' own
+        // folder only those that name no path in it ("Unknown", /upload/...).
+        assert_eq!(dismissed["/pnfs/other/x"], fixtures.len());
+        assert!(
+            dismissed
+                .get("/pnfs/in2p3.fr/data/doma")
+                .copied()
+                .unwrap_or(0)
+                <= 3
+        );
+
+        let selector = Selector::new("/pnfs/in2p3.fr/data/doma");
+        let escaped = br#"{"msgType":"transfer","billingPath":"\/pnfs\/in2p3.fr\/data\/doma\/x"}"#;
+        assert!(!selector.dismisses(escaped), "escapes are parsed");
+        assert_eq!(selector.glance(escaped).unwrap(), Glance::Candidate);
+        // Damaged messages (truncated, not an object, not UTF-8) are parsed, and so reported,
+        // whatever they mention.
+        for damaged in [
+            &br#"{"msgType":"transfer","billingPath":"/pnfs/x"#[..],
+            b"  not json at all }",
+            b"{\"msgType\":\"trans\xff\xfefer\"}",
+        ] {
+            assert!(!selector.dismisses(damaged));
+            assert!(selector.glance(damaged).is_err());
+        }
+        // A whole object about another folder is dismissed, whatever else it holds.
+        assert!(selector.dismisses(br#" {"msgType":"transfer","billingPath":"/pnfs/x"} "#));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod watermark;
 
 pub use config::{ChecksumAlgo, Config, ConfigError, Env};
 pub use event::{
-    BillingMessage, DecodeError, Glance, NotAnUpload, Peek, PnfsId, Upload, UploadSignal,
+    BillingMessage, DecodeError, Glance, NotAnUpload, Peek, PnfsId, Selector, Upload, UploadSignal,
 };
 pub use mapping::{Mapped, PathEscapes, PathMapper};
 pub use records::{Record, RecordFile};

@@ -80,6 +80,21 @@ impl Watermarks {
         })
     }
 
+    /// An offset handled at once (dismissed unread): the same as [`Watermarks::start`]
+    /// followed by [`Watermarks::finish`], without a ticket. Returns false for a partition we
+    /// do not own.
+    pub fn pass(&mut self, partition: i32, offset: i64) -> bool {
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            return false;
+        };
+        debug_assert!(
+            p.highest_seen.is_none_or(|h| offset > h),
+            "offsets start in order"
+        );
+        p.highest_seen = Some(p.highest_seen.map_or(offset, |h| h.max(offset)));
+        true
+    }
+
     /// Marks a ticket's work finished (done, skipped, or failed and recorded). Returns false
     /// when the ticket belongs to an assignment that no longer exists.
     pub fn finish(&mut self, ticket: &Ticket) -> bool {
@@ -135,6 +150,23 @@ mod tests {
         w.finish(&t[3]);
         assert_eq!(w.take_commits(), vec![(0, 15)]);
         assert_eq!(w.take_commits(), vec![], "no repeat");
+    }
+
+    #[test]
+    fn passed_offsets_advance_only_behind_unfinished_work() {
+        let mut w = Watermarks::default();
+        w.assign(0);
+        assert!(w.pass(0, 0));
+        assert!(w.pass(0, 1));
+        assert_eq!(w.take_commits(), vec![(0, 2)]);
+        let held = w.start(0, 2).unwrap();
+        assert!(w.pass(0, 3));
+        assert!(w.pass(0, 4));
+        assert_eq!(w.take_commits(), vec![], "2 still in flight");
+        w.finish(&held);
+        assert_eq!(w.take_commits(), vec![(0, 5)]);
+        assert!(!w.pass(7, 0), "not our partition");
+        assert_eq!(w.in_flight(), 0);
     }
 
     #[test]

@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::{Ticket, Watermarks};
+use futures_util::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, MessageStream, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -43,6 +44,30 @@ pub struct Delivery {
     pub partition: i32,
     pub offset: i64,
     pub ticket: Ticket,
+}
+
+impl Delivery {
+    /// Where the message came from, for logs and records ("partition 0 offset 42"), formatted
+    /// only when used.
+    pub fn origin(&self) -> Origin {
+        Origin {
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+/// A message's place in its topic; see [`Delivery::origin`].
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "partition {} offset {}", self.partition, self.offset)
+    }
 }
 
 struct Shared {
@@ -130,6 +155,65 @@ impl ConsumerContext for Context {
     }
 }
 
+/// What [`Incoming::next`] took from the topic.
+#[derive(Debug)]
+pub enum Received {
+    /// A message to work on: its ticket must be handed to [`KafkaSource::finish`].
+    Work(Delivery),
+    /// A message the caller's `dismiss` turned down: finished already, never copied.
+    Dismissed { partition: i32 },
+    /// A message of a partition this consumer does not own (any more): left to its owner.
+    NotOwned,
+}
+
+/// The stream of messages of a [`KafkaSource`]; see [`KafkaSource::incoming`].
+pub struct Incoming<'a> {
+    source: &'a KafkaSource,
+    stream: MessageStream<'a, Context>,
+}
+
+impl Incoming<'_> {
+    /// The next message. `dismiss` sees the payload in place: a message it turns down is
+    /// marked finished without being copied out of librdkafka's buffer (most of the billing
+    /// traffic). Cancellation safe.
+    pub async fn next(
+        &mut self,
+        dismiss: impl FnOnce(&[u8]) -> bool,
+    ) -> Result<Received, KafkaError> {
+        let msg = self
+            .stream
+            .next()
+            .await
+            .expect("kafka streams never terminate")?;
+        let (partition, offset) = (msg.partition(), msg.offset());
+        let payload = msg.payload().unwrap_or_default();
+        let dismissed = dismiss(payload);
+        let mut watermarks = self
+            .source
+            .shared
+            .watermarks
+            .lock()
+            .expect("watermarks lock");
+        if dismissed {
+            return Ok(if watermarks.pass(partition, offset) {
+                Received::Dismissed { partition }
+            } else {
+                Received::NotOwned
+            });
+        }
+        let Some(ticket) = watermarks.start(partition, offset) else {
+            return Ok(Received::NotOwned);
+        };
+        drop(watermarks);
+        Ok(Received::Work(Delivery {
+            payload: payload.to_vec(),
+            partition,
+            offset,
+            ticket,
+        }))
+    }
+}
+
 /// The consumer and its watermarks.
 pub struct KafkaSource {
     consumer: StreamConsumer<Context>,
@@ -168,23 +252,13 @@ impl KafkaSource {
         Ok(Self { consumer, shared })
     }
 
-    /// The next message. `Ok(None)` for a message of a partition this consumer does not own
-    /// (any more): it is left to the partition's owner.
-    pub async fn recv(&self) -> Result<Option<Delivery>, KafkaError> {
-        let msg = self.consumer.recv().await?;
-        let (partition, offset) = (msg.partition(), msg.offset());
-        let ticket = self
-            .shared
-            .watermarks
-            .lock()
-            .expect("watermarks lock")
-            .start(partition, offset);
-        Ok(ticket.map(|ticket| Delivery {
-            payload: msg.payload().unwrap_or_default().to_vec(),
-            partition,
-            offset,
-            ticket,
-        }))
+    /// The messages of the subscription. Keep one for the life of the consuming loop: each
+    /// creation registers with the consumer's waker list.
+    pub fn incoming(&self) -> Incoming<'_> {
+        Incoming {
+            source: self,
+            stream: self.consumer.stream(),
+        }
     }
 
     /// The work of a delivery ended (done, skipped, or failed and recorded).

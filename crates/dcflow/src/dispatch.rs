@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
-use dcflow_core::{BillingMessage, Config, Glance, PathMapper, Peek, Record, RecordFile};
-use dcflow_kafka::{KafkaSource, TopicProducer};
+use dcflow_core::{BillingMessage, Config, Glance, PathMapper, Record, RecordFile, Selector};
+use dcflow_kafka::{KafkaSource, Received, TopicProducer};
 use rdkafka::consumer::CommitMode;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -46,12 +46,14 @@ pub async fn dispatch(
     let source = Arc::new(KafkaSource::try_new(kafka, &kafka.topic, &group, false)?);
     let producer = Arc::new(TopicProducer::try_new(kafka, work_topic)?);
     let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
+    let selector = Selector::new(mapper.prefix());
     let failures = RecordFile::open(&config.local.failed_file)?;
     let outstanding = Arc::new(Semaphore::new(MAX_OUTSTANDING));
     let mut sends = JoinSet::new();
     let mut summary = DispatchSummary::default();
     let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
     info!(from = %kafka.topic, to = work_topic, partitions = kafka.work_partitions, group, "dispatching");
+    let mut incoming = source.incoming();
     loop {
         while sends.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -59,9 +61,13 @@ pub async fn dispatch(
             _ = shutdown.cancelled() => break,
         };
         let delivery = tokio::select! {
-            received = source.recv() => match received {
-                Ok(Some(d)) => d,
-                Ok(None) => continue,
+            received = incoming.next(|raw| selector.dismisses(raw)) => match received {
+                Ok(Received::Work(d)) => d,
+                Ok(Received::Dismissed { .. }) => {
+                    summary.consumed += 1;
+                    continue;
+                }
+                Ok(Received::NotOwned) => continue,
                 Err(e) => {
                     warn!(error = %e, "kafka consumer error");
                     continue;
@@ -76,14 +82,10 @@ pub async fn dispatch(
             _ = shutdown.cancelled() => break,
         };
         summary.consumed += 1;
-        let origin = || {
-            format!(
-                "partition {} offset {}",
-                delivery.partition, delivery.offset
-            )
-        };
-        let decoded =
-            Peek::parse(&delivery.payload).and_then(|peek| match peek.glance(mapper.prefix()) {
+        let origin = || delivery.origin().to_string();
+        let decoded = selector
+            .glance(&delivery.payload)
+            .and_then(|glance| match glance {
                 Glance::Candidate => BillingMessage::decode(&delivery.payload).map(Some),
                 Glance::NotUpload | Glance::Outside => Ok(None),
             });

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use dcflow_core::{
-    BillingMessage, Config, DecodeError, Glance, PathMapper, Peek, PnfsId, Record, RecordFile,
+    BillingMessage, Config, DecodeError, Glance, PathMapper, PnfsId, Record, RecordFile, Selector,
     Upload,
 };
 use dcflow_kafka::TopicProducer;
@@ -129,6 +129,7 @@ impl Merged {
 
 pub struct Pipeline {
     mapper: PathMapper,
+    selector: Selector,
     engine: Engine,
     success: RecordFile,
     failed: RecordFile,
@@ -185,8 +186,10 @@ impl Pipeline {
             ),
             None => None,
         };
+        let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
         Ok(Self {
-            mapper: PathMapper::new(&config.dcache, config.local.download_folder.clone()),
+            selector: Selector::new(mapper.prefix()),
+            mapper,
             engine,
             success: RecordFile::open(&config.local.success_file)?,
             failed: RecordFile::open(&config.local.failed_file)?,
@@ -221,14 +224,29 @@ impl Pipeline {
         self.failed.path()
     }
 
+    /// The cheap first look ([`Selector::dismisses`]): true for a message that cannot
+    /// concern the handled folder, counted as outside it. The others go to
+    /// [`Pipeline::admit`].
+    pub fn dismiss(&self, raw: &[u8]) -> bool {
+        let dismissed = self.selector.dismisses(raw);
+        if dismissed {
+            Stats::inc(&self.stats.events);
+            Stats::inc(&self.stats.outside_folder);
+        }
+        dismissed
+    }
+
     /// Decodes and selects one raw message. Returns a task to run, or `None` when the message
     /// was skipped or recorded. Waits for a free transfer slot before returning a task.
-    pub async fn admit(&self, raw: &[u8], origin: &str) -> Admission {
+    ///
+    /// `origin` (where the message came from, for logs and records) is formatted only when
+    /// it is needed: most messages are dismissed without it.
+    pub async fn admit(&self, raw: &[u8], origin: &(impl std::fmt::Display + ?Sized)) -> Admission {
         Stats::inc(&self.stats.events);
         // Most billing traffic is dismissed on its type and path alone.
-        let glance = match Peek::parse(raw) {
-            Ok(peek) => peek.glance(self.mapper.prefix()),
-            Err(e) => return self.reject_malformed(raw, origin, e).await,
+        let glance = match self.selector.glance(raw) {
+            Ok(glance) => glance,
+            Err(e) => return self.reject_malformed(raw, &origin.to_string(), e).await,
         };
         match glance {
             Glance::NotUpload => {
@@ -243,14 +261,14 @@ impl Pipeline {
         }
         let msg = match BillingMessage::decode(raw) {
             Ok(m) => m,
-            Err(e) => return self.reject_malformed(raw, origin, e).await,
+            Err(e) => return self.reject_malformed(raw, &origin.to_string(), e).await,
         };
         let upload = match msg.upload() {
             Ok(u) => u,
             Err(why) => {
                 Stats::inc(&self.stats.not_upload);
                 debug!(
-                    origin,
+                    %origin,
                     msg_type = msg.msg_type.as_str(),
                     reason = why.reason(),
                     "not an upload: skipped"
@@ -262,13 +280,13 @@ impl Pipeline {
             Ok(Some(m)) => m,
             Ok(None) => {
                 Stats::inc(&self.stats.outside_folder);
-                debug!(origin, path = %upload.billing_path, "outside {}: skipped", self.mapper.prefix());
+                debug!(%origin, path = %upload.billing_path, "outside {}: skipped", self.mapper.prefix());
                 return Admission::Skip;
             }
             Err(escape) => {
                 Stats::inc(&self.stats.selected);
                 Stats::inc(&self.stats.failed);
-                error!(pnfsid = %upload.pnfsid, origin, "refused: {escape}");
+                error!(pnfsid = %upload.pnfsid, %origin, "refused: {escape}");
                 let record = Record {
                     pnfsid: upload.pnfsid.to_string(),
                     billing_path: upload.billing_path.clone(),
@@ -276,7 +294,7 @@ impl Pipeline {
                     error: escape.to_string(),
                     ..Default::default()
                 };
-                self.fail(record, raw, origin).await;
+                self.fail(record, raw, &origin.to_string()).await;
                 return Admission::Skip;
             }
         };
@@ -303,7 +321,7 @@ impl Pipeline {
         Stats::inc(&self.stats.selected);
         info!(
             pnfsid = %upload.pnfsid,
-            origin,
+            %origin,
             signal = upload.signal.as_str(),
             size = upload.size,
             "UPLOAD {} ({})",
@@ -320,7 +338,7 @@ impl Pipeline {
             upload,
             mapped,
             raw: raw.to_vec(),
-            origin: origin.to_owned(),
+            origin: origin.to_string(),
             _ended: ended,
             _permit: permit,
         }))

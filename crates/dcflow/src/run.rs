@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
-use dcflow_kafka::{Delivery, KafkaSource};
+use dcflow_kafka::{Delivery, KafkaSource, Received};
 use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
 use tokio::task::JoinSet;
@@ -25,6 +25,10 @@ const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const LAG_EVERY: Duration = Duration::from_secs(60);
 /// How long to wait for a transfer slot before pausing the partitions.
 const PAUSE_AFTER: Duration = Duration::from_secs(2);
+/// While messages flow, clocks (commit, lag), the stop signal and finished tasks are looked
+/// at once per this many messages: reading clocks for every message costs more than
+/// dismissing the message itself.
+const CHECK_EVERY: u32 = 256;
 
 pub async fn run_kafka(
     pipeline: Arc<Pipeline>,
@@ -47,21 +51,28 @@ pub async fn run_kafka(
     let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
+    // Wakes the loop when no message comes, for the checks below.
+    let mut idle = std::pin::pin!(tokio::time::sleep(COMMIT_EVERY));
+    let mut unchecked = CHECK_EVERY;
+    let mut incoming = source.incoming();
+    let dismiss = |raw: &[u8]| pipeline.dismiss(raw);
 
     'consume: loop {
-        while tasks.try_join_next().is_some() {}
-        // Clocks are read here, not raced in select!: polling timers for every message
-        // costs more than the message itself.
-        if shutdown.is_cancelled() {
-            break;
-        }
-        if last_commit.elapsed() >= COMMIT_EVERY {
-            commit(&source, CommitMode::Async);
-            last_commit = Instant::now();
-        }
-        if last_lag.elapsed() >= LAG_EVERY {
-            log_lag(&source);
-            last_lag = Instant::now();
+        unchecked += 1;
+        if unchecked >= CHECK_EVERY {
+            unchecked = 0;
+            while tasks.try_join_next().is_some() {}
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if last_commit.elapsed() >= COMMIT_EVERY {
+                commit(&source, CommitMode::Async);
+                last_commit = Instant::now();
+            }
+            if last_lag.elapsed() >= LAG_EVERY {
+                log_lag(&source);
+                last_lag = Instant::now();
+            }
         }
         // All slots busy: a slot usually frees within moments. Only a longer wait pauses
         // the partitions (pausing makes librdkafka drop what it prefetched, and resuming
@@ -77,9 +88,9 @@ pub async fn run_kafka(
             loop {
                 tokio::select! {
                     _ = pipeline.wait_for_slot() => break,
-                    received = source.recv() => match received {
-                        Ok(Some(d)) => backlog.push_back(d),
-                        Ok(None) => {}
+                    received = incoming.next(dismiss) => match received {
+                        Ok(Received::Work(d)) => backlog.push_back(d),
+                        Ok(Received::Dismissed { .. } | Received::NotOwned) => {}
                         Err(e) => warn!(error = %e, "kafka consumer error"),
                     },
                     _ = commit_tick.tick() => commit(&source, CommitMode::Async),
@@ -94,12 +105,16 @@ pub async fn run_kafka(
             Some(d) => d,
             None => tokio::select! {
                 biased;
-                received = source.recv() => match received {
-                    Ok(Some(d)) => {
+                received = incoming.next(dismiss) => match received {
+                    Ok(Received::Work(d)) => {
                         at_end.remove(&d.partition);
                         d
                     }
-                    Ok(None) => continue,
+                    Ok(Received::Dismissed { partition }) => {
+                        at_end.remove(&partition);
+                        continue;
+                    }
+                    Ok(Received::NotOwned) => continue,
                     Err(KafkaError::PartitionEOF(p)) => {
                         at_end.insert(p);
                         if until_caught_up && backlog.is_empty() && at_end.len() >= source.assigned() {
@@ -115,15 +130,15 @@ pub async fn run_kafka(
                     }
                 },
                 // Nothing to read: wake up now and then for commits and lag.
-                _ = tokio::time::sleep(COMMIT_EVERY) => continue,
+                _ = &mut idle => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + COMMIT_EVERY);
+                    unchecked = CHECK_EVERY;
+                    continue;
+                }
                 _ = shutdown.cancelled() => break 'consume,
             },
         };
-        let origin = format!(
-            "partition {} offset {}",
-            delivery.partition, delivery.offset
-        );
-        match pipeline.admit(&delivery.payload, &origin).await {
+        match pipeline.admit(&delivery.payload, &delivery.origin()).await {
             Admission::Run(task) => {
                 let (p, s) = (pipeline.clone(), source.clone());
                 tasks.spawn(async move {

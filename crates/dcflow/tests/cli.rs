@@ -122,7 +122,9 @@ async fn bad_input_is_recorded_or_skipped_and_good_files_still_land() {
         .iter()
         .filter(|r| r.error.starts_with("malformed billing message"))
         .count();
-    assert_eq!(malformed, 24, "12 malformed lines, twice");
+    // 12 malformed lines, twice, less two whole objects that name no path under the folder
+    // (`{}` and `{"msgType":7}`): those are dismissed unparsed as unrelated traffic.
+    assert_eq!(malformed, 20, "10 malformed lines, twice");
     let escapes = failed
         .iter()
         .filter(|r| r.error.contains("escapes the download folder"))
