@@ -274,6 +274,9 @@ pub struct Config {
     pub kafka: Option<KafkaConfig>,
     pub dcache: DcacheConfig,
     pub local: LocalConfig,
+    /// `[[workflow]]` rules, in file order; empty means the original behaviour (see
+    /// [`Config::workflows`]).
+    pub workflow_rules: Vec<crate::workflow::Workflow>,
 }
 
 pub const DEFAULT_CAPATH: &str = "/etc/grid-security/certificates";
@@ -311,6 +314,18 @@ const LOCAL_KEYS: &[&str] = &[
 ];
 
 impl Config {
+    /// The workflows to run: the `[[workflow]]` rules, or the implicit `copy` of every upload
+    /// under the folder when there are none.
+    pub fn workflows(&self) -> Vec<crate::workflow::Workflow> {
+        if self.workflow_rules.is_empty() {
+            vec![crate::workflow::Workflow::implicit_copy(
+                self.dcache.retry.attempts().get(),
+            )]
+        } else {
+            self.workflow_rules.clone()
+        }
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path, env: &Env) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -332,13 +347,13 @@ impl Config {
         })?;
         let mut errs = Vec::new();
         for (key, value) in &root {
-            let known = ["kafka", "dcache", "local"].contains(&key.as_str());
+            let known = ["kafka", "dcache", "local", "workflow"].contains(&key.as_str());
             if !known {
                 errs.push(problem(
                     key,
-                    "unknown section (expected [kafka], [dcache], [local])",
+                    "unknown section (expected [kafka], [dcache], [local], [[workflow]])",
                 ));
-            } else if !value.is_table() {
+            } else if key != "workflow" && !value.is_table() {
                 errs.push(problem(key, "must be a table, e.g. [dcache]"));
             }
         }
@@ -361,11 +376,17 @@ impl Config {
             ),
             env,
         );
+        let attempts = dcache.as_ref().map_or(1, |d| d.retry.attempts().get());
+        let workflow_rules = match root.get("workflow") {
+            Some(w) => crate::workflow::parse_workflows(w, attempts, &mut errs),
+            None => Vec::new(),
+        };
         match (kafka, dcache, local) {
             (kafka, Some(dcache), Some(local)) if errs.is_empty() => Ok(Config {
                 kafka: kafka.flatten(),
                 dcache,
                 local,
+                workflow_rules,
             }),
             _ => Err(ConfigError { problems: errs }),
         }

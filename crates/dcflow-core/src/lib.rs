@@ -9,6 +9,7 @@
 //! retry    RetryPolicy: attempts and back-off with jitter
 //! records  success/failure CSV files
 //! watermark contiguous commit positions per partition (Kafka offsets, SSE ids)
+//! workflow [[workflow]] rules: which uploads start which ordered steps
 //! ```
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod mapping;
 pub mod records;
 pub mod retry;
 pub mod watermark;
+pub mod workflow;
 
 pub use config::{ChecksumAlgo, Config, ConfigError, Env};
 pub use event::{
@@ -26,3 +28,4 @@ pub use mapping::{Mapped, PathEscapes, PathMapper};
 pub use records::{Record, RecordFile};
 pub use retry::RetryPolicy;
 pub use watermark::{Ticket, Watermarks};
+pub use workflow::{Step, Template, Workflow};

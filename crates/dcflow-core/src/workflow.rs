@@ -1,0 +1,939 @@
+//! Workflows: which events start which ordered steps (`[[workflow]]` tables).
+//!
+//! ```toml
+//! [[workflow]]
+//! name = "campaign"
+//! [workflow.match]
+//! paths = ["raw/**/*.fits"]        # below pool + folder, or absolute ("/pnfs/...")
+//! minsize = 1
+//! [[workflow.step]]
+//! type = "copy"                   # destination: [local] downloadfolder + the path below the folder
+//! [[workflow.step]]
+//! type = "delete-source"          # only after that copy was verified
+//! [[workflow.step]]
+//! type = "exec"
+//! argv = ["sbatch", "--job-name", "{name}", "/opt/site/process.sh", "{local_path}"]
+//! ```
+//!
+//! A configuration without `[[workflow]]` runs one implicit workflow, `copy`, over every upload
+//! under `pool + folder`: the original tool's behaviour. Validation reports every problem as
+//! `workflow[i].key` or `workflow[i].step[j].key`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::ConfigProblem;
+
+/// The placeholders a template may use, and the step kind that must come earlier for it.
+const PLACEHOLDERS: &[(&str, Option<&str>)] = &[
+    ("path", None),
+    ("rel", None),
+    ("name", None),
+    ("pnfsid", None),
+    ("size", None),
+    ("kind", None),
+    ("workflow", None),
+    ("storageclass", None),
+    ("owner", None),
+    ("uid", None),
+    ("source_url", None),
+    ("local_path", Some("copy")),
+    ("checksum", Some("copy")),
+];
+
+/// A string with `{placeholder}`s, checked when the configuration is read. `{{` and `}}` are
+/// literal braces. Each rendered value is substituted as is: a template is never handed to a
+/// shell, so a file name cannot inject anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+    text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Field(String),
+}
+
+impl Template {
+    /// Parses `text`; `Err` names the problem (an unknown or unclosed placeholder).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => return Err(format!("unclosed {{ in {text:?}")),
+                        }
+                    }
+                    if !PLACEHOLDERS.iter().any(|(p, _)| *p == name) {
+                        let known: Vec<&str> = PLACEHOLDERS.iter().map(|(p, _)| *p).collect();
+                        return Err(format!(
+                            "unknown placeholder {{{name}}} (known: {})",
+                            known.join(", ")
+                        ));
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Literal(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Field(name));
+                }
+                '}' => return Err(format!("unmatched }} in {text:?} (write }}}} for a brace)")),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        Ok(Self {
+            parts,
+            text: text.to_owned(),
+        })
+    }
+
+    /// Fills the placeholders from `values`; a placeholder without a value is an error.
+    pub fn render(&self, values: &BTreeMap<&str, String>) -> Result<String, String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.push_str(l),
+                Part::Field(f) => match values.get(f.as_str()) {
+                    Some(v) => out.push_str(v),
+                    None => return Err(format!("{{{f}}} has no value for this event")),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// Placeholders that need an earlier step of the given kind.
+    fn needs(&self) -> impl Iterator<Item = (&str, &'static str)> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Field(f) => PLACEHOLDERS
+                .iter()
+                .find(|(n, _)| n == f)
+                .and_then(|(_, step)| step.map(|s| (f.as_str(), s))),
+            Part::Literal(_) => None,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// What a storage event announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EventKind {
+    /// A completed upload (the pool's write transfer, the door's request, SRM putDone).
+    Upload,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Upload => "upload",
+        }
+    }
+}
+
+/// The facts of an event that rules match on.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    pub kind: EventKind,
+    pub billing_path: &'a str,
+    /// The path below `pool + folder`, when the event is under it.
+    pub rel: Option<&'a str>,
+    pub size: Option<u64>,
+    /// `storageInfo`, e.g. `disk:doma@osm`.
+    pub storage_info: Option<&'a str>,
+    pub owner: Option<&'a str>,
+    pub uid: Option<i64>,
+}
+
+/// Which events a workflow takes. Paths are globs on the path below `pool + folder`, or, when
+/// they start with `/`, on the whole billing path; either way only files under `pool +
+/// folder` are handled, since that is what the door serves (`url + folder + rel`).
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    pub kinds: BTreeSet<EventKind>,
+    /// Globs on the path below `pool + folder`.
+    relative: Option<globset::GlobSet>,
+    /// Globs on the whole billing path.
+    absolute: Option<globset::GlobSet>,
+    pub min_size: Option<u64>,
+    pub max_size: Option<u64>,
+    pub storage_classes: Vec<String>,
+    pub owners: Vec<String>,
+    pub uids: Vec<i64>,
+}
+
+impl Matcher {
+    /// Every upload under `pool + folder`: the implicit workflow.
+    pub fn everything_under_folder() -> Self {
+        Self {
+            kinds: [EventKind::Upload].into(),
+            relative: None,
+            absolute: None,
+            min_size: None,
+            max_size: None,
+            storage_classes: Vec::new(),
+            owners: Vec::new(),
+            uids: Vec::new(),
+        }
+    }
+
+    pub fn matches(&self, f: &Facts<'_>) -> bool {
+        if !self.kinds.contains(&f.kind) {
+            return false;
+        }
+        // Only what lies under pool + folder can be fetched (url + folder + rel).
+        let Some(rel) = f.rel else {
+            return false;
+        };
+        let path_ok = match (&self.relative, &self.absolute) {
+            (None, None) => true,
+            (relative, absolute) => {
+                relative.as_ref().is_some_and(|g| g.is_match(rel))
+                    || absolute
+                        .as_ref()
+                        .is_some_and(|g| g.is_match(f.billing_path))
+            }
+        };
+        if !path_ok {
+            return false;
+        }
+        if self.min_size.is_some_and(|m| f.size.is_none_or(|s| s < m))
+            || self.max_size.is_some_and(|m| f.size.is_none_or(|s| s > m))
+        {
+            return false;
+        }
+        if !self.storage_classes.is_empty() {
+            let Some(info) = f.storage_info else {
+                return false;
+            };
+            let class = info.split('@').next().unwrap_or(info);
+            if !self.storage_classes.iter().any(|c| c == info || c == class) {
+                return false;
+            }
+        }
+        if !self.owners.is_empty() && !f.owner.is_some_and(|o| self.owners.iter().any(|x| x == o)) {
+            return false;
+        }
+        if !self.uids.is_empty() && !f.uid.is_some_and(|u| self.uids.contains(&u)) {
+            return false;
+        }
+        true
+    }
+}
+
+/// How `exec` maps a program's exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitCodes {
+    /// Exit statuses that mean "try again later" (default: 75, EX_TEMPFAIL).
+    pub retry: Vec<i32>,
+}
+
+/// Body format of a `webhook` POST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// `{"event": {...}, "context": {...}}`.
+    Json,
+    /// A CloudEvents 1.0 structured-mode JSON event (`application/cloudevents+json`).
+    CloudEvent,
+}
+
+/// One step of a workflow.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// The verified copy. `destination` is relative to `[local] downloadfolder`; by default
+    /// the path below the folder, as the original tool did.
+    Copy { destination: Option<Template> },
+    /// HTTP DELETE of the source at the door, only after this workflow's copy was verified.
+    DeleteSource,
+    /// A program run without a shell.
+    Exec {
+        argv: Vec<Template>,
+        env: BTreeMap<String, Template>,
+        timeout: Duration,
+        codes: ExitCodes,
+    },
+    /// An HTTP POST of the event and context.
+    Webhook {
+        url: url::Url,
+        format: WebhookFormat,
+        headers: BTreeMap<String, Template>,
+        /// A file holding a bearer token, re-read for each call.
+        token_file: Option<std::path::PathBuf>,
+        timeout: Duration,
+    },
+}
+
+impl Step {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Copy { .. } => "copy",
+            Self::DeleteSource => "delete-source",
+            Self::Exec { .. } => "exec",
+            Self::Webhook { .. } => "webhook",
+        }
+    }
+}
+
+/// A named rule and its steps.
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    pub name: String,
+    pub matcher: Matcher,
+    pub steps: Vec<Step>,
+    /// Attempts per step before the workflow fails for this event.
+    pub attempts: u32,
+}
+
+impl Workflow {
+    /// The original tool's behaviour: copy every upload under the folder.
+    pub fn implicit_copy(attempts: u32) -> Self {
+        Self {
+            name: "copy".into(),
+            matcher: Matcher::everything_under_folder(),
+            steps: vec![Step::Copy { destination: None }],
+            attempts,
+        }
+    }
+}
+
+const WORKFLOW_KEYS: &[&str] = &["name", "match", "step", "attempts"];
+const MATCH_KEYS: &[&str] = &[
+    "kinds",
+    "paths",
+    "minsize",
+    "maxsize",
+    "storageclass",
+    "owner",
+    "uid",
+];
+
+/// Reads the `workflow` array of tables; problems are appended to `errs`.
+pub fn parse_workflows(
+    value: &toml::Value,
+    default_attempts: u32,
+    errs: &mut Vec<ConfigProblem>,
+) -> Vec<Workflow> {
+    let mut out = Vec::new();
+    let Some(items) = value.as_array() else {
+        errs.push(problem(
+            "workflow",
+            "must be an array of tables: [[workflow]]",
+        ));
+        return out;
+    };
+    let mut names = BTreeSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("workflow[{i}]");
+        let Some(t) = item.as_table() else {
+            errs.push(problem(&at, "must be a table"));
+            continue;
+        };
+        let mut p = Parser {
+            at: at.clone(),
+            table: t,
+            errs,
+        };
+        p.unknown(WORKFLOW_KEYS);
+        let name = p.string("name");
+        match &name {
+            None if p.table.get("name").is_none() => p.fail("name", "is required"),
+            Some(n) if n.is_empty() || n.contains(['/', ',', '\n']) => {
+                p.fail("name", "must be non-empty, without '/', ',' or newlines")
+            }
+            Some(n) if !names.insert(n.clone()) => {
+                p.fail("name", format!("{n:?} is used by an earlier workflow"))
+            }
+            _ => {}
+        }
+        let attempts = p.int("attempts", default_attempts as i64, 1, 1000) as u32;
+        let matcher = match t.get("match") {
+            None => Some(Matcher::everything_under_folder()),
+            Some(toml::Value::Table(m)) => parse_match(&format!("{at}.match"), m, p.errs),
+            Some(_) => {
+                p.fail("match", "must be a table: [workflow.match]");
+                None
+            }
+        };
+        let steps = match t.get("step") {
+            Some(toml::Value::Array(steps)) if !steps.is_empty() => parse_steps(&at, steps, p.errs),
+            Some(toml::Value::Array(_)) | None => {
+                p.fail("step", "at least one [[workflow.step]] is required");
+                None
+            }
+            Some(_) => {
+                p.fail("step", "must be an array of tables: [[workflow.step]]");
+                None
+            }
+        };
+        if let (Some(name), Some(matcher), Some(steps)) = (name, matcher, steps) {
+            out.push(Workflow {
+                name,
+                matcher,
+                steps,
+                attempts,
+            });
+        }
+    }
+    out
+}
+
+fn parse_match(at: &str, t: &toml::Table, errs: &mut Vec<ConfigProblem>) -> Option<Matcher> {
+    let before = errs.len();
+    let mut p = Parser {
+        at: at.to_owned(),
+        table: t,
+        errs,
+    };
+    p.unknown(MATCH_KEYS);
+    let mut kinds = BTreeSet::new();
+    for (i, k) in p
+        .strings("kinds")
+        .unwrap_or_else(|| vec!["upload".into()])
+        .iter()
+        .enumerate()
+    {
+        match k.as_str() {
+            "upload" => {
+                kinds.insert(EventKind::Upload);
+            }
+            "remove" | "restore" | "stage" | "store" => p.fail(
+                &format!("kinds[{i}]"),
+                format!("{k:?} events are not handled yet: only \"upload\""),
+            ),
+            other => p.fail(
+                &format!("kinds[{i}]"),
+                format!("unknown event kind {other:?} (expected upload)"),
+            ),
+        }
+    }
+    let mut relative = globset::GlobSetBuilder::new();
+    let mut absolute = globset::GlobSetBuilder::new();
+    let (mut any_rel, mut any_abs) = (false, false);
+    for (i, pattern) in p.strings("paths").unwrap_or_default().iter().enumerate() {
+        let glob = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build();
+        match glob {
+            Ok(g) if pattern.starts_with('/') => {
+                absolute.add(g);
+                any_abs = true;
+            }
+            Ok(g) => {
+                relative.add(g);
+                any_rel = true;
+            }
+            Err(e) => p.fail(&format!("paths[{i}]"), format!("not a valid glob: {e}")),
+        }
+    }
+    let min_size = p.opt_int("minsize", 0, i64::MAX).map(|v| v as u64);
+    let max_size = p.opt_int("maxsize", 0, i64::MAX).map(|v| v as u64);
+    if let (Some(lo), Some(hi)) = (min_size, max_size) {
+        if lo > hi {
+            p.fail("maxsize", format!("{hi} is below minsize {lo}"));
+        }
+    }
+    let storage_classes = p.strings("storageclass").unwrap_or_default();
+    let owners = p.strings("owner").unwrap_or_default();
+    let uids = match t.get("uid") {
+        None => Vec::new(),
+        Some(toml::Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let n = v.as_integer();
+                if n.is_none() {
+                    p.fail(&format!("uid[{i}]"), "must be an integer");
+                }
+                n
+            })
+            .collect(),
+        Some(_) => {
+            p.fail("uid", "must be an array of integers, e.g. [3915]");
+            Vec::new()
+        }
+    };
+    let build = |b: globset::GlobSetBuilder, any: bool| any.then(|| b.build().ok()).flatten();
+    let matcher = Matcher {
+        kinds,
+        relative: build(relative, any_rel),
+        absolute: build(absolute, any_abs),
+        min_size,
+        max_size,
+        storage_classes,
+        owners,
+        uids,
+    };
+    (errs.len() == before).then_some(matcher)
+}
+
+fn parse_steps(
+    at: &str,
+    items: &[toml::Value],
+    errs: &mut Vec<ConfigProblem>,
+) -> Option<Vec<Step>> {
+    let before = errs.len();
+    let mut steps: Vec<Step> = Vec::new();
+    for (j, item) in items.iter().enumerate() {
+        let at = format!("{at}.step[{j}]");
+        let Some(t) = item.as_table() else {
+            errs.push(problem(&at, "must be a table"));
+            continue;
+        };
+        let mut p = Parser { at, table: t, errs };
+        let kind = p.string("type");
+        let step = match kind.as_deref() {
+            None => {
+                if t.get("type").is_none() {
+                    p.fail("type", "is required: copy, delete-source, exec or webhook");
+                }
+                None
+            }
+            Some("copy") => {
+                p.unknown(&["type", "destination"]);
+                let destination = p.template("destination");
+                if let Some(d) = &destination {
+                    if d.as_str().starts_with('/') {
+                        p.fail(
+                            "destination",
+                            "must be relative to [local] downloadfolder, e.g. \"by-run/{name}\"",
+                        );
+                    }
+                }
+                if steps.iter().any(|s| matches!(s, Step::Copy { .. })) {
+                    p.fail("type", "a workflow copies once: a second copy step");
+                }
+                Some(Step::Copy { destination })
+            }
+            Some("delete-source") => {
+                p.unknown(&["type"]);
+                if !steps.iter().any(|s| matches!(s, Step::Copy { .. })) {
+                    p.fail(
+                        "type",
+                        "delete-source needs a copy step before it in the same workflow",
+                    );
+                }
+                Some(Step::DeleteSource)
+            }
+            Some("exec") => {
+                p.unknown(&["type", "argv", "env", "timeout", "retrycodes"]);
+                let argv = p.templates("argv");
+                if argv.as_ref().is_none_or(Vec::is_empty) && t.get("argv").is_none() {
+                    p.fail(
+                        "argv",
+                        "is required: the program and its arguments, no shell",
+                    );
+                }
+                let env = p.template_table("env");
+                let timeout = Duration::from_secs(p.int("timeout", 600, 1, 86_400 * 7) as u64);
+                let retry = match t.get("retrycodes") {
+                    None => vec![75],
+                    Some(v) => match v.as_array() {
+                        Some(a) => a
+                            .iter()
+                            .filter_map(|c| c.as_integer().map(|c| c as i32))
+                            .collect(),
+                        None => {
+                            p.fail("retrycodes", "must be an array of exit statuses");
+                            Vec::new()
+                        }
+                    },
+                };
+                argv.map(|argv| Step::Exec {
+                    argv,
+                    env,
+                    timeout,
+                    codes: ExitCodes { retry },
+                })
+            }
+            Some("webhook") => {
+                p.unknown(&["type", "url", "format", "headers", "tokenfile", "timeout"]);
+                let url = p.string("url").and_then(|u| match url::Url::parse(&u) {
+                    Ok(u) if ["http", "https"].contains(&u.scheme()) => Some(u),
+                    Ok(_) => {
+                        p.fail("url", "must be an http or https URL");
+                        None
+                    }
+                    Err(e) => {
+                        p.fail("url", format!("not a URL: {e}"));
+                        None
+                    }
+                });
+                if t.get("url").is_none() {
+                    p.fail("url", "is required");
+                }
+                let format = match p.string("format").as_deref() {
+                    None | Some("json") => WebhookFormat::Json,
+                    Some("cloudevent") | Some("cloudevents") => WebhookFormat::CloudEvent,
+                    Some(other) => {
+                        p.fail(
+                            "format",
+                            format!("unknown format {other:?} (expected json or cloudevent)"),
+                        );
+                        WebhookFormat::Json
+                    }
+                };
+                let headers = p.template_table("headers");
+                let token_file = p.string("tokenfile").map(std::path::PathBuf::from);
+                let timeout = Duration::from_secs(p.int("timeout", 30, 1, 3600) as u64);
+                url.map(|url| Step::Webhook {
+                    url,
+                    format,
+                    headers,
+                    token_file,
+                    timeout,
+                })
+            }
+            Some(other) => {
+                p.fail(
+                    "type",
+                    format!(
+                        "unknown step {other:?} (expected copy, delete-source, exec or webhook; \
+                         unpack, produce and catalog are not implemented yet)"
+                    ),
+                );
+                None
+            }
+        };
+        // Placeholders that need an earlier step.
+        if let Some(step) = &step {
+            let earlier: BTreeSet<&str> = steps.iter().map(Step::kind).collect();
+            for template in step_templates(step) {
+                for (field, needs) in template.needs() {
+                    if !earlier.contains(needs) {
+                        p.fail(
+                            "type",
+                            format!("{{{field}}} needs a {needs} step before this one"),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(step) = step {
+            steps.push(step);
+        }
+    }
+    (errs.len() == before).then_some(steps)
+}
+
+fn step_templates(step: &Step) -> Vec<&Template> {
+    match step {
+        Step::Copy { destination } => destination.iter().collect(),
+        Step::DeleteSource => Vec::new(),
+        Step::Exec { argv, env, .. } => argv.iter().chain(env.values()).collect(),
+        Step::Webhook { headers, .. } => headers.values().collect(),
+    }
+}
+
+fn problem(key: &str, what: impl Into<String>) -> ConfigProblem {
+    ConfigProblem {
+        key: key.to_owned(),
+        problem: what.into(),
+    }
+}
+
+/// Typed access to one table, recording problems under `at.key`.
+struct Parser<'a> {
+    at: String,
+    table: &'a toml::Table,
+    errs: &'a mut Vec<ConfigProblem>,
+}
+
+impl Parser<'_> {
+    fn fail(&mut self, key: &str, what: impl Into<String>) {
+        let key = format!("{}.{key}", self.at);
+        self.errs.push(problem(&key, what));
+    }
+
+    fn unknown(&mut self, known: &[&str]) {
+        let unknown: Vec<String> = self
+            .table
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for k in unknown {
+            self.fail(&k, "unknown key");
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        match self.table.get(key)? {
+            toml::Value::String(s) => Some(s.clone()),
+            other => {
+                let found = other.type_str();
+                self.fail(key, format!("must be a string, found {found}"));
+                None
+            }
+        }
+    }
+
+    fn strings(&mut self, key: &str) -> Option<Vec<String>> {
+        match self.table.get(key)? {
+            toml::Value::Array(a) => {
+                let mut out = Vec::new();
+                for (i, v) in a.iter().enumerate() {
+                    match v.as_str() {
+                        Some(s) => out.push(s.to_owned()),
+                        None => self.fail(&format!("{key}[{i}]"), "must be a string"),
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                let found = other.type_str();
+                self.fail(key, format!("must be an array of strings, found {found}"));
+                None
+            }
+        }
+    }
+
+    fn opt_int(&mut self, key: &str, min: i64, max: i64) -> Option<i64> {
+        match self.table.get(key)? {
+            toml::Value::Integer(i) if (min..=max).contains(i) => Some(*i),
+            toml::Value::Integer(i) => {
+                self.fail(key, format!("{i} is out of range {min}..={max}"));
+                None
+            }
+            other => {
+                let found = other.type_str();
+                self.fail(key, format!("must be an integer, found {found}"));
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, key: &str, default: i64, min: i64, max: i64) -> i64 {
+        self.opt_int(key, min, max).unwrap_or(default)
+    }
+
+    fn template(&mut self, key: &str) -> Option<Template> {
+        let s = self.string(key)?;
+        match Template::parse(&s) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.fail(key, e);
+                None
+            }
+        }
+    }
+
+    fn templates(&mut self, key: &str) -> Option<Vec<Template>> {
+        let items = self.strings(key)?;
+        let mut out = Vec::new();
+        for (i, s) in items.iter().enumerate() {
+            match Template::parse(s) {
+                Ok(t) => out.push(t),
+                Err(e) => self.fail(&format!("{key}[{i}]"), e),
+            }
+        }
+        Some(out)
+    }
+
+    fn template_table(&mut self, key: &str) -> BTreeMap<String, Template> {
+        let mut out = BTreeMap::new();
+        match self.table.get(key) {
+            None => {}
+            Some(toml::Value::Table(t)) => {
+                for (k, v) in t {
+                    match v.as_str().map(Template::parse) {
+                        Some(Ok(tpl)) => {
+                            out.insert(k.clone(), tpl);
+                        }
+                        Some(Err(e)) => self.fail(&format!("{key}.{k}"), e),
+                        None => self.fail(&format!("{key}.{k}"), "must be a string"),
+                    }
+                }
+            }
+            Some(other) => {
+                let found = other.type_str();
+                self.fail(key, format!("must be a table of strings, found {found}"));
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for Workflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let steps: Vec<&str> = self.steps.iter().map(Step::kind).collect();
+        write!(f, "{}: {}", self.name, steps.join(" → "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Workflow>, Vec<String>> {
+        let root: toml::Table = text.parse().unwrap();
+        let mut errs = Vec::new();
+        let w = parse_workflows(&root["workflow"], 3, &mut errs);
+        if errs.is_empty() {
+            Ok(w)
+        } else {
+            Err(errs.iter().map(ToString::to_string).collect())
+        }
+    }
+
+    fn facts(rel: &str, size: u64) -> Facts<'_> {
+        Facts {
+            kind: EventKind::Upload,
+            billing_path: rel,
+            rel: Some(rel),
+            size: Some(size),
+            storage_info: Some("disk:doma@osm"),
+            owner: None,
+            uid: Some(3915),
+        }
+    }
+
+    #[test]
+    fn templates_render_and_refuse_unknown_placeholders() {
+        let t = Template::parse("{name}.{{done}}-{pnfsid}").unwrap();
+        let values = BTreeMap::from([("name", "a;b".to_owned()), ("pnfsid", "00AB".to_owned())]);
+        assert_eq!(t.render(&values).unwrap(), "a;b.{done}-00AB");
+        assert!(Template::parse("{nope}")
+            .unwrap_err()
+            .contains("unknown placeholder"));
+        assert!(Template::parse("{name").unwrap_err().contains("unclosed"));
+        assert!(Template::parse("a}b").unwrap_err().contains("unmatched"));
+        let t = Template::parse("{local_path}").unwrap();
+        assert!(t.render(&BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn rules_match_paths_sizes_classes_and_uids() {
+        let w = parse(
+            r#"
+[[workflow]]
+name = "fits"
+[workflow.match]
+paths = ["raw/**/*.fits", "/pnfs/x/data/*.tar"]
+minsize = 10
+maxsize = 100
+storageclass = ["disk:doma"]
+uid = [3915]
+[[workflow.step]]
+type = "copy"
+"#,
+        )
+        .unwrap();
+        let m = &w[0].matcher;
+        assert!(m.matches(&facts("raw/2026/a.fits", 50)));
+        assert!(!m.matches(&facts("raw/2026/a.txt", 50)), "glob");
+        assert!(!m.matches(&facts("raw/2026/a.fits", 5)), "minsize");
+        assert!(!m.matches(&facts("raw/2026/a.fits", 500)), "maxsize");
+        let mut f = facts("raw/x/a.fits", 50);
+        f.uid = Some(1);
+        assert!(!m.matches(&f), "uid");
+        let mut f = facts("raw/x/a.fits", 50);
+        f.storage_info = Some("tape:cms@osm");
+        assert!(!m.matches(&f), "storage class");
+        let abs = Facts {
+            billing_path: "/pnfs/x/data/b.tar",
+            rel: Some("b.tar"),
+            ..facts("", 50)
+        };
+        assert!(m.matches(&abs), "absolute glob");
+        let outside = Facts {
+            rel: None,
+            ..abs.clone()
+        };
+        assert!(
+            !m.matches(&outside),
+            "not under pool + folder: cannot be fetched"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let errs = parse(
+            r#"
+[[workflow]]
+name = "a"
+colour = "blue"
+[workflow.match]
+kinds = ["upload", "explode"]
+paths = ["[unclosed"]
+minsize = 10
+maxsize = 5
+[[workflow.step]]
+type = "delete-source"
+[[workflow.step]]
+type = "exec"
+argv = ["echo", "{local_path}", "{bogus}"]
+[[workflow.step]]
+type = "webhook"
+url = "ftp://x"
+format = "xml"
+[[workflow.step]]
+type = "teleport"
+
+[[workflow]]
+name = "a"
+"#,
+        )
+        .unwrap_err();
+        let joined = errs.join("\n");
+        for expected in [
+            "workflow[0].colour: unknown key",
+            "workflow[0].match.kinds[1]: unknown event kind",
+            "workflow[0].match.paths[0]: not a valid glob",
+            "workflow[0].match.maxsize: 5 is below minsize 10",
+            "workflow[0].step[0].type: delete-source needs a copy step",
+            "workflow[0].step[1].argv[2]: unknown placeholder {bogus}",
+            "workflow[0].step[2].url: must be an http or https URL",
+            "workflow[0].step[2].format: unknown format",
+            "workflow[0].step[3].type: unknown step \"teleport\"",
+            "workflow[1].name: \"a\" is used by an earlier workflow",
+            "workflow[1].step: at least one",
+        ] {
+            assert!(
+                joined.contains(expected),
+                "missing {expected:?} in\n{joined}"
+            );
+        }
+    }
+
+    #[test]
+    fn placeholders_of_a_later_step_are_refused() {
+        let errs = parse(
+            r#"
+[[workflow]]
+name = "early"
+[[workflow.step]]
+type = "exec"
+argv = ["echo", "{checksum}"]
+[[workflow.step]]
+type = "copy"
+"#,
+        )
+        .unwrap_err();
+        assert!(
+            errs[0].contains("{checksum} needs a copy step before this one"),
+            "{errs:?}"
+        );
+    }
+}
