@@ -373,6 +373,25 @@ impl Engine {
         }
     }
 
+    /// One DELETE of the source at the door. `Ok(false)` when dCache no longer has it (a
+    /// deletion already done counts as done). The caller retries what is retryable.
+    pub async fn delete(&self, url: &Url) -> Result<bool, TransferError> {
+        match self.send(Method::DELETE, url).await {
+            Ok(_) => Ok(true),
+            Err(TransferError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One HEAD at the door: does dCache have the file?
+    pub async fn exists(&self, url: &Url) -> Result<bool, TransferError> {
+        match self.send(Method::HEAD, url).await {
+            Ok(_) => Ok(true),
+            Err(TransferError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// HEAD at the door with `Want-Digest`: (size, checksums).
     async fn head(&self, url: &Url) -> Result<(Option<u64>, Vec<Checksum>), TransferError> {
         let resp = self.send(Method::HEAD, url).await?;

@@ -122,5 +122,20 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
         l.success_file.display(),
         l.failed_file.display()
     );
+    if config.workflow_rules.is_empty() {
+        let _ = writeln!(
+            out,
+            "workflows:   copy (implicit: every upload under the folder)"
+        );
+    } else {
+        for (i, wf) in config.workflow_rules.iter().enumerate() {
+            let label = if i == 0 {
+                "workflows:  "
+            } else {
+                "            "
+            };
+            let _ = writeln!(out, "{label} {wf}");
+        }
+    }
     Ok(out)
 }

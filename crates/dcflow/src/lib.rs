@@ -3,7 +3,9 @@
 //! # Layout
 //! ```text
 //! source (replay file | stdin) ──► pipeline::admit (decode, select, dedupe, permit)
-//!     ──► pipeline::run (Engine::copy: verified, atomic) ──► records (CSV) + logs
+//!     ──► pipeline::run: each matching workflow's steps in order
+//!         (copy: Engine::copy, verified and atomic; delete-source; steps::exec; steps::webhook)
+//!     ──► records (CSV) + logs
 //! ```
 //! `main.rs` parses the command line and decides exit codes; `check` summarises a
 //! configuration; `demo` runs the whole flow against the in-process emulator.
@@ -15,3 +17,4 @@ pub mod pipeline;
 pub mod replay;
 pub mod retry;
 pub mod run;
+pub mod steps;

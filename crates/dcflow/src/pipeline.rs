@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use dcflow_core::workflow::EventKind;
 use dcflow_core::{
-    BillingMessage, Config, DecodeError, Glance, PathMapper, PnfsId, Record, RecordFile, Selector,
-    Upload,
+    BillingMessage, Config, DecodeError, Glance, Mapped, PathMapper, PnfsId, Record, RecordFile,
+    Selector, Step, Template, Upload, Workflow,
 };
 use dcflow_kafka::TopicProducer;
 use dcflow_transfer::engine::{human_bytes, mbps};
@@ -22,12 +23,29 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::steps::{self, retrying, Context as StepContext, StepError, Webhooks};
+
 /// What became of one selected file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileOutcome {
     Copied,
     AlreadyPresent,
+    /// Every matching workflow ended, none of them with a copy that moved bytes.
+    Done,
     Failed,
+}
+
+impl FileOutcome {
+    /// The outcome of several workflows of one event: a failure wins, then a copy.
+    fn and(self, other: Self) -> Self {
+        use FileOutcome::*;
+        match (self, other) {
+            (Failed, _) | (_, Failed) => Failed,
+            (Copied, _) | (_, Copied) => Copied,
+            (AlreadyPresent, _) | (_, AlreadyPresent) => AlreadyPresent,
+            _ => Done,
+        }
+    }
 }
 
 /// Counters of a run, for summaries (and metrics later).
@@ -37,6 +55,8 @@ pub struct Stats {
     pub malformed: AtomicU64,
     pub not_upload: AtomicU64,
     pub outside_folder: AtomicU64,
+    /// Uploads under the folder that no workflow's rule matched.
+    pub unmatched: AtomicU64,
     pub duplicates: AtomicU64,
     pub selected: AtomicU64,
     pub copied: AtomicU64,
@@ -127,8 +147,22 @@ impl Merged {
     }
 }
 
+/// Event fields rules and steps use, besides the upload's own.
+#[derive(Debug, Clone, Default)]
+struct Facts {
+    storage_info: Option<String>,
+    owner: Option<String>,
+    uid: Option<i64>,
+}
+
 pub struct Pipeline {
     mapper: PathMapper,
+    workflows: Vec<Workflow>,
+    /// `[[workflow]]` rules are configured (not the implicit copy): steps are logged and
+    /// failures name their workflow and step.
+    explicit_workflows: bool,
+    webhooks: Webhooks,
+    retry: dcflow_core::RetryPolicy,
     selector: Selector,
     engine: Engine,
     success: RecordFile,
@@ -162,6 +196,9 @@ pub fn dead_letter(record: &Record, raw: &[u8], origin: &str) -> Vec<u8> {
 pub struct Task {
     upload: Upload,
     mapped: dcflow_core::Mapped,
+    /// The matching workflows (indices into the pipeline's list).
+    workflows: Vec<usize>,
+    facts: Facts,
     /// The billing message, for the dead-letter topic.
     raw: Vec<u8>,
     origin: String,
@@ -173,8 +210,9 @@ pub struct Task {
 impl Pipeline {
     /// Loads credentials, builds the HTTPS client and opens the record files.
     pub fn try_new(config: &Config) -> Result<Self> {
-        let creds = Credentials::load(&config.local.auth).context("loading credentials")?;
-        let engine = Engine::try_new(EngineSettings::from_config(config), Arc::new(creds))?;
+        let creds = Arc::new(Credentials::load(&config.local.auth).context("loading credentials")?);
+        let webhooks = Webhooks::try_new(&creds).context("building the webhook client")?;
+        let engine = Engine::try_new(EngineSettings::from_config(config), creds)?;
         let dead_letters = match config
             .kafka
             .as_ref()
@@ -190,6 +228,10 @@ impl Pipeline {
         Ok(Self {
             selector: Selector::new(mapper.prefix()),
             mapper,
+            workflows: config.workflows(),
+            explicit_workflows: !config.workflow_rules.is_empty(),
+            webhooks,
+            retry: config.dcache.retry.clone(),
             engine,
             success: RecordFile::open(&config.local.success_file)?,
             failed: RecordFile::open(&config.local.failed_file)?,
@@ -298,6 +340,29 @@ impl Pipeline {
                 return Admission::Skip;
             }
         };
+        let facts = Facts {
+            storage_info: msg.storage_info.clone(),
+            owner: msg.owner.clone(),
+            uid: msg.mapped_uid,
+        };
+        let rel = mapped.rel.join("/");
+        let rule_facts = dcflow_core::workflow::Facts {
+            kind: EventKind::Upload,
+            billing_path: &upload.billing_path,
+            rel: Some(&rel),
+            size: upload.size,
+            storage_info: facts.storage_info.as_deref(),
+            owner: facts.owner.as_deref(),
+            uid: facts.uid,
+        };
+        let workflows: Vec<usize> = (0..self.workflows.len())
+            .filter(|&i| self.workflows[i].matcher.matches(&rule_facts))
+            .collect();
+        if workflows.is_empty() {
+            Stats::inc(&self.stats.unmatched);
+            debug!(%origin, path = %upload.billing_path, "no workflow matches: skipped");
+            return Admission::Skip;
+        }
         let ended = {
             let mut seen = self.seen.lock().expect("seen lock");
             match seen.get(&upload.pnfsid).cloned() {
@@ -337,6 +402,8 @@ impl Pipeline {
         Admission::Run(Box::new(Task {
             upload,
             mapped,
+            workflows,
+            facts,
             raw: raw.to_vec(),
             origin: origin.to_string(),
             _ended: ended,
@@ -354,41 +421,258 @@ impl Pipeline {
         let Task {
             upload,
             mapped,
+            workflows,
+            facts,
             raw,
             origin,
             _ended,
             _permit,
         } = *task;
-        let lock = self.destination_lock(&mapped.destination);
+        let mut outcome: Option<FileOutcome> = None;
+        for i in workflows {
+            let wf = &self.workflows[i];
+            let span = tracing::info_span!("workflow", workflow = %wf.name);
+            let o = self
+                .run_workflow(wf, &upload, &mapped, &facts, &raw, &origin)
+                .instrument(span)
+                .await;
+            outcome = Some(outcome.map_or(o, |prev| prev.and(o)));
+        }
+        let outcome = outcome.unwrap_or(FileOutcome::Done);
+        let state = if outcome == FileOutcome::Failed {
+            Seen::Failed
+        } else {
+            Seen::Done
+        };
+        self.mark(&upload.pnfsid, state);
+        outcome
+    }
+
+    /// Runs one workflow's steps in order for one upload. The first step that fails (after
+    /// its attempts) ends the workflow for this event and is recorded, naming the step.
+    async fn run_workflow(
+        &self,
+        wf: &Workflow,
+        upload: &Upload,
+        mapped: &Mapped,
+        facts: &Facts,
+        raw: &[u8],
+        origin: &str,
+    ) -> FileOutcome {
+        let mut ctx = StepContext::default();
+        ctx.set("path", &upload.billing_path);
+        ctx.set("rel", mapped.rel.join("/"));
+        ctx.set("name", mapped.rel.last().cloned().unwrap_or_default());
+        ctx.set("pnfsid", upload.pnfsid.as_str());
+        if let Some(size) = upload.size {
+            ctx.set("size", size.to_string());
+        }
+        ctx.set("kind", EventKind::Upload.as_str());
+        ctx.set("workflow", &wf.name);
+        ctx.set("source_url", mapped.source_url.as_str());
+        if let Some(v) = &facts.storage_info {
+            ctx.set("storageclass", v.split('@').next().unwrap_or(v));
+        }
+        if let Some(v) = &facts.owner {
+            ctx.set("owner", v);
+        }
+        if let Some(v) = facts.uid {
+            ctx.set("uid", v.to_string());
+        }
+        let mut record = Record {
+            pnfsid: upload.pnfsid.to_string(),
+            billing_path: upload.billing_path.clone(),
+            source_url: mapped.source_url.to_string(),
+            size: upload.size,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let deletes_source = wf.steps.iter().any(|s| matches!(s, Step::DeleteSource));
+        let mut outcome = FileOutcome::Done;
+        let mut verified_copy = false;
+        for (j, step) in wf.steps.iter().enumerate() {
+            let label = format!("{} step {} ({})", wf.name, j + 1, step.kind());
+            let result: Result<(), (String, u32)> = match step {
+                Step::Copy { destination } => {
+                    match self
+                        .copy_step(upload, mapped, destination.as_ref(), deletes_source, &mut ctx, &mut record)
+                        .await
+                    {
+                        Ok(o) => {
+                            outcome = o;
+                            verified_copy = true;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Step::DeleteSource if !verified_copy => Err((
+                    "no verified copy in this workflow: the source is kept".into(),
+                    0,
+                )),
+                Step::DeleteSource => retrying(&label, wf.attempts, &self.retry, || async {
+                    match self.engine.delete(&mapped.source_url).await {
+                        Ok(true) => {
+                            info!(source = %mapped.source_url, "DELETE_SOURCE {} deleted from dCache", mapped.source_url);
+                            Ok(())
+                        }
+                        Ok(false) => {
+                            info!(source = %mapped.source_url, "DELETE_SOURCE {} already gone", mapped.source_url);
+                            Ok(())
+                        }
+                        Err(e) => Err(StepError {
+                            message: e.to_string(),
+                            retryable: e.is_retryable(),
+                        }),
+                    }
+                })
+                .await
+                .map(drop)
+                .map_err(|(e, n)| (e.message, n)),
+                Step::Exec {
+                    argv,
+                    env,
+                    timeout,
+                    codes,
+                } => retrying(&label, wf.attempts, &self.retry, || {
+                    steps::exec(&ctx, argv, env, *timeout, codes)
+                })
+                .await
+                .map(drop)
+                .map_err(|(e, n)| (e.message, n)),
+                Step::Webhook {
+                    url,
+                    format,
+                    headers,
+                    token_file,
+                    timeout,
+                } => {
+                    let key = format!("{}-{}-{}", upload.pnfsid.as_str(), wf.name, j + 1);
+                    let event: serde_json::Value =
+                        serde_json::from_slice(raw).unwrap_or(serde_json::Value::Null);
+                    retrying(&label, wf.attempts, &self.retry, || {
+                        self.webhooks.post(
+                            &ctx,
+                            url,
+                            *format,
+                            headers,
+                            token_file.as_deref(),
+                            *timeout,
+                            &key,
+                            &event,
+                        )
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|(e, n)| (e.message, n))
+                }
+            };
+            match result {
+                Ok(()) => {
+                    if self.explicit_workflows {
+                        info!(step = j + 1, kind = step.kind(), "STEP_DONE {label}");
+                    }
+                }
+                Err((error, attempts)) => {
+                    Stats::inc(&self.stats.failed);
+                    record.time = Some(OffsetDateTime::now_utc());
+                    record.seconds = started.elapsed().as_secs_f64();
+                    if !matches!(step, Step::Copy { .. }) {
+                        record.attempts = attempts;
+                    }
+                    record.error = if self.explicit_workflows {
+                        error!(
+                            step = j + 1,
+                            kind = step.kind(),
+                            attempts,
+                            "STEP_FAILED {label} after {attempts} attempt(s): {error}"
+                        );
+                        format!(
+                            "workflow {} step {} ({}): {error}",
+                            wf.name,
+                            j + 1,
+                            step.kind()
+                        )
+                    } else {
+                        error
+                    };
+                    self.fail(record, raw, origin).await;
+                    return FileOutcome::Failed;
+                }
+            }
+        }
+        record.time = Some(OffsetDateTime::now_utc());
+        if let Err(e) = self.success.append(&record) {
+            error!(error = %e, "cannot write success record");
+        }
+        if self.explicit_workflows {
+            info!("WORKFLOW_DONE {} for {}", wf.name, upload.billing_path);
+        }
+        outcome
+    }
+
+    /// The verified copy, its logs and counters; fills `record` and the context's
+    /// `local_path` and `checksum`. `Err` holds the error and the attempts made.
+    async fn copy_step(
+        &self,
+        upload: &Upload,
+        mapped: &Mapped,
+        template: Option<&Template>,
+        deletes_source: bool,
+        ctx: &mut StepContext,
+        record: &mut Record,
+    ) -> Result<FileOutcome, (String, u32)> {
+        let rel = match template {
+            None => mapped.rel.clone(),
+            Some(t) => {
+                let rendered = ctx.render(t).map_err(|e| (e.message, 0))?;
+                relative_destination(&rendered).map_err(|why| {
+                    (
+                        format!("destination {rendered:?} escapes the download folder: {why}"),
+                        0,
+                    )
+                })?
+            }
+        };
+        let mut destination = self.engine.settings().download_folder.clone();
+        destination.extend(&rel);
+        record.destination = destination.display().to_string();
+        ctx.set("local_path", destination.display().to_string());
+        let lock = self.destination_lock(&destination);
         let guard = lock.lock().await;
+        // A workflow that deletes its sources, delivered again: the file is at its final path
+        // (only verified files are ever renamed there) and dCache no longer has it.
+        if deletes_source && !upload.awaits_commit() {
+            let present = std::fs::symlink_metadata(&destination)
+                .is_ok_and(|m| m.is_file() && upload.size.is_none_or(|s| s == m.len()));
+            if present && matches!(self.engine.exists(&mapped.source_url).await, Ok(false)) {
+                drop(guard);
+                self.release_destination(&destination, lock);
+                Stats::inc(&self.stats.already_present);
+                info!(destination = %destination.display(), "COPY_OVER already at its final path, and its source already deleted by this workflow");
+                ctx.set("checksum", "");
+                return Ok(FileOutcome::AlreadyPresent);
+            }
+        }
         info!(
             source = %mapped.source_url,
-            destination = %mapped.destination.display(),
+            destination = %destination.display(),
             awaits_commit = upload.awaits_commit(),
             "COPY_INIT {} -> {}",
             mapped.source_url,
-            mapped.destination.display()
+            destination.display()
         );
         let job = Job {
             source: &mapped.source_url,
-            rel: &mapped.rel,
-            destination: &mapped.destination,
+            rel: &rel,
+            destination: &destination,
             expected_size: upload.size,
         };
         let started = Instant::now();
         let result = self.engine.copy(&job).await;
         drop(guard);
-        self.release_destination(&mapped.destination, lock);
-        let mut record = Record {
-            time: Some(OffsetDateTime::now_utc()),
-            pnfsid: upload.pnfsid.to_string(),
-            billing_path: upload.billing_path.clone(),
-            source_url: mapped.source_url.to_string(),
-            destination: mapped.destination.display().to_string(),
-            size: upload.size,
-            ..Default::default()
-        };
-        let outcome = match result {
+        self.release_destination(&destination, lock);
+        match result {
             Ok(copied) => {
                 record.size = Some(copied.size);
                 record.checksum = copied
@@ -399,9 +683,12 @@ impl Pipeline {
                     .join(" ");
                 record.attempts = copied.attempts;
                 record.seconds = copied.elapsed.as_secs_f64();
+                ctx.set("checksum", record.checksum.clone());
+                ctx.set("size", copied.size.to_string());
                 if copied.already_present {
                     Stats::inc(&self.stats.already_present);
                     info!("COPY_REPORT already present, nothing copied");
+                    Ok(FileOutcome::AlreadyPresent)
                 } else {
                     Stats::inc(&self.stats.copied);
                     self.stats.bytes.fetch_add(copied.size, Ordering::Relaxed);
@@ -413,22 +700,11 @@ impl Pipeline {
                         started.elapsed().as_millis(),
                         mbps(copied.size, started.elapsed())
                     );
-                }
-                if let Err(e) = self.success.append(&record) {
-                    error!(error = %e, "cannot write success record");
-                }
-                self.mark(&upload.pnfsid, Seen::Done);
-                if copied.already_present {
-                    FileOutcome::AlreadyPresent
-                } else {
-                    FileOutcome::Copied
+                    Ok(FileOutcome::Copied)
                 }
             }
             Err(failed) => {
-                Stats::inc(&self.stats.failed);
                 record.attempts = failed.attempts;
-                record.seconds = failed.elapsed.as_secs_f64();
-                record.error = failed.error.to_string();
                 error!(
                     attempts = failed.attempts,
                     kind = failed.error.kind(),
@@ -436,12 +712,9 @@ impl Pipeline {
                     failed.attempts,
                     failed.error
                 );
-                self.fail(record, &raw, &origin).await;
-                self.mark(&upload.pnfsid, Seen::Failed);
-                FileOutcome::Failed
+                Err((failed.error.to_string(), failed.attempts))
             }
-        };
-        outcome
+        }
     }
 
     async fn reject_malformed(&self, raw: &[u8], origin: &str, e: DecodeError) -> Admission {
@@ -515,4 +788,22 @@ mod tests {
         assert!((3..=5).all(|n| seen.get(&id(n)).is_some()));
         assert_eq!(seen.map.len(), 4);
     }
+}
+
+/// A templated destination, relative to the download folder, checked component by component
+/// as billing paths are (no `..`, `.`, empty components, NUL, absolute paths).
+fn relative_destination(rendered: &str) -> Result<Vec<String>, &'static str> {
+    if rendered.starts_with('/') {
+        return Err("an absolute path");
+    }
+    let mut rel = Vec::new();
+    for part in rendered.split('/') {
+        match part {
+            "" => return Err("an empty component (// or a trailing /)"),
+            "." | ".." => return Err("a . or .. component"),
+            p if p.contains('\0') => return Err("a NUL byte"),
+            p => rel.push(p.to_owned()),
+        }
+    }
+    Ok(rel)
 }
