@@ -266,6 +266,8 @@ pub struct LocalConfig {
     pub permissions: Permissions,
     pub failed_file: PathBuf,
     pub success_file: PathBuf,
+    /// Which workflow steps finished, per pnfsid (SQLite). Used only with `[[workflow]]`.
+    pub state_file: PathBuf,
 }
 
 /// A validated configuration.
@@ -311,6 +313,7 @@ const LOCAL_KEYS: &[&str] = &[
     "permissions",
     "failedtasksfile",
     "successfultaskfile",
+    "statefile",
 ];
 
 impl Config {
@@ -381,6 +384,18 @@ impl Config {
             Some(w) => crate::workflow::parse_workflows(w, attempts, &mut errs),
             None => Vec::new(),
         };
+        if kafka.as_ref().is_none_or(Option::is_none) {
+            for (i, wf) in workflow_rules.iter().enumerate() {
+                for (j, step) in wf.steps.iter().enumerate() {
+                    if matches!(step, crate::workflow::Step::Produce { .. }) {
+                        errs.push(problem(
+                            &format!("workflow[{i}].step[{j}].topic"),
+                            "produce publishes to the [kafka] servers: add a [kafka] section",
+                        ));
+                    }
+                }
+            }
+        }
         match (kafka, dcache, local) {
             (kafka, Some(dcache), Some(local)) if errs.is_empty() => Ok(Config {
                 kafka: kafka.flatten(),
@@ -847,6 +862,12 @@ fn local_section(mut s: Section<'_>, env: &Env) -> Option<LocalConfig> {
         },
         download_folder: download?,
         permissions,
+        state_file: s.path("statefile").unwrap_or_else(|| {
+            failed
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join("dcflow-state.sqlite")
+        }),
         failed_file: failed,
         success_file: success,
     })

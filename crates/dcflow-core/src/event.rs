@@ -195,7 +195,16 @@ impl<'a> Peek<'a> {
 
     /// Classifies against the handled namespace prefix (`pool + folder`, no trailing slash).
     pub fn glance(&self, prefix: &str) -> Glance {
-        if self.msg_type != "transfer" && self.msg_type != "request" {
+        self.glance_also(prefix, &[])
+    }
+
+    /// As [`Peek::glance`], with more message types (`remove`, `store`...) that count as
+    /// candidates when under the prefix.
+    pub fn glance_also(&self, prefix: &str, also: &[&str]) -> Glance {
+        let wanted = self.msg_type == "transfer"
+            || self.msg_type == "request"
+            || also.contains(&self.msg_type.as_ref());
+        if !wanted {
             return Glance::NotUpload;
         }
         let under = self
@@ -223,6 +232,7 @@ impl<'a> Peek<'a> {
 pub struct Selector {
     prefix: String,
     finder: memchr::memmem::Finder<'static>,
+    also: Vec<&'static str>,
 }
 
 impl Selector {
@@ -230,7 +240,14 @@ impl Selector {
         Self {
             prefix: prefix.to_owned(),
             finder: memchr::memmem::Finder::new(prefix.as_bytes()).into_owned(),
+            also: Vec::new(),
         }
+    }
+
+    /// Also takes these message types (`remove`, `restore`, `store`) as candidates.
+    pub fn also(mut self, msg_types: &[&'static str]) -> Self {
+        self.also = msg_types.to_vec();
+        self
     }
 
     pub fn prefix(&self) -> &str {
@@ -242,7 +259,7 @@ impl Selector {
         if self.dismisses(raw) {
             return Ok(Glance::Outside);
         }
-        Ok(Peek::parse(raw)?.glance(&self.prefix))
+        Ok(Peek::parse(raw)?.glance_also(&self.prefix, &self.also))
     }
 
     /// True when `raw` certainly announces nothing under the prefix (see the type's notes).

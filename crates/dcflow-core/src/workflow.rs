@@ -40,7 +40,16 @@ const PLACEHOLDERS: &[(&str, Option<&str>)] = &[
     ("source_url", None),
     ("local_path", Some("copy")),
     ("checksum", Some("copy")),
+    ("unpacked", Some("unpack")),
 ];
+
+/// The static name of a known placeholder.
+pub fn placeholder(name: &str) -> Option<&'static str> {
+    PLACEHOLDERS
+        .iter()
+        .find(|(p, _)| *p == name)
+        .map(|(p, _)| *p)
+}
 
 /// A string with `{placeholder}`s, checked when the configuration is read. `{{` and `}}` are
 /// literal braces. Each rendered value is substituted as is: a template is never handed to a
@@ -139,16 +148,35 @@ impl Template {
 }
 
 /// What a storage event announces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EventKind {
     /// A completed upload (the pool's write transfer, the door's request, SRM putDone).
     Upload,
+    /// A file removed from the namespace (`remove`, status 0).
+    Remove,
+    /// A file staged back from tape to a pool (`restore`, status 0).
+    Restore,
+    /// A file flushed from a pool to tape (`store`, status 0).
+    Store,
 }
 
 impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Upload => "upload",
+            Self::Remove => "remove",
+            Self::Restore => "restore",
+            Self::Store => "store",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "upload" => Some(Self::Upload),
+            "remove" => Some(Self::Remove),
+            "restore" | "stage" => Some(Self::Restore),
+            "store" => Some(Self::Store),
+            _ => None,
         }
     }
 }
@@ -250,6 +278,35 @@ pub struct ExitCodes {
     pub retry: Vec<i32>,
 }
 
+/// Archive formats `unpack` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveFormat {
+    /// From the file name: `.tar`, `.tar.gz`/`.tgz`, `.zip`.
+    Auto,
+    Tar,
+    TarGz,
+    Zip,
+}
+
+impl ArchiveFormat {
+    /// The format of `name` for [`ArchiveFormat::Auto`].
+    pub fn of(self, name: &str) -> Option<Self> {
+        if self != Self::Auto {
+            return Some(self);
+        }
+        let lower = name.to_ascii_lowercase();
+        if lower.ends_with(".tar.gz") || lower.ends_with(".tgz") {
+            Some(Self::TarGz)
+        } else if lower.ends_with(".tar") {
+            Some(Self::Tar)
+        } else if lower.ends_with(".zip") {
+            Some(Self::Zip)
+        } else {
+            None
+        }
+    }
+}
+
 /// Body format of a `webhook` POST.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WebhookFormat {
@@ -283,6 +340,16 @@ pub enum Step {
         token_file: Option<std::path::PathBuf>,
         timeout: Duration,
     },
+    /// The copied archive, unpacked into a directory published by one rename.
+    Unpack {
+        /// Relative to `[local] downloadfolder`; by default the copy's path with `.d` added.
+        destination: Option<Template>,
+        format: ArchiveFormat,
+    },
+    /// A JSON message (event, context, workflow) to a Kafka topic of the `[kafka]` brokers.
+    Produce { topic: String, key: Template },
+    /// One row per file, upserted into an SQLite catalog.
+    Catalog { database: std::path::PathBuf },
 }
 
 impl Step {
@@ -292,6 +359,9 @@ impl Step {
             Self::DeleteSource => "delete-source",
             Self::Exec { .. } => "exec",
             Self::Webhook { .. } => "webhook",
+            Self::Unpack { .. } => "unpack",
+            Self::Produce { .. } => "produce",
+            Self::Catalog { .. } => "catalog",
         }
     }
 }
@@ -387,6 +457,25 @@ pub fn parse_workflows(
                 None
             }
         };
+        // Steps that need the file's bytes run on uploads only.
+        if let (Some(m), Some(steps)) = (&matcher, &steps) {
+            if m.kinds.iter().any(|k| *k != EventKind::Upload) {
+                for (j, step) in steps.iter().enumerate() {
+                    if matches!(
+                        step,
+                        Step::Copy { .. } | Step::DeleteSource | Step::Unpack { .. }
+                    ) {
+                        p.errs.push(problem(
+                            &format!("{at}.step[{j}].type"),
+                            format!(
+                                "{} needs a file to fetch: its workflow must match only kinds = [\"upload\"]",
+                                step.kind()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         if let (Some(name), Some(matcher), Some(steps)) = (name, matcher, steps) {
             out.push(Workflow {
                 name,
@@ -414,17 +503,13 @@ fn parse_match(at: &str, t: &toml::Table, errs: &mut Vec<ConfigProblem>) -> Opti
         .iter()
         .enumerate()
     {
-        match k.as_str() {
-            "upload" => {
-                kinds.insert(EventKind::Upload);
+        match EventKind::parse(k) {
+            Some(kind) => {
+                kinds.insert(kind);
             }
-            "remove" | "restore" | "stage" | "store" => p.fail(
+            None => p.fail(
                 &format!("kinds[{i}]"),
-                format!("{k:?} events are not handled yet: only \"upload\""),
-            ),
-            other => p.fail(
-                &format!("kinds[{i}]"),
-                format!("unknown event kind {other:?} (expected upload)"),
+                format!("unknown event kind {k:?} (expected upload, remove, restore or store)"),
             ),
         }
     }
@@ -506,7 +591,10 @@ fn parse_steps(
         let step = match kind.as_deref() {
             None => {
                 if t.get("type").is_none() {
-                    p.fail("type", "is required: copy, delete-source, exec or webhook");
+                    p.fail(
+                        "type",
+                        "is required: copy, delete-source, unpack, exec, webhook, produce or catalog",
+                    );
                 }
                 None
             }
@@ -605,12 +693,64 @@ fn parse_steps(
                     timeout,
                 })
             }
+            Some("unpack") => {
+                p.unknown(&["type", "destination", "format"]);
+                if !steps.iter().any(|s| matches!(s, Step::Copy { .. })) {
+                    p.fail(
+                        "type",
+                        "unpack needs a copy step before it in the same workflow",
+                    );
+                }
+                let destination = p.template("destination");
+                if destination
+                    .as_ref()
+                    .is_some_and(|d| d.as_str().starts_with('/'))
+                {
+                    p.fail("destination", "must be relative to [local] downloadfolder");
+                }
+                let format = match p.string("format").as_deref() {
+                    None | Some("auto") => ArchiveFormat::Auto,
+                    Some("tar") => ArchiveFormat::Tar,
+                    Some("tar.gz") | Some("tgz") => ArchiveFormat::TarGz,
+                    Some("zip") => ArchiveFormat::Zip,
+                    Some(other) => {
+                        p.fail(
+                            "format",
+                            format!("unknown archive format {other:?} (auto, tar, tar.gz, zip)"),
+                        );
+                        ArchiveFormat::Auto
+                    }
+                };
+                Some(Step::Unpack {
+                    destination,
+                    format,
+                })
+            }
+            Some("produce") => {
+                p.unknown(&["type", "topic", "key"]);
+                let topic = p.string("topic").filter(|t| !t.is_empty());
+                if topic.is_none() {
+                    p.fail("topic", "is required: the Kafka topic to publish to");
+                }
+                let key = p
+                    .template("key")
+                    .unwrap_or_else(|| Template::parse("{pnfsid}").expect("valid"));
+                topic.map(|topic| Step::Produce { topic, key })
+            }
+            Some("catalog") => {
+                p.unknown(&["type", "database"]);
+                let database = p.string("database").filter(|d| !d.is_empty());
+                if database.is_none() {
+                    p.fail("database", "is required: the SQLite file of the catalog");
+                }
+                database.map(|d| Step::Catalog { database: d.into() })
+            }
             Some(other) => {
                 p.fail(
                     "type",
                     format!(
-                        "unknown step {other:?} (expected copy, delete-source, exec or webhook; \
-                         unpack, produce and catalog are not implemented yet)"
+                        "unknown step {other:?} (expected copy, delete-source, unpack, exec, \
+                         webhook, produce or catalog)"
                     ),
                 );
                 None
@@ -643,6 +783,9 @@ fn step_templates(step: &Step) -> Vec<&Template> {
         Step::DeleteSource => Vec::new(),
         Step::Exec { argv, env, .. } => argv.iter().chain(env.values()).collect(),
         Step::Webhook { headers, .. } => headers.values().collect(),
+        Step::Unpack { destination, .. } => destination.iter().collect(),
+        Step::Produce { key, .. } => vec![key],
+        Step::Catalog { .. } => Vec::new(),
     }
 }
 
@@ -899,7 +1042,7 @@ name = "a"
         let joined = errs.join("\n");
         for expected in [
             "workflow[0].colour: unknown key",
-            "workflow[0].match.kinds[1]: unknown event kind",
+            "workflow[0].match.kinds[1]: unknown event kind \"explode\"",
             "workflow[0].match.paths[0]: not a valid glob",
             "workflow[0].match.maxsize: 5 is below minsize 10",
             "workflow[0].step[0].type: delete-source needs a copy step",
