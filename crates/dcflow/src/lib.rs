@@ -10,6 +10,7 @@
 //! `main.rs` parses the command line and decides exit codes; `check` summarises a
 //! configuration; `demo` runs the whole flow against the in-process emulator.
 
+pub mod catalog;
 pub mod check;
 pub mod demo;
 pub mod dispatch;
@@ -17,4 +18,6 @@ pub mod pipeline;
 pub mod replay;
 pub mod retry;
 pub mod run;
+pub mod state;
 pub mod steps;
+pub mod unpack;

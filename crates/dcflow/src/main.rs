@@ -88,6 +88,25 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// List the rows of a workflow catalog (the `catalog` step's SQLite file) as CSV, or as
+    /// JSON lines with --json.
+    Catalog {
+        /// The configuration whose catalog steps name the database (or give --database).
+        #[arg(long, required_unless_present = "database")]
+        config: Option<PathBuf>,
+        /// The SQLite file; needed when the configuration names several.
+        #[arg(long)]
+        database: Option<PathBuf>,
+        /// Only rows of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only billing paths matching this glob (`*`, `?`, `[...]`), e.g. '/pnfs/*/raw/*'.
+        #[arg(long)]
+        path: Option<String>,
+        /// One JSON object per line instead of CSV.
+        #[arg(long)]
+        json: bool,
+    },
     /// The whole flow on an embedded default: dCache emulator, uploads, verified copies.
     Demo {
         /// Where to keep the emulator's state, the copies and the records (default: a new
@@ -155,6 +174,62 @@ fn main() -> ExitCode {
 
 async fn async_main(command: Command) -> ExitCode {
     match command {
+        Command::Catalog {
+            config,
+            database,
+            workflow,
+            path,
+            json,
+        } => {
+            let database = match (database, config) {
+                (Some(d), _) => d,
+                (None, Some(config)) => {
+                    let cfg = match load_config(&config) {
+                        Ok(c) => c,
+                        Err(code) => return code,
+                    };
+                    let mut names: Vec<PathBuf> = cfg
+                        .workflow_rules
+                        .iter()
+                        .flat_map(|w| &w.steps)
+                        .filter_map(|s| match s {
+                            dcflow_core::Step::Catalog { database } => Some(database.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    names.sort();
+                    names.dedup();
+                    match names.as_slice() {
+                        [one] => one.clone(),
+                        [] => {
+                            eprintln!("dcflow: {} has no catalog step", config.display());
+                            return ExitCode::from(2);
+                        }
+                        many => {
+                            eprintln!(
+                                "dcflow: {} names several catalogs, choose one with --database: {}",
+                                config.display(),
+                                many.iter()
+                                    .map(|p| p.display().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            );
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            match dcflow::catalog::query(&database, workflow.as_deref(), path.as_deref())
+                .and_then(|rows| dcflow::catalog::print(&rows, json))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dcflow: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::CheckConfig { config } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,

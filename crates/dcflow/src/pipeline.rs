@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use dcflow_core::workflow::EventKind;
 use dcflow_core::{
     BillingMessage, Config, DecodeError, Glance, Mapped, PathMapper, PnfsId, Record, RecordFile,
-    Selector, Step, Template, Upload, Workflow,
+    Selector, Step, Template, Workflow,
 };
 use dcflow_kafka::TopicProducer;
 use dcflow_transfer::engine::{human_bytes, mbps};
@@ -23,6 +23,8 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::catalog::Catalog;
+use crate::state::StateStore;
 use crate::steps::{self, retrying, Context as StepContext, StepError, Webhooks};
 
 /// What became of one selected file.
@@ -88,9 +90,12 @@ const REMEMBER_FINISHED: usize = 1_000_000;
 
 /// Uploads in flight (always kept) and the most recently finished ones (bounded), so that a
 /// daemon running for months does not grow with every file it ever copied.
+/// Events are merged per kind and pnfsid: a remove of a file is not its upload.
+type SeenKey = (EventKind, PnfsId);
+
 struct SeenMap {
-    map: HashMap<PnfsId, Seen>,
-    finished: std::collections::VecDeque<PnfsId>,
+    map: HashMap<SeenKey, Seen>,
+    finished: std::collections::VecDeque<SeenKey>,
     limit: usize,
 }
 
@@ -103,17 +108,17 @@ impl SeenMap {
         }
     }
 
-    fn get(&self, pnfsid: &PnfsId) -> Option<&Seen> {
-        self.map.get(pnfsid)
+    fn get(&self, key: &SeenKey) -> Option<&Seen> {
+        self.map.get(key)
     }
 
-    fn start(&mut self, pnfsid: &PnfsId, running: watch::Receiver<()>) {
-        self.map.insert(pnfsid.clone(), Seen::InFlight(running));
+    fn start(&mut self, key: &SeenKey, running: watch::Receiver<()>) {
+        self.map.insert(key.clone(), Seen::InFlight(running));
     }
 
-    fn finish(&mut self, pnfsid: &PnfsId, state: Seen) {
-        self.map.insert(pnfsid.clone(), state);
-        self.finished.push_back(pnfsid.clone());
+    fn finish(&mut self, key: &SeenKey, state: Seen) {
+        self.map.insert(key.clone(), state);
+        self.finished.push_back(key.clone());
         while self.finished.len() > self.limit {
             let Some(old) = self.finished.pop_front() else {
                 break;
@@ -163,6 +168,12 @@ pub struct Pipeline {
     explicit_workflows: bool,
     webhooks: Webhooks,
     retry: dcflow_core::RetryPolicy,
+    /// Event kinds besides uploads that some workflow takes.
+    other_kinds: std::collections::BTreeSet<EventKind>,
+    /// Finished steps per event (only with `[[workflow]]` rules).
+    state: Option<StateStore>,
+    catalogs: HashMap<PathBuf, Catalog>,
+    producers: HashMap<String, TopicProducer>,
     selector: Selector,
     engine: Engine,
     success: RecordFile,
@@ -193,8 +204,21 @@ pub fn dead_letter(record: &Record, raw: &[u8], origin: &str) -> Vec<u8> {
 }
 
 /// An upload that passed selection, with the permit that lets it run.
+/// The file an event is about: an upload, or a remove, restore or store.
+#[derive(Debug, Clone)]
+struct Subject {
+    kind: EventKind,
+    /// Which message said so (`pool`, `door`, `srm`...), for logs.
+    signal: &'static str,
+    /// The file may not be visible at its billing path yet (dCache #5285).
+    awaits_commit: bool,
+    pnfsid: PnfsId,
+    billing_path: String,
+    size: Option<u64>,
+}
+
 pub struct Task {
-    upload: Upload,
+    upload: Subject,
     mapped: dcflow_core::Mapped,
     /// The matching workflows (indices into the pipeline's list).
     workflows: Vec<usize>,
@@ -225,13 +249,47 @@ impl Pipeline {
             None => None,
         };
         let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
+        let workflows = config.workflows();
+        let other_kinds: std::collections::BTreeSet<EventKind> = workflows
+            .iter()
+            .flat_map(|w| w.matcher.kinds.iter().copied())
+            .filter(|k| *k != EventKind::Upload)
+            .collect();
+        let msg_types: Vec<&'static str> = other_kinds.iter().map(|k| k.as_str()).collect();
+        let state = if config.workflow_rules.is_empty() {
+            None
+        } else {
+            Some(StateStore::open(&config.local.state_file)?)
+        };
+        let mut catalogs = HashMap::new();
+        let mut producers = HashMap::new();
+        for step in workflows.iter().flat_map(|w| &w.steps) {
+            match step {
+                Step::Catalog { database } if !catalogs.contains_key(database) => {
+                    catalogs.insert(database.clone(), Catalog::open(database)?);
+                }
+                Step::Produce { topic, .. } if !producers.contains_key(topic) => {
+                    let kafka = config.kafka.as_ref().context("produce needs [kafka]")?;
+                    producers.insert(
+                        topic.clone(),
+                        TopicProducer::try_new(kafka, topic)
+                            .with_context(|| format!("creating the producer for {topic}"))?,
+                    );
+                }
+                _ => {}
+            }
+        }
         Ok(Self {
-            selector: Selector::new(mapper.prefix()),
+            selector: Selector::new(mapper.prefix()).also(&msg_types),
+            other_kinds,
+            state,
+            catalogs,
+            producers,
             mapper,
-            workflows: config.workflows(),
+            workflows,
             explicit_workflows: !config.workflow_rules.is_empty(),
             webhooks,
-            retry: config.dcache.retry.clone(),
+            retry: config.dcache.retry,
             engine,
             success: RecordFile::open(&config.local.success_file)?,
             failed: RecordFile::open(&config.local.failed_file)?,
@@ -306,17 +364,27 @@ impl Pipeline {
             Err(e) => return self.reject_malformed(raw, &origin.to_string(), e).await,
         };
         let upload = match msg.upload() {
-            Ok(u) => u,
-            Err(why) => {
-                Stats::inc(&self.stats.not_upload);
-                debug!(
-                    %origin,
-                    msg_type = msg.msg_type.as_str(),
-                    reason = why.reason(),
-                    "not an upload: skipped"
-                );
-                return Admission::Skip;
-            }
+            Ok(u) => Subject {
+                kind: EventKind::Upload,
+                signal: u.signal.as_str(),
+                awaits_commit: u.awaits_commit(),
+                pnfsid: u.pnfsid,
+                billing_path: u.billing_path,
+                size: u.size,
+            },
+            Err(why) => match self.other_event(&msg) {
+                Some(subject) => subject,
+                None => {
+                    Stats::inc(&self.stats.not_upload);
+                    debug!(
+                        %origin,
+                        msg_type = msg.msg_type.as_str(),
+                        reason = why.reason(),
+                        "not an upload: skipped"
+                    );
+                    return Admission::Skip;
+                }
+            },
         };
         let mapped = match self.mapper.map(&upload.billing_path) {
             Ok(Some(m)) => m,
@@ -347,7 +415,7 @@ impl Pipeline {
         };
         let rel = mapped.rel.join("/");
         let rule_facts = dcflow_core::workflow::Facts {
-            kind: EventKind::Upload,
+            kind: upload.kind,
             billing_path: &upload.billing_path,
             rel: Some(&rel),
             size: upload.size,
@@ -365,31 +433,38 @@ impl Pipeline {
         }
         let ended = {
             let mut seen = self.seen.lock().expect("seen lock");
-            match seen.get(&upload.pnfsid).cloned() {
+            let key = (upload.kind, upload.pnfsid.clone());
+            match seen.get(&key).cloned() {
                 Some(Seen::InFlight(copy_running)) => {
                     Stats::inc(&self.stats.duplicates);
-                    debug!(pnfsid = %upload.pnfsid, signal = upload.signal.as_str(), "same upload being copied: merged");
+                    debug!(pnfsid = %upload.pnfsid, signal = upload.signal, "same event being handled: merged");
                     return Admission::Merged(Merged(copy_running));
                 }
                 Some(Seen::Done) => {
                     Stats::inc(&self.stats.duplicates);
-                    debug!(pnfsid = %upload.pnfsid, signal = upload.signal.as_str(), "same upload already copied");
+                    debug!(pnfsid = %upload.pnfsid, signal = upload.signal, "same event already handled");
                     return Admission::Skip;
                 }
                 _ => {
                     let (ended, copy_running) = watch::channel(());
-                    seen.start(&upload.pnfsid, copy_running);
+                    seen.start(&key, copy_running);
                     ended
                 }
             }
         };
         Stats::inc(&self.stats.selected);
+        let tag = match upload.kind {
+            EventKind::Upload => "UPLOAD",
+            EventKind::Remove => "REMOVE",
+            EventKind::Restore => "RESTORE",
+            EventKind::Store => "STORE",
+        };
         info!(
             pnfsid = %upload.pnfsid,
             %origin,
-            signal = upload.signal.as_str(),
+            signal = upload.signal,
             size = upload.size,
-            "UPLOAD {} ({})",
+            "{tag} {} ({})",
             upload.billing_path,
             upload.size.map(human_bytes).unwrap_or_else(|| "size unknown".into())
         );
@@ -444,7 +519,7 @@ impl Pipeline {
         } else {
             Seen::Done
         };
-        self.mark(&upload.pnfsid, state);
+        self.mark(&(upload.kind, upload.pnfsid.clone()), state);
         outcome
     }
 
@@ -453,7 +528,7 @@ impl Pipeline {
     async fn run_workflow(
         &self,
         wf: &Workflow,
-        upload: &Upload,
+        upload: &Subject,
         mapped: &Mapped,
         facts: &Facts,
         raw: &[u8],
@@ -467,7 +542,7 @@ impl Pipeline {
         if let Some(size) = upload.size {
             ctx.set("size", size.to_string());
         }
-        ctx.set("kind", EventKind::Upload.as_str());
+        ctx.set("kind", upload.kind.as_str());
         ctx.set("workflow", &wf.name);
         ctx.set("source_url", mapped.source_url.as_str());
         if let Some(v) = &facts.storage_info {
@@ -490,7 +565,49 @@ impl Pipeline {
         let deletes_source = wf.steps.iter().any(|s| matches!(s, Step::DeleteSource));
         let mut outcome = FileOutcome::Done;
         let mut verified_copy = false;
-        for (j, step) in wf.steps.iter().enumerate() {
+        // Steps already finished for this event (an earlier delivery, `dcflow retry`).
+        let state_key = match upload.kind {
+            EventKind::Upload => upload.pnfsid.to_string(),
+            other => format!("{}:{}", other.as_str(), upload.pnfsid.as_str()),
+        };
+        let mut resume_at = 0;
+        if let Some(state) = &self.state {
+            match state.progress(&state_key, &wf.name).await {
+                Ok(p) if p.done >= wf.steps.len() => {
+                    info!(
+                        "WORKFLOW_DONE {} already, for {}: nothing to do",
+                        wf.name, upload.billing_path
+                    );
+                    return FileOutcome::AlreadyPresent;
+                }
+                Ok(p) if p.done > 0 => {
+                    info!(
+                        resume_at = p.done + 1,
+                        "WORKFLOW {} resumes at step {} for {}",
+                        wf.name,
+                        p.done + 1,
+                        upload.billing_path
+                    );
+                    resume_at = p.done;
+                    ctx.restore(&p.context);
+                    verified_copy = wf.steps[..p.done]
+                        .iter()
+                        .any(|s| matches!(s, Step::Copy { .. }));
+                    if let Some(local) = ctx.values.get("local_path") {
+                        record.destination = local.clone();
+                    }
+                    if let Some(sum) = ctx.values.get("checksum") {
+                        record.checksum = sum.clone();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Without its state a workflow still runs, from the start: at least once.
+                    warn!(error = %e, "cannot read the workflow state; running every step");
+                }
+            }
+        }
+        for (j, step) in wf.steps.iter().enumerate().skip(resume_at) {
             let label = format!("{} step {} ({})", wf.name, j + 1, step.kind());
             let result: Result<(), (String, u32)> = match step {
                 Step::Copy { destination } => {
@@ -529,6 +646,53 @@ impl Pipeline {
                 .await
                 .map(drop)
                 .map_err(|(e, n)| (e.message, n)),
+                Step::Unpack {
+                    destination,
+                    format,
+                } => self
+                    .unpack_step(&mut ctx, destination.as_ref(), *format)
+                    .await
+                    .map_err(|e| (e, 1)),
+                Step::Produce { topic, key } => {
+                    let event: serde_json::Value =
+                        serde_json::from_slice(raw).unwrap_or(serde_json::Value::Null);
+                    retrying(&label, wf.attempts, &self.retry, || {
+                        self.produce_step(&ctx, topic, key, &event)
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|(e, n)| (e.message, n))
+                }
+                Step::Catalog { database } => {
+                    let status = match upload.kind {
+                        EventKind::Upload if verified_copy => "present",
+                        EventKind::Upload => "announced",
+                        EventKind::Remove => "removed",
+                        EventKind::Restore => "restored",
+                        EventKind::Store => "stored",
+                    };
+                    let entry = crate::catalog::Entry {
+                        workflow: wf.name.clone(),
+                        path: upload.billing_path.clone(),
+                        local_path: ctx.values.get("local_path").cloned(),
+                        size: ctx.values.get("size").and_then(|s| s.parse().ok()),
+                        checksum: ctx.values.get("checksum").cloned().filter(|c| !c.is_empty()),
+                        pnfsid: upload.pnfsid.to_string(),
+                        status: status.into(),
+                        first_seen: String::new(),
+                        updated: String::new(),
+                    };
+                    let catalog = self.catalogs.get(database).expect("opened at start");
+                    retrying(&label, wf.attempts, &self.retry, || async {
+                        catalog
+                            .upsert(entry.clone())
+                            .await
+                            .map_err(|e| StepError::retry(format!("catalog {}: {e:#}", database.display())))
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|(e, n)| (e.message, n))
+                }
                 Step::Exec {
                     argv,
                     env,
@@ -572,6 +736,14 @@ impl Pipeline {
                     if self.explicit_workflows {
                         info!(step = j + 1, kind = step.kind(), "STEP_DONE {label}");
                     }
+                    if let Some(state) = &self.state {
+                        if let Err(e) = state
+                            .finished(&state_key, &wf.name, j + 1, step.kind(), &ctx.values)
+                            .await
+                        {
+                            warn!(error = %e, "cannot record the finished step: a redelivery runs it again");
+                        }
+                    }
                 }
                 Err((error, attempts)) => {
                     Stats::inc(&self.stats.failed);
@@ -611,11 +783,100 @@ impl Pipeline {
         outcome
     }
 
+    /// Unpacks the copied archive into its destination (by default the archive's path plus
+    /// `.d`), published by one rename; sets `{unpacked}`.
+    async fn unpack_step(
+        &self,
+        ctx: &mut StepContext,
+        template: Option<&Template>,
+        format: dcflow_core::workflow::ArchiveFormat,
+    ) -> Result<(), String> {
+        let archive = PathBuf::from(
+            ctx.values
+                .get("local_path")
+                .cloned()
+                .ok_or("no copied file to unpack")?,
+        );
+        let root = self.engine.settings().download_folder.clone();
+        let destination = match template {
+            Some(t) => {
+                let rendered = ctx.render(t).map_err(|e| e.message)?;
+                let rel = relative_destination(&rendered).map_err(|why| {
+                    format!("destination {rendered:?} escapes the download folder: {why}")
+                })?;
+                let mut d = root.clone();
+                d.extend(&rel);
+                d
+            }
+            None => {
+                let mut d = archive.clone().into_os_string();
+                d.push(".d");
+                PathBuf::from(d)
+            }
+        };
+        let modes = self.engine.settings().permissions;
+        let (a, d) = (archive.clone(), destination.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            crate::unpack::unpack(&a, format, &d, modes.dir_mode, modes.file_mode)
+        })
+        .await
+        .map_err(|e| format!("unpacking: {e}"))?;
+        match result {
+            Ok(u) if u.already => {
+                info!(destination = %destination.display(), "UNPACK already published by an earlier delivery")
+            }
+            Ok(u) => info!(
+                destination = %destination.display(),
+                files = u.files,
+                bytes = u.bytes,
+                "UNPACK {} files ({}) into {}",
+                u.files,
+                human_bytes(u.bytes),
+                destination.display()
+            ),
+            Err(e) => return Err(format!("unpacking {}: {e}", archive.display())),
+        }
+        ctx.set("unpacked", destination.display().to_string());
+        Ok(())
+    }
+
+    /// Publishes the event and context to a Kafka topic and waits for the broker.
+    async fn produce_step(
+        &self,
+        ctx: &StepContext,
+        topic: &str,
+        key: &Template,
+        event: &serde_json::Value,
+    ) -> Result<(), StepError> {
+        let producer = self
+            .producers
+            .get(topic)
+            .ok_or_else(|| StepError::fatal(format!("no producer for topic {topic}")))?;
+        let key = ctx.render(key)?;
+        let message = serde_json::json!({
+            "workflow": ctx.values.get("workflow"),
+            "event": event,
+            "context": ctx.as_json(),
+        });
+        producer
+            .send(Some(&key), message.to_string().as_bytes())
+            .await
+            .map(|(partition, offset)| {
+                info!(
+                    topic,
+                    partition,
+                    offset,
+                    "PRODUCE to {topic} (partition {partition}, offset {offset})"
+                );
+            })
+            .map_err(|e| StepError::retry(format!("producing to {topic}: {e}")))
+    }
+
     /// The verified copy, its logs and counters; fills `record` and the context's
     /// `local_path` and `checksum`. `Err` holds the error and the attempts made.
     async fn copy_step(
         &self,
-        upload: &Upload,
+        upload: &Subject,
         mapped: &Mapped,
         template: Option<&Template>,
         deletes_source: bool,
@@ -642,7 +903,7 @@ impl Pipeline {
         let guard = lock.lock().await;
         // A workflow that deletes its sources, delivered again: the file is at its final path
         // (only verified files are ever renamed there) and dCache no longer has it.
-        if deletes_source && !upload.awaits_commit() {
+        if deletes_source && !upload.awaits_commit {
             let present = std::fs::symlink_metadata(&destination)
                 .is_ok_and(|m| m.is_file() && upload.size.is_none_or(|s| s == m.len()));
             if present && matches!(self.engine.exists(&mapped.source_url).await, Ok(false)) {
@@ -657,7 +918,7 @@ impl Pipeline {
         info!(
             source = %mapped.source_url,
             destination = %destination.display(),
-            awaits_commit = upload.awaits_commit(),
+            awaits_commit = upload.awaits_commit,
             "COPY_INIT {} -> {}",
             mapped.source_url,
             destination.display()
@@ -725,8 +986,34 @@ impl Pipeline {
         Admission::Skip
     }
 
-    fn mark(&self, pnfsid: &PnfsId, state: Seen) {
-        self.seen.lock().expect("seen lock").finish(pnfsid, state);
+    fn mark(&self, key: &SeenKey, state: Seen) {
+        self.seen.lock().expect("seen lock").finish(key, state);
+    }
+
+    /// A remove, restore or store under the folder that some workflow takes.
+    fn other_event(&self, msg: &BillingMessage) -> Option<Subject> {
+        use dcflow_core::event::MessageType;
+        let kind = match msg.msg_type {
+            MessageType::Remove => EventKind::Remove,
+            MessageType::Restore => EventKind::Restore,
+            MessageType::Store => EventKind::Store,
+            _ => return None,
+        };
+        if !self.other_kinds.contains(&kind) || msg.status.code != 0 {
+            return None;
+        }
+        Some(Subject {
+            kind,
+            signal: if msg.cell_type.as_deref() == Some("door") {
+                "door"
+            } else {
+                "pool"
+            },
+            awaits_commit: false,
+            pnfsid: msg.pnfsid()?.clone(),
+            billing_path: msg.billing_path.clone().filter(|p| p.starts_with('/'))?,
+            size: msg.file_size.or(msg.hit_file_size),
+        })
     }
 
     /// Records a failure: a row of the failure CSV and, where configured, a message on the
@@ -764,13 +1051,36 @@ impl Pipeline {
     }
 }
 
+/// A templated destination, relative to the download folder, checked component by component
+/// as billing paths are (no `..`, `.`, empty components, NUL, absolute paths).
+fn relative_destination(rendered: &str) -> Result<Vec<String>, &'static str> {
+    if rendered.starts_with('/') {
+        return Err("an absolute path");
+    }
+    let mut rel = Vec::new();
+    for part in rendered.split('/') {
+        match part {
+            "" => return Err("an empty component (// or a trailing /)"),
+            "." | ".." => return Err("a . or .. component"),
+            p if p.contains('\0') => return Err("a NUL byte"),
+            p => rel.push(p.to_owned()),
+        }
+    }
+    Ok(rel)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn finished_uploads_are_remembered_up_to_a_bound() {
-        let id = |n: u32| PnfsId::parse(&format!("{n:036X}")).unwrap();
+        let id = |n: u32| {
+            (
+                EventKind::Upload,
+                PnfsId::parse(&format!("{n:036X}")).unwrap(),
+            )
+        };
         let mut seen = SeenMap::new(3);
         let (_running, rx) = watch::channel(());
         seen.start(&id(0), rx);
@@ -788,22 +1098,4 @@ mod tests {
         assert!((3..=5).all(|n| seen.get(&id(n)).is_some()));
         assert_eq!(seen.map.len(), 4);
     }
-}
-
-/// A templated destination, relative to the download folder, checked component by component
-/// as billing paths are (no `..`, `.`, empty components, NUL, absolute paths).
-fn relative_destination(rendered: &str) -> Result<Vec<String>, &'static str> {
-    if rendered.starts_with('/') {
-        return Err("an absolute path");
-    }
-    let mut rel = Vec::new();
-    for part in rendered.split('/') {
-        match part {
-            "" => return Err("an empty component (// or a trailing /)"),
-            "." | ".." => return Err("a . or .. component"),
-            p if p.contains('\0') => return Err("a NUL byte"),
-            p => rel.push(p.to_owned()),
-        }
-    }
-    Ok(rel)
 }

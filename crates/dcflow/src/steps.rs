@@ -26,11 +26,20 @@ impl Context {
         self.values.insert(key, value.into());
     }
 
+    /// Takes back the values a finished step left (from the state file).
+    pub fn restore(&mut self, saved: &BTreeMap<String, String>) {
+        for (k, v) in saved {
+            if let Some(name) = dcflow_core::workflow::placeholder(k) {
+                self.values.insert(name, v.clone());
+            }
+        }
+    }
+
     pub fn render(&self, t: &Template) -> Result<String, StepError> {
         t.render(&self.values).map_err(StepError::fatal)
     }
 
-    fn as_json(&self) -> serde_json::Value {
+    pub fn as_json(&self) -> serde_json::Value {
         self.values
             .iter()
             .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))

@@ -473,3 +473,102 @@ async fn one_dispatcher_three_workers_survive_losing_a_worker() {
         "work was spread: {shares:?}"
     );
 }
+
+/// Every message of partition 0 of `topic`, as (key, payload).
+fn messages_of(broker: &str, topic: &str) -> Vec<(String, serde_json::Value)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let (_, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (out.len() as i64) < high && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_secs(1)) {
+            use rdkafka::Message;
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            let value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+            out.push((key, value));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_step_publishes_each_finished_file_once_to_its_topic() {
+    let Some(broker) = broker() else { return };
+    let billing = unique("billing");
+    let follow_up = unique("follow-up");
+    let site = Site::with_kafka(&broker, &billing).await;
+    site.upload("prod/a.dat", &data(12_000, 11)).await;
+    site.upload("prod/b.dat", &data(13_000, 12)).await;
+    site.sim.flush_billing();
+    let config = site.write_kafka_config(
+        &format!(
+            "topic = \"{billing}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{}\"",
+            unique("g")
+        ),
+        "",
+    );
+    let mut text_cfg = std::fs::read_to_string(&config).unwrap();
+    text_cfg.push_str(&format!(
+        r#"
+[[workflow]]
+name = "announce"
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "produce"
+topic = "{follow_up}"
+key = "{{name}}"
+"#
+    ));
+    std::fs::write(&config, text_cfg).unwrap();
+    // The second run is a new consumer group: every message is delivered again, and the
+    // state file keeps the follow-up messages from being published twice.
+    for run in 0..2 {
+        if run == 1 {
+            let text_cfg = std::fs::read_to_string(&config).unwrap();
+            let regrouped = text_cfg.replace("consumergroup = \"", "consumergroup = \"again-");
+            std::fs::write(&config, regrouped).unwrap();
+        }
+        let out = dcflow(&[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--until-caught-up",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        if run == 1 {
+            assert!(
+                text(&out.stderr).contains("WORKFLOW_DONE announce already"),
+                "{}",
+                text(&out.stderr)
+            );
+        }
+    }
+    let got = messages_of(&broker, &follow_up);
+    let mut keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["a.dat", "b.dat"], "once per file, not per delivery");
+    for (key, value) in &got {
+        assert_eq!(value["workflow"], "announce");
+        assert!(value["context"]["local_path"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("prod/{key}")));
+        assert!(value["context"]["checksum"]
+            .as_str()
+            .unwrap()
+            .starts_with("adler32:"));
+        assert!(value["event"]["pnfsid"].is_string());
+    }
+}

@@ -69,7 +69,18 @@ async fn campaign_copies_then_frees_the_pool_and_a_redelivery_changes_nothing() 
     assert!(log.contains("DELETE_SOURCE"), "{log}");
     assert!(log.contains("WORKFLOW_DONE campaign"), "{log}");
 
-    // The same events again (a replay, a rebalance): the files stay, nothing fails.
+    // The same events again (a replay, a rebalance): the state file says the workflow is
+    // done; the files stay, nothing fails.
+    let again = replay(&config, &events);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("WORKFLOW_DONE campaign already"),
+        "{}",
+        text(&again.stderr)
+    );
+    // Even without the state file, the copy is recognised: at its final path, and gone
+    // from dCache.
+    std::fs::remove_file(site.path("dcflow-state.sqlite")).unwrap();
     let again = replay(&config, &events);
     assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
     assert!(
@@ -326,15 +337,22 @@ timeout = 1
     let events = snapshot(&site, "events.jsonl");
     let first = replay(&config, &events);
     assert_eq!(first.status.code(), Some(1), "{}", text(&first.stderr));
+    // Delivered again: the state file says the webhook was called; it is not called again.
     let second = replay(&config, &events);
     assert_eq!(second.status.code(), Some(1));
+    assert_eq!(requests.lock().unwrap().len(), 1);
+    // The state lost (or a crash between the call and its record): the call is repeated,
+    // with the same idempotency key.
+    std::fs::remove_file(site.path("dcflow-state.sqlite")).unwrap();
+    let third = replay(&config, &events);
+    assert_eq!(third.status.code(), Some(1));
     assert_eq!(
         std::fs::read(site.download().join("faas/in.dat")).unwrap(),
         body
     );
 
     let got = requests.lock().unwrap().clone();
-    assert_eq!(got.len(), 2, "one call per delivery: {got:#?}");
+    assert_eq!(got.len(), 2, "{got:#?}");
     let key = |req: &str| {
         req.lines()
             .find_map(|l| {
@@ -359,12 +377,12 @@ timeout = 1
         .as_str()
         .unwrap()
         .ends_with("faas/in.dat"));
-    assert_eq!(event["data"]["event"]["msgType"].as_str().is_some(), true);
+    assert!(event["data"]["event"]["msgType"].as_str().is_some());
 
     let failed = site.records("failed.csv");
     assert_eq!(
         failed.len(),
-        2,
+        3,
         "the hung endpoint, once per delivery: {failed:?}"
     );
     assert!(failed[0]
@@ -375,7 +393,12 @@ timeout = 1
         "{}",
         failed[0].error
     );
-    let all_logs = format!("{}{}", text(&first.stderr), text(&second.stderr));
+    let all_logs = format!(
+        "{}{}{}",
+        text(&first.stderr),
+        text(&second.stderr),
+        text(&third.stderr)
+    );
     assert!(
         !all_logs.contains("s3cr3t"),
         "the token never reaches the logs"
@@ -402,4 +425,306 @@ fn every_example_configuration_is_accepted() {
         );
     }
     assert!(seen >= 4, "examples: {seen}");
+}
+
+/// Archives built by Python's tarfile and zipfile: a good one of each format, and hostile ones.
+fn make_archives(dir: &std::path::Path) {
+    let script = r##"
+import io, sys, tarfile, zipfile, os
+d = sys.argv[1]
+def add(t, name, data=b"x", kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    t.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+with tarfile.open(os.path.join(d, "good.tar.gz"), "w:gz") as t:
+    add(t, "top/", kind=tarfile.DIRTYPE)
+    add(t, "top/a.txt", b"alpha\n")
+    add(t, "top/sub/b.bin", bytes(range(256)) * 40)
+    add(t, "top/latest", kind=tarfile.SYMTYPE, link="sub/b.bin")
+with zipfile.ZipFile(os.path.join(d, "good.zip"), "w", zipfile.ZIP_DEFLATED) as z:
+    z.writestr("docs/readme.md", "# hello\n")
+    z.writestr("docs/data/c.csv", "a,b\n1,2\n" * 100)
+with tarfile.open(os.path.join(d, "dotdot.tar"), "w") as t:
+    add(t, "ok.txt")
+    add(t, "../../escaped-dotdot.txt")
+with tarfile.open(os.path.join(d, "absolute.tar"), "w") as t:
+    add(t, "/tmp/escaped-absolute.txt")
+with tarfile.open(os.path.join(d, "linkout.tar"), "w") as t:
+    add(t, "out", kind=tarfile.SYMTYPE, link="../../..")
+    add(t, "out/escaped-link.txt")
+with tarfile.open(os.path.join(d, "linkabs.tar"), "w") as t:
+    add(t, "etc", kind=tarfile.SYMTYPE, link="/etc")
+with tarfile.open(os.path.join(d, "climb.tar"), "w") as t:
+    add(t, "here", kind=tarfile.SYMTYPE, link=".")
+    add(t, "up", kind=tarfile.SYMTYPE, link="here/..")
+with tarfile.open(os.path.join(d, "hardlink.tar"), "w") as t:
+    add(t, "passwd", kind=tarfile.LNKTYPE, link="/etc/passwd")
+with zipfile.ZipFile(os.path.join(d, "slip.zip"), "w") as z:
+    z.writestr("fine.txt", "fine")
+    z.writestr("../../escaped-zip.txt", "evil")
+"##;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpack_publishes_whole_trees_and_refuses_every_escape() {
+    let site = Site::new().await;
+    let archives = site.path("archives");
+    std::fs::create_dir_all(&archives).unwrap();
+    make_archives(&archives);
+    let hostile = [
+        "dotdot.tar",
+        "absolute.tar",
+        "linkout.tar",
+        "linkabs.tar",
+        "climb.tar",
+        "hardlink.tar",
+        "slip.zip",
+    ];
+    for name in ["good.tar.gz", "good.zip"].iter().chain(&hostile) {
+        let body = std::fs::read(archives.join(name)).unwrap();
+        site.upload(&format!("arc/{name}"), &body).await;
+    }
+    let workflows = r#"
+[[workflow]]
+name = "unpack"
+[workflow.match]
+paths = ["arc/*"]
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "unpack"
+"#;
+    let config = with_workflows(&site, "", workflows);
+    let events = snapshot(&site, "events.jsonl");
+    let out = replay(&config, &events);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let arc = site.download().join("arc");
+    let tree = arc.join("good.tar.gz.d");
+    assert_eq!(std::fs::read(tree.join("top/a.txt")).unwrap(), b"alpha\n");
+    assert_eq!(
+        std::fs::read(tree.join("top/sub/b.bin")).unwrap().len(),
+        256 * 40
+    );
+    assert_eq!(
+        std::fs::read_link(tree.join("top/latest")).unwrap(),
+        std::path::Path::new("sub/b.bin")
+    );
+    let zip_tree = arc.join("good.zip.d");
+    assert_eq!(
+        std::fs::read_to_string(zip_tree.join("docs/readme.md")).unwrap(),
+        "# hello\n"
+    );
+    for name in &hostile {
+        assert!(
+            !arc.join(format!("{name}.d")).exists(),
+            "{name}: nothing is published"
+        );
+        assert!(
+            !arc.join(format!(".{name}.d.dcflow-unpack")).exists(),
+            "{name}: no temporary tree left"
+        );
+    }
+    for escaped in [
+        "escaped-dotdot.txt",
+        "escaped-absolute.txt",
+        "escaped-link.txt",
+        "escaped-zip.txt",
+    ] {
+        for dir in [
+            site.dir.path(),
+            &site.download(),
+            &arc,
+            std::path::Path::new("/tmp"),
+        ] {
+            assert!(
+                !dir.join(escaped).exists(),
+                "{escaped} in {}",
+                dir.display()
+            );
+        }
+    }
+    let failed = site.records("failed.csv");
+    assert_eq!(failed.len(), hostile.len(), "{failed:#?}");
+    for r in &failed {
+        assert!(
+            r.error.starts_with("workflow unpack step 2 (unpack): "),
+            "{}",
+            r.error
+        );
+        assert!(
+            r.error.contains("refused") || r.error.contains("links"),
+            "{}",
+            r.error
+        );
+    }
+
+    // Delivered again: the published trees are kept as they are, nothing is unpacked twice.
+    let marker = tree.join("top/marker");
+    std::fs::write(&marker, b"operator's note").unwrap();
+    let again = replay(&config, &events);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(marker.exists(), "the tree was not replaced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_keeps_one_row_per_file_and_the_command_lists_them() {
+    let site = Site::new().await;
+    site.upload("cat/one.dat", &data(11_000, 8)).await;
+    site.upload("cat/two.dat", &data(22_000, 9)).await;
+    let db = site.path("catalog.sqlite");
+    let workflows = format!(
+        r#"
+[[workflow]]
+name = "register"
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "catalog"
+database = "{db}"
+"#,
+        db = db.display()
+    );
+    let config = with_workflows(&site, "", &workflows);
+    let events = snapshot(&site, "events.jsonl");
+    for _ in 0..2 {
+        let out = replay(&config, &events);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    // A fresh state file: the steps run again, and the catalog still has one row per file.
+    std::fs::remove_file(site.path("dcflow-state.sqlite")).unwrap();
+    let out = replay(&config, &events);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let listed = common::dcflow(&["catalog", "--config", config.to_str().unwrap(), "--json"]);
+    assert_eq!(listed.status.code(), Some(0), "{}", text(&listed.stderr));
+    let rows: Vec<serde_json::Value> = text(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert_eq!(
+        rows[0]["path"].as_str().unwrap().rsplit('/').next(),
+        Some("one.dat")
+    );
+    assert_eq!(rows[0]["status"], "present");
+    assert_eq!(rows[0]["size"], 11_000);
+    assert!(rows[0]["checksum"]
+        .as_str()
+        .unwrap()
+        .starts_with("adler32:"));
+    assert!(rows[1]["local_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("cat/two.dat"));
+    let csv = common::dcflow(&[
+        "catalog",
+        "--database",
+        db.to_str().unwrap(),
+        "--path",
+        "*/two.dat",
+    ]);
+    let csv = text(&csv.stdout);
+    assert_eq!(csv.lines().count(), 2, "header and one row: {csv}");
+    assert!(csv.starts_with("workflow,path,local_path,size,checksum,pnfsid,status"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_is_resumed_not_repeated_and_removals_start_their_own_workflow() {
+    let site = Site::new().await;
+    let door_path = site.upload("res/file.dat", &data(9_000, 10)).await;
+    let (script, calls) = argv_recorder(&site);
+    let gate = site.path("gate-open");
+    let db = site.path("catalog.sqlite");
+    // Step 3 fails (exit 3) until the gate file exists.
+    let workflows = format!(
+        r#"
+[[workflow]]
+name = "pipeline"
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "exec"
+argv = ["python3", "{script}", "{calls}", "first", "{{name}}"]
+[[workflow.step]]
+type = "exec"
+argv = ["/bin/sh", "-c", "python3 \"$0\" \"$1\" second \"$2\" && test -e \"$3\" || exit 3", "{script}", "{calls}", "{{name}}", "{gate}"]
+[[workflow.step]]
+type = "delete-source"
+
+[[workflow]]
+name = "forget"
+[workflow.match]
+kinds = ["remove"]
+[[workflow.step]]
+type = "exec"
+argv = ["python3", "{script}", "{calls}", "removed", "{{path}}", "{{kind}}"]
+[[workflow.step]]
+type = "catalog"
+database = "{db}"
+"#,
+        script = script.display(),
+        calls = calls.display(),
+        gate = gate.display(),
+        db = db.display(),
+    );
+    let config = with_workflows(&site, "", &workflows);
+    let events = snapshot(&site, "events.jsonl");
+    let first = replay(&config, &events);
+    assert_eq!(first.status.code(), Some(1), "{}", text(&first.stderr));
+    assert!(
+        site.sim.stored_file(&door_path).exists(),
+        "step 4 not reached"
+    );
+    let failed = site.records("failed.csv");
+    assert!(failed[0]
+        .error
+        .starts_with("workflow pipeline step 3 (exec): "));
+
+    // `dcflow retry` of the failure, once the gate is open: it resumes at step 3.
+    std::fs::write(&gate, b"").unwrap();
+    let retried = common::dcflow(&[
+        "retry",
+        "--config",
+        config.to_str().unwrap(),
+        site.path("failed.csv").to_str().unwrap(),
+    ]);
+    assert_eq!(retried.status.code(), Some(0), "{}", text(&retried.stderr));
+    assert!(
+        text(&retried.stderr).contains("resumes at step 3"),
+        "{}",
+        text(&retried.stderr)
+    );
+    assert!(
+        !site.sim.stored_file(&door_path).exists(),
+        "deleted at last"
+    );
+    // Everything again, now with dCache's remove messages: "pipeline" is done already, and
+    // the removal runs "forget" once (the door's and the pool's messages are one event).
+    let all = replay(&config, &site.billing());
+    assert_eq!(all.status.code(), Some(0), "{}", text(&all.stderr));
+    let recorded = std::fs::read_to_string(&calls).unwrap();
+    let count = |tag: &str| {
+        recorded
+            .lines()
+            .filter(|l| l.contains(&format!("\"{tag}\"")))
+            .count()
+    };
+    assert_eq!(
+        count("first"),
+        1,
+        "a finished step never runs again: {recorded}"
+    );
+    assert_eq!(count("second"), 2, "failed once, then resumed: {recorded}");
+    assert_eq!(count("removed"), 1, "{recorded}");
+    assert!(recorded.contains("\"remove\""));
+    let rows = common::dcflow(&["catalog", "--database", db.to_str().unwrap(), "--json"]);
+    let rows = text(&rows.stdout);
+    assert!(rows.contains("\"status\":\"removed\""), "{rows}");
 }

@@ -1,0 +1,111 @@
+//! Which workflow steps finished, per pnfsid: an SQLite file (`[local] statefile`).
+//!
+//! After each step succeeds, a row (pnfsid, workflow, step, context) is written. When the
+//! same event comes again (a replay, a crash before the offset was committed, a rebalance,
+//! `dcflow retry`), the workflow resumes after its last finished step, with the context that
+//! step left: nothing finished is done twice. A crash between a step's effect and its row
+//! means that one step runs again (at least once).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+
+#[derive(Clone)]
+pub struct StateStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// Where a workflow stands for one event.
+#[derive(Debug, Default, Clone)]
+pub struct Progress {
+    /// Steps finished, counted from the first (they finish in order).
+    pub done: usize,
+    /// The context the last finished step left.
+    pub context: BTreeMap<String, String>,
+}
+
+impl StateStore {
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the folder of {}", path.display()))?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening the state file {}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA busy_timeout = 10000;
+             CREATE TABLE IF NOT EXISTS steps (
+                 pnfsid   TEXT NOT NULL,
+                 workflow TEXT NOT NULL,
+                 step     INTEGER NOT NULL,
+                 kind     TEXT NOT NULL,
+                 done_at  TEXT NOT NULL,
+                 context  TEXT NOT NULL,
+                 PRIMARY KEY (pnfsid, workflow, step)
+             );",
+        )
+        .with_context(|| format!("preparing the state file {}", path.display()))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Where `workflow` stands for the event `key` (pnfsid, or kind:pnfsid).
+    pub async fn progress(&self, key: &str, workflow: &str) -> Result<Progress> {
+        let conn = self.conn.clone();
+        let (key, workflow) = (key.to_owned(), workflow.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().expect("state lock");
+            let row: Option<(i64, String)> = conn
+                .query_row(
+                    "SELECT step, context FROM steps WHERE pnfsid = ?1 AND workflow = ?2
+                     ORDER BY step DESC LIMIT 1",
+                    params![key, workflow],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(match row {
+                Some((step, context)) => Progress {
+                    done: step as usize,
+                    context: serde_json::from_str(&context).unwrap_or_default(),
+                },
+                None => Progress::default(),
+            })
+        })
+        .await?
+    }
+
+    /// Step `step` (1-based) of `workflow` finished for `key`, leaving `context`.
+    pub async fn finished(
+        &self,
+        key: &str,
+        workflow: &str,
+        step: usize,
+        kind: &str,
+        context: &BTreeMap<&'static str, String>,
+    ) -> Result<()> {
+        let conn = self.conn.clone();
+        let row = (
+            key.to_owned(),
+            workflow.to_owned(),
+            step as i64,
+            kind.to_owned(),
+            serde_json::to_string(context)?,
+        );
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().expect("state lock");
+            conn.execute(
+                "INSERT OR REPLACE INTO steps (pnfsid, workflow, step, kind, done_at, context)
+                 VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?5)",
+                params![row.0, row.1, row.2, row.3, row.4],
+            )?;
+            Ok(())
+        })
+        .await?
+    }
+}
