@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
+use dcflow_core::workflow::EventKind;
 use dcflow_core::{BillingMessage, Config, Glance, PathMapper, Record, RecordFile, Selector};
 use dcflow_kafka::{KafkaSource, Received, TopicProducer};
 use rdkafka::consumer::CommitMode;
@@ -46,7 +47,15 @@ pub async fn dispatch(
     let source = Arc::new(KafkaSource::try_new(kafka, &kafka.topic, &group, false)?);
     let producer = Arc::new(TopicProducer::try_new(kafka, work_topic)?);
     let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
-    let selector = Selector::new(mapper.prefix());
+    // Removes, restores and stores go to the workers too when a workflow takes them.
+    let other_types: Vec<&'static str> = config
+        .workflows()
+        .iter()
+        .flat_map(|w| w.matcher.kinds.iter().copied())
+        .filter(|k| *k != EventKind::Upload)
+        .map(EventKind::as_str)
+        .collect();
+    let selector = Selector::new(mapper.prefix()).also(&other_types);
     let failures = RecordFile::open(&config.local.failed_file)?;
     let outstanding = Arc::new(Semaphore::new(MAX_OUTSTANDING));
     let mut sends = JoinSet::new();
@@ -101,7 +110,13 @@ pub async fn dispatch(
                 None
             }
             // Unsafe paths are forwarded too: the worker records them as failures.
-            Ok(Some(msg)) => msg.upload().ok().map(|up| up.pnfsid.to_string()),
+            Ok(Some(msg)) => match msg.upload() {
+                Ok(up) => Some(up.pnfsid.to_string()),
+                Err(_) if other_types.contains(&msg.msg_type.as_str()) && msg.status.code == 0 => {
+                    msg.pnfsid().map(ToString::to_string)
+                }
+                Err(_) => None,
+            },
             Ok(None) => None,
         };
         let Some(key) = key else {

@@ -728,3 +728,87 @@ database = "{db}"
     let rows = text(&rows.stdout);
     assert!(rows.contains("\"status\":\"removed\""), "{rows}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_workflow_resumes_after_the_last_finished_step() {
+    let site = Site::new().await;
+    let body = data(30_000, 13);
+    site.upload("crash/f.dat", &body).await;
+    let (script, calls) = argv_recorder(&site);
+    let gate = site.path("gate-open");
+    let pid_file = site.path("step3.pid");
+    // Step 3 records that it started, then waits (for the kill) unless the gate is open.
+    let workflows = format!(
+        r#"
+[[workflow]]
+name = "crashy"
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "exec"
+argv = ["python3", "{script}", "{calls}", "step2", "{{name}}"]
+[[workflow.step]]
+type = "exec"
+argv = ["/bin/sh", "-c", "echo $$ > \"$3\"; python3 \"$0\" \"$1\" step3-start; test -e \"$2\" || sleep 60; python3 \"$0\" \"$1\" step3-done", "{script}", "{calls}", "{gate}", "{pid}"]
+timeout = 120
+"#,
+        script = script.display(),
+        calls = calls.display(),
+        gate = gate.display(),
+        pid = pid_file.display(),
+    );
+    let config = with_workflows(&site, "", &workflows);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args([
+            "replay",
+            "--config",
+            config.to_str().unwrap(),
+            site.billing().to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&calls)
+        .unwrap_or_default()
+        .contains("step3-start")
+    {
+        assert!(std::time::Instant::now() < deadline, "step 3 never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL: no drain, no cleanup
+    child.wait().unwrap();
+    // The orphaned step-3 program goes too, as it would with the daemon's cgroup.
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status();
+
+    std::fs::write(&gate, b"").unwrap();
+    let out = replay(&config, &site.billing());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("resumes at step 3"),
+        "{}",
+        text(&out.stderr)
+    );
+    let recorded = std::fs::read_to_string(&calls).unwrap();
+    let count = |tag: &str| {
+        recorded
+            .lines()
+            .filter(|l| l.contains(&format!("\"{tag}\"")))
+            .count()
+    };
+    assert_eq!(
+        count("step2"),
+        1,
+        "finished before the crash: not run again"
+    );
+    assert_eq!(count("step3-start"), 2, "interrupted, so run again");
+    assert_eq!(count("step3-done"), 1);
+    assert_eq!(
+        std::fs::read(site.download().join("crash/f.dat")).unwrap(),
+        body
+    );
+}
