@@ -153,14 +153,19 @@ pub async fn exec(
             )));
         }
     };
-    let out = match stdout {
-        Some(h) => h.await.unwrap_or_default(),
-        None => String::new(),
+    // A background child of the program may keep the pipes open: do not wait for ever.
+    let collect = |h: Option<tokio::task::JoinHandle<String>>| async move {
+        match h {
+            Some(h) => tokio::time::timeout(Duration::from_secs(5), h)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default(),
+            None => String::new(),
+        }
     };
-    let err = match stderr {
-        Some(h) => h.await.unwrap_or_default(),
-        None => String::new(),
-    };
+    let out = collect(stdout).await;
+    let err = collect(stderr).await;
     info!(program, status = %status, stdout = out.trim_end(), stderr = err.trim_end(), "EXEC {program} ended: {status}");
     match status.code() {
         Some(0) => Ok(()),
