@@ -279,6 +279,8 @@ pub struct Config {
     /// `[[workflow]]` rules, in file order; empty means the original behaviour (see
     /// [`Config::workflows`]).
     pub workflow_rules: Vec<crate::workflow::Workflow>,
+    /// `[metrics] address`: where /metrics, /healthz, /readyz and the status page are served.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 pub const DEFAULT_CAPATH: &str = "/etc/grid-security/certificates";
@@ -350,11 +352,11 @@ impl Config {
         })?;
         let mut errs = Vec::new();
         for (key, value) in &root {
-            let known = ["kafka", "dcache", "local", "workflow"].contains(&key.as_str());
+            let known = ["kafka", "dcache", "local", "workflow", "metrics"].contains(&key.as_str());
             if !known {
                 errs.push(problem(
                     key,
-                    "unknown section (expected [kafka], [dcache], [local], [[workflow]])",
+                    "unknown section (expected [kafka], [dcache], [local], [metrics], [[workflow]])",
                 ));
             } else if key != "workflow" && !value.is_table() {
                 errs.push(problem(key, "must be a table, e.g. [dcache]"));
@@ -379,6 +381,24 @@ impl Config {
             ),
             env,
         );
+        let metrics_address = {
+            let mut m = Section::new(
+                "metrics",
+                root.get("metrics").and_then(toml::Value::as_table),
+                &["address"],
+                &mut errs,
+            );
+            m.string("address").and_then(|a| match a.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    m.fail(
+                        "address",
+                        format!("{a:?} is not an IP address and port, e.g. \"127.0.0.1:9464\""),
+                    );
+                    None
+                }
+            })
+        };
         let attempts = dcache.as_ref().map_or(1, |d| d.retry.attempts().get());
         let workflow_rules = match root.get("workflow") {
             Some(w) => crate::workflow::parse_workflows(w, attempts, &mut errs),
@@ -402,6 +422,7 @@ impl Config {
                 dcache,
                 local,
                 workflow_rules,
+                metrics_address,
             }),
             _ => Err(ConfigError { problems: errs }),
         }

@@ -72,6 +72,8 @@ pub struct Job<'a> {
     pub destination: &'a Path,
     /// The size dCache announced, if any.
     pub expected_size: Option<u64>,
+    /// Bytes received by the current attempt, for status displays (reset at each attempt).
+    pub progress: Option<&'a std::sync::atomic::AtomicU64>,
 }
 
 /// A file now at its final path, verified.
@@ -219,6 +221,9 @@ impl Engine {
                 None => break,
                 Some(Ok(chunk)) => {
                     received += chunk.len() as u64;
+                    if let Some(p) = job.progress {
+                        p.store(received, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if tx.send(Chunk::Data(chunk)).await.is_err() {
                         break; // the writer failed: its error is reported below
                     }

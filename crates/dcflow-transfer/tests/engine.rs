@@ -102,6 +102,7 @@ impl Setup {
             rel: &mapped.rel,
             destination: &mapped.destination,
             expected_size: size,
+            progress: None,
         };
         engine.copy(&job).await
     }

@@ -107,6 +107,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What the running daemon is doing, from its `[metrics] address`: counters, transfers
+    /// in flight, lag, recent failures. Exit 1 when it cannot be reached.
+    Status {
+        /// The daemon's configuration (its [metrics] address is asked).
+        #[arg(long, required_unless_present = "address")]
+        config: Option<PathBuf>,
+        /// The address to ask instead, e.g. 127.0.0.1:9464.
+        #[arg(long)]
+        address: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The whole flow on an embedded default: dCache emulator, uploads, verified copies.
     Demo {
         /// Where to keep the emulator's state, the copies and the records (default: a new
@@ -145,15 +158,26 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 }
 
 /// The configuration and a pipeline built from it (credentials loaded, records opened).
-fn load_pipeline(path: &Path) -> Result<(Config, Arc<Pipeline>), ExitCode> {
+/// The configuration and its pipeline; with `[metrics] address`, the status endpoint is
+/// served from here on.
+async fn load_pipeline(path: &Path) -> Result<(Config, Arc<Pipeline>), ExitCode> {
     let cfg = load_config(path)?;
-    match Pipeline::try_new(&cfg) {
-        Ok(p) => Ok((cfg, Arc::new(p))),
+    let pipeline = match Pipeline::try_new(&cfg) {
+        Ok(p) => Arc::new(p),
         Err(e) => {
             eprintln!("dcflow: {e:#}");
-            Err(ExitCode::from(2))
+            return Err(ExitCode::from(2));
+        }
+    };
+    if let Some(address) = cfg.metrics_address {
+        if let Err(e) =
+            dcflow::metrics::serve(address, pipeline.clone(), CancellationToken::new()).await
+        {
+            eprintln!("dcflow: {e:#}");
+            return Err(ExitCode::from(2));
         }
     }
+    Ok((cfg, pipeline))
 }
 
 fn main() -> ExitCode {
@@ -230,6 +254,43 @@ async fn async_main(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Status {
+            config,
+            address,
+            json,
+        } => {
+            let address = match (address, config) {
+                (Some(a), _) => a,
+                (None, Some(config)) => match load_config(&config) {
+                    Ok(cfg) => match cfg.metrics_address {
+                        Some(a) => a.to_string(),
+                        None => {
+                            eprintln!(
+                                "dcflow status: {} has no [metrics] address",
+                                config.display()
+                            );
+                            return ExitCode::from(2);
+                        }
+                    },
+                    Err(code) => return code,
+                },
+                (None, None) => unreachable!("clap requires one"),
+            };
+            match dcflow::status::fetch(&address).await {
+                Ok(status) if json => {
+                    println!("{status}");
+                    ExitCode::SUCCESS
+                }
+                Ok(status) => {
+                    print!("{}", dcflow::status::render(&status));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dcflow status: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::CheckConfig { config } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
@@ -248,7 +309,7 @@ async fn async_main(command: Command) -> ExitCode {
             }
         }
         Command::Replay { config, events } => {
-            let (_, pipeline) = match load_pipeline(&config) {
+            let (_, pipeline) = match load_pipeline(&config).await {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
@@ -259,7 +320,7 @@ async fn async_main(command: Command) -> ExitCode {
             drain_seconds,
             until_caught_up,
         } => {
-            let (cfg, pipeline) = match load_pipeline(&config) {
+            let (cfg, pipeline) = match load_pipeline(&config).await {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
@@ -290,7 +351,7 @@ async fn async_main(command: Command) -> ExitCode {
             failures,
             dead_letters,
         } => {
-            let (cfg, pipeline) = match load_pipeline(&config) {
+            let (cfg, pipeline) = match load_pipeline(&config).await {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };

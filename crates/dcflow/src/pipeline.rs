@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -24,6 +24,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::catalog::Catalog;
+pub use crate::metrics::Stats;
+use crate::metrics::{Active, Activity, Ended, StepLabel};
 use crate::state::StateStore;
 use crate::steps::{self, retrying, Context as StepContext, StepError, Webhooks};
 
@@ -47,32 +49,6 @@ impl FileOutcome {
             (AlreadyPresent, _) | (_, AlreadyPresent) => AlreadyPresent,
             _ => Done,
         }
-    }
-}
-
-/// Counters of a run, for summaries (and metrics later).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub events: AtomicU64,
-    pub malformed: AtomicU64,
-    pub not_upload: AtomicU64,
-    pub outside_folder: AtomicU64,
-    /// Uploads under the folder that no workflow's rule matched.
-    pub unmatched: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub selected: AtomicU64,
-    pub copied: AtomicU64,
-    pub already_present: AtomicU64,
-    pub failed: AtomicU64,
-    pub bytes: AtomicU64,
-}
-
-impl Stats {
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-    fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -183,6 +159,8 @@ pub struct Pipeline {
     destinations: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     dead_letters: Option<TopicProducer>,
     pub stats: Stats,
+    /// Copies in flight and recent results, for the status page.
+    pub activity: Activity,
 }
 
 /// The dead-letter message: the original event (as JSON where it parses, else as text),
@@ -298,6 +276,7 @@ impl Pipeline {
             destinations: Mutex::default(),
             dead_letters,
             stats: Stats::default(),
+            activity: Activity::default(),
         })
     }
 
@@ -731,6 +710,14 @@ impl Pipeline {
                     .map_err(|(e, n)| (e.message, n))
                 }
             };
+            self.stats
+                .steps
+                .get_or_create(&StepLabel {
+                    workflow: wf.name.clone(),
+                    step: step.kind().into(),
+                    result: if result.is_ok() { "done" } else { "failed" }.into(),
+                })
+                .inc();
             match result {
                 Ok(()) => {
                     if self.explicit_workflows {
@@ -768,6 +755,15 @@ impl Pipeline {
                     } else {
                         error
                     };
+                    self.activity.ended(Ended {
+                        time: OffsetDateTime::now_utc(),
+                        workflow: wf.name.clone(),
+                        path: upload.billing_path.clone(),
+                        ok: false,
+                        bytes: 0,
+                        seconds: record.seconds,
+                        error: record.error.clone(),
+                    });
                     self.fail(record, raw, origin).await;
                     return FileOutcome::Failed;
                 }
@@ -780,6 +776,19 @@ impl Pipeline {
         if self.explicit_workflows {
             info!("WORKFLOW_DONE {} for {}", wf.name, upload.billing_path);
         }
+        self.activity.ended(Ended {
+            time: OffsetDateTime::now_utc(),
+            workflow: wf.name.clone(),
+            path: upload.billing_path.clone(),
+            ok: true,
+            bytes: if outcome == FileOutcome::Copied {
+                record.size.unwrap_or(0)
+            } else {
+                0
+            },
+            seconds: started.elapsed().as_secs_f64(),
+            error: String::new(),
+        });
         outcome
     }
 
@@ -923,16 +932,37 @@ impl Pipeline {
             mapped.source_url,
             destination.display()
         );
+        let progress = Arc::new(AtomicU64::new(0));
         let job = Job {
             source: &mapped.source_url,
             rel: &rel,
             destination: &destination,
             expected_size: upload.size,
+            progress: Some(&progress),
         };
         let started = Instant::now();
+        Stats::inc(&self.stats.transfers_started);
+        self.stats.in_flight.inc();
+        let id = self.activity.start(Active {
+            workflow: ctx.values.get("workflow").cloned().unwrap_or_default(),
+            path: upload.billing_path.clone(),
+            destination: destination.display().to_string(),
+            size: upload.size,
+            bytes: progress.clone(),
+            started,
+        });
         let result = self.engine.copy(&job).await;
+        self.activity.stop(id);
+        self.stats.in_flight.dec();
         drop(guard);
         self.release_destination(&destination, lock);
+        let attempts = match &result {
+            Ok(c) => c.attempts,
+            Err(f) => f.attempts,
+        };
+        self.stats
+            .retries
+            .inc_by(u64::from(attempts.saturating_sub(1)));
         match result {
             Ok(copied) => {
                 record.size = Some(copied.size);
@@ -952,7 +982,11 @@ impl Pipeline {
                     Ok(FileOutcome::AlreadyPresent)
                 } else {
                     Stats::inc(&self.stats.copied);
-                    self.stats.bytes.fetch_add(copied.size, Ordering::Relaxed);
+                    self.stats.duration.observe(copied.elapsed.as_secs_f64());
+                    self.stats
+                        .last_success
+                        .set(OffsetDateTime::now_utc().unix_timestamp() as f64);
+                    self.stats.bytes.inc_by(copied.size);
                     info!(
                         bytes = copied.size,
                         attempts = copied.attempts,

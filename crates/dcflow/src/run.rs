@@ -22,7 +22,7 @@ use crate::pipeline::{Admission, Pipeline};
 use crate::replay::Summary;
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
-const LAG_EVERY: Duration = Duration::from_secs(60);
+const LAG_EVERY: Duration = Duration::from_secs(15);
 /// How long to wait for a transfer slot before pausing the partitions.
 const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// While messages flow, clocks (commit, lag), the stop signal and finished tasks are looked
@@ -44,13 +44,19 @@ pub async fn run_kafka(
             .context("creating the Kafka consumer")?,
     );
     info!(topic, group = %cfg.consumer_group, servers = %cfg.servers.join(","), "consuming");
+    *pipeline.activity.source.lock().expect("activity lock") = format!(
+        "Kafka topic {topic}, group {}, brokers {}",
+        cfg.consumer_group,
+        cfg.servers.join(",")
+    );
     let mut tasks = JoinSet::new();
     let mut backlog: VecDeque<Delivery> = VecDeque::new();
     // Partitions read to their end (reported only with --until-caught-up).
     let mut at_end: BTreeSet<i32> = BTreeSet::new();
     let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
     let mut last_commit = Instant::now();
-    let mut last_lag = Instant::now();
+    // The first lag reading comes a few seconds in, once partitions are assigned.
+    let mut last_lag = Instant::now() - LAG_EVERY + Duration::from_secs(3);
     // Wakes the loop when no message comes, for the checks below.
     let mut idle = std::pin::pin!(tokio::time::sleep(COMMIT_EVERY));
     let mut unchecked = CHECK_EVERY;
@@ -69,8 +75,9 @@ pub async fn run_kafka(
                 commit(&source, CommitMode::Async);
                 last_commit = Instant::now();
             }
+            pipeline.activity.set_ready(source.assigned() > 0);
             if last_lag.elapsed() >= LAG_EVERY {
-                log_lag(&source);
+                log_lag(&source, &pipeline);
                 last_lag = Instant::now();
             }
         }
@@ -184,10 +191,11 @@ fn commit(source: &KafkaSource, mode: CommitMode) {
     }
 }
 
-fn log_lag(source: &Arc<KafkaSource>) {
-    let source = source.clone();
+fn log_lag(source: &Arc<KafkaSource>, pipeline: &Arc<Pipeline>) {
+    let (source, pipeline) = (source.clone(), pipeline.clone());
     tokio::task::spawn_blocking(move || match source.lag(Duration::from_secs(10)) {
         Ok(lag) => {
+            crate::metrics::set_lag(&pipeline.stats, &lag);
             for (partition, behind) in lag {
                 info!(
                     partition,

@@ -572,3 +572,223 @@ key = "{{name}}"
         assert!(value["event"]["pnfsid"].is_string());
     }
 }
+
+fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(address) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of a metric line (`name{labels} value`), summed over label sets.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn chromium() -> Option<String> {
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        if Command::new(name)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Some(name.into());
+        }
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("chromium is not installed: .ci/run installs the Debian package");
+    }
+    eprintln!("SKIPPED the browser part: install chromium (Debian package `chromium`)");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_status_page_and_status_command_follow_a_run() {
+    let Some(broker) = broker() else { return };
+    let topic = unique("billing");
+    let site = Site::with_kafka(&broker, &topic).await;
+    let mut copied_bytes = 0;
+    for i in 0..4 {
+        let body = data(50_000 + i * 1_000, 20 + i as u32);
+        copied_bytes += body.len();
+        site.upload(&format!("ops/ok-{i}.dat"), &body).await;
+    }
+    let broken = site.upload("ops/broken.dat", &data(5_000, 30)).await;
+    site.sim
+        .add_fault(&broken, Fault::Status { code: 500 }, None);
+    let slow = site.upload("ops/slow.dat", &data(3_000_000, 31)).await;
+    site.sim.add_fault(
+        &slow,
+        Fault::SlowLink {
+            bytes_per_second: 150_000,
+        },
+        None,
+    );
+    site.sim.flush_billing();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let config = site.write_kafka_config(
+        &format!(
+            "topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{}\"",
+            unique("g")
+        ),
+        "retrytimes = 2",
+    );
+    let mut text_cfg = std::fs::read_to_string(&config).unwrap();
+    text_cfg.push_str(&format!("\n[metrics]\naddress = \"{address}\"\n"));
+    std::fs::write(&config, text_cfg).unwrap();
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+
+    // Ready once partitions are assigned; then wait for the fast files, the failure and the
+    // slow file in flight.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the run did not get there: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let (code, body) = http_get(&address, "/status.json");
+        if code == 200 {
+            let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let c = &s["counters"];
+            if c["copied"] == 4
+                && c["failed"] == 1
+                && s["active"].as_array().is_some_and(|a| a.len() == 1)
+                && s["lag"].as_object().is_some_and(|l| !l.is_empty())
+            {
+                break s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(http_get(&address, "/healthz").0, 200);
+    assert_eq!(http_get(&address, "/readyz").0, 200);
+    assert!(status["active"][0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("ops/slow.dat"));
+    assert!(status["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["ok"] == false && e["path"].as_str().unwrap().ends_with("broken.dat")));
+
+    let (code, metrics) = http_get(&address, "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(metric(&metrics, "dcflow_transfers_succeeded_total"), 4.0);
+    assert_eq!(metric(&metrics, "dcflow_transfers_failed_total"), 1.0);
+    assert_eq!(
+        metric(&metrics, "dcflow_bytes_copied_total"),
+        copied_bytes as f64
+    );
+    assert_eq!(metric(&metrics, "dcflow_transfers_in_flight"), 1.0);
+    assert_eq!(
+        metric(&metrics, "dcflow_transfer_retries_total"),
+        1.0,
+        "broken.dat: 2 attempts"
+    );
+    assert_eq!(metric(&metrics, "dcflow_transfers_started_total"), 6.0);
+    assert_eq!(
+        metric(&metrics, "dcflow_transfer_duration_seconds_count"),
+        4.0
+    );
+    assert!(metric(&metrics, "dcflow_events_consumed_total") >= 6.0);
+    assert!(metric(&metrics, "dcflow_last_success_timestamp_seconds") > 1.7e9);
+    assert!(
+        metrics.contains("dcflow_consumer_lag{partition=\"0\"}"),
+        "{metrics}"
+    );
+
+    let out = dcflow(&["status", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("in flight: 1") && shown.contains("ops/slow.dat"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("failed 1") && shown.contains("broken.dat"),
+        "{shown}"
+    );
+
+    if let Some(browser) = chromium() {
+        let url = format!("http://{address}/");
+        let profile = site.path("chromium-profile");
+        let common_args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=4000",
+        ];
+        let dom = Command::new(&browser)
+            .args(common_args)
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--dump-dom", &url])
+            .output()
+            .unwrap();
+        let dom = text(&dom.stdout);
+        let section = |id: &str| {
+            let start = dom.find(&format!("id=\"{id}\"")).unwrap_or(0);
+            dom[start..]
+                .split("</table>")
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        };
+        assert!(section("inflight").contains("ops/slow.dat"), "{dom}");
+        assert!(section("recent").contains("broken.dat"), "{dom}");
+        assert!(section("recent").contains("failed"), "{dom}");
+        assert!(dom.contains("data-name=\"copied\"><b>4</b>"), "{dom}");
+        assert!(section("lag").contains("<td>0</td>"), "{dom}");
+        let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artefacts");
+        std::fs::create_dir_all(&artefacts).unwrap();
+        let shot = artefacts.join("status-page.png");
+        let _ = std::fs::remove_file(&shot);
+        let out = Command::new(&browser)
+            .args(common_args)
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("--screenshot={}", shot.display()))
+            .args(["--window-size=1280,1000", &url])
+            .output()
+            .unwrap();
+        let png = std::fs::read(&shot).unwrap_or_default();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "no screenshot: {}",
+            text(&out.stderr)
+        );
+        eprintln!("status page screenshot: {}", shot.display());
+    }
+    assert_eq!(stop(child), 0);
+}
