@@ -455,14 +455,20 @@ mod tests {
     #[test]
     fn the_dashboard_uses_exactly_the_exported_names() {
         let stats = Stats::default();
-        stats.lag.get_or_create(&PartitionLabel {
-            partition: "0".into(),
-        });
-        stats.steps.get_or_create(&StepLabel {
-            workflow: "w".into(),
-            step: "copy".into(),
-            result: "done".into(),
-        });
+        stats
+            .lag
+            .get_or_create(&PartitionLabel {
+                partition: "0".into(),
+            })
+            .set(1);
+        stats
+            .steps
+            .get_or_create(&StepLabel {
+                workflow: "w".into(),
+                step: "copy".into(),
+                result: "done".into(),
+            })
+            .inc();
         let exported = stats.encode();
         let names: std::collections::BTreeSet<&str> = exported
             .lines()
