@@ -120,6 +120,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script: `dcflow completions bash > /etc/bash_completion.d/dcflow`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `dcflow man > /usr/share/man/man1/dcflow.1`.
+    Man,
     /// The whole flow on an embedded default: dCache emulator, uploads, verified copies.
     Demo {
         /// Where to keep the emulator's state, the copies and the records (default: a new
@@ -287,6 +294,35 @@ async fn async_main(command: Command) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("dcflow status: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "dcflow", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = std::io::stdout();
+            let rendered = clap_mangen::Man::new(cmd.clone())
+                .render(&mut out)
+                .and_then(|()| {
+                    // One section per command, after the overview.
+                    for sub in cmd.get_subcommands() {
+                        use std::io::Write;
+                        writeln!(out, ".SH \"DCFLOW {}\"", sub.get_name().to_uppercase())?;
+                        let page = clap_mangen::Man::new(sub.clone());
+                        page.render_description_section(&mut out)?;
+                        page.render_options_section(&mut out)?;
+                    }
+                    Ok(())
+                });
+            match rendered {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dcflow man: {e}");
                     ExitCode::from(1)
                 }
             }

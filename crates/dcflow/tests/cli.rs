@@ -299,3 +299,75 @@ async fn retry_from_the_failure_csv_reruns_only_the_failures() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn help_man_page_and_completions_cover_every_command() {
+    let commands = [
+        "run",
+        "replay",
+        "retry",
+        "check-config",
+        "dispatch",
+        "catalog",
+        "status",
+        "completions",
+        "man",
+        "demo",
+    ];
+    let top = dcflow(&["--help"]);
+    assert_eq!(top.status.code(), Some(0));
+    for c in commands {
+        assert!(text(&top.stdout).contains(c), "{c} missing from --help");
+        let help = dcflow(&[c, "--help"]);
+        assert_eq!(help.status.code(), Some(0), "{c} --help");
+        assert!(text(&help.stdout).contains("Usage: dcflow"), "{c}");
+    }
+    let man = dcflow(&["man"]);
+    assert_eq!(man.status.code(), Some(0));
+    let man = text(&man.stdout);
+    assert!(man.contains(".TH dcflow 1"));
+    for c in commands {
+        assert!(
+            man.contains(&format!(".SH \"DCFLOW {}\"", c.to_uppercase())),
+            "{c} has no section in the man page"
+        );
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = dcflow(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        assert!(text(&out.stdout).contains("check-config"), "{shell}");
+    }
+}
+
+/// The packaged unit passes `systemd-analyze verify` (where systemd is installed), pointed
+/// at the binary just built.
+#[test]
+fn the_systemd_unit_verifies() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../contrib/systemd/dcflow.service"
+    ))
+    .unwrap()
+    .replace("/usr/bin/dcflow", env!("CARGO_BIN_EXE_dcflow"))
+    .replace("Documentation=man:dcflow(1) ", "Documentation=");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dcflow.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let messages = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success() && !messages.contains("dcflow.service:"),
+        "{messages}"
+    );
+}
