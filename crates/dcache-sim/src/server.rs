@@ -1027,6 +1027,19 @@ async fn kafka_sink(kafka: Option<&SimKafka>) -> Result<Option<crate::billing::K
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &k.brokers)
         .create()?;
+    // A topic that exists already is used as it is (librdkafka's mock cluster, for one, has
+    // topics created up front and does not answer CreateTopics).
+    let exists = admin
+        .inner()
+        .fetch_metadata(Some(&k.topic), std::time::Duration::from_secs(10))
+        .is_ok_and(|m| {
+            m.topics()
+                .iter()
+                .any(|t| t.name() == k.topic && t.error().is_none() && !t.partitions().is_empty())
+        });
+    if exists {
+        return Ok(Some(crate::billing::KafkaSink::new(&k.brokers, &k.topic)?));
+    }
     let topic = NewTopic::new(&k.topic, k.partitions, TopicReplication::Fixed(1));
     for r in admin.create_topics([&topic], &AdminOptions::new()).await? {
         match r {

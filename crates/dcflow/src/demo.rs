@@ -1,23 +1,30 @@
 //! `dcflow demo`: the whole flow on an embedded default. Starts the dCache emulator
-//! in-process, uploads a set of files through its WebDAV door (each upload produces dCache's
-//! billing messages), then runs those messages through the same pipeline as `dcflow replay`
-//! and checks every copied file against the original.
+//! in-process, publishing its billing messages to Kafka: librdkafka's mock cluster (in this
+//! process, so the real Kafka code path runs) or, with `--kafka HOST:PORT`, a real broker.
+//! Runs the daemon's loop (`dcflow run`) on that topic while files are uploaded through the
+//! emulator's WebDAV door, shows live progress, stops once every file is handled, and checks
+//! every copy against the original.
 
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use dcache_sim::{Sim, SimConfig};
+use dcache_sim::{Sim, SimConfig, SimKafka};
 use dcflow_core::{Config, Env};
+use dcflow_transfer::engine::human_bytes;
+use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::Pipeline;
-use crate::replay::{replay, Summary};
+use crate::pipeline::{Pipeline, Stats};
+use crate::replay::Summary;
 
 pub struct DemoOptions {
     pub dir: Option<PathBuf>,
     pub files: usize,
     pub max_size: u64,
+    /// A real broker instead of the in-process mock cluster.
+    pub kafka: Option<String>,
 }
 
 /// File sizes of a realistic mix: empty, small, a few MiB, up to `max`.
@@ -53,20 +60,58 @@ pub async fn demo(opts: DemoOptions) -> Result<(Summary, PathBuf)> {
         None => std::env::temp_dir().join(format!("dcflow-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir)?;
-    let sim = Sim::start(SimConfig::new(&dir.join("dcache")))
-        .await
-        .context("starting the dCache emulator")?;
+    // The mock cluster lives as long as this function.
+    let mock;
+    let (brokers, bus) = match &opts.kafka {
+        Some(b) => (b.clone(), format!("Kafka broker {b}")),
+        None => {
+            mock = rdkafka::mocking::MockCluster::new(1)
+                .context("starting librdkafka's mock cluster")?;
+            mock.create_topic("billing", 1, 1)
+                .context("creating the billing topic")?;
+            let b = mock.bootstrap_servers();
+            (
+                b.clone(),
+                format!("librdkafka mock cluster {b} (in this process)"),
+            )
+        }
+    };
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    );
+    let topic = if opts.kafka.is_some() {
+        format!("dcflow-demo-billing-{run_id}")
+    } else {
+        "billing".to_owned()
+    };
+    let mut sim_config = SimConfig::new(&dir.join("dcache"));
+    sim_config.kafka = Some(SimKafka {
+        brokers: brokers.clone(),
+        topic: topic.clone(),
+        partitions: 1,
+    });
+    let sim = Arc::new(
+        Sim::start(sim_config)
+            .await
+            .context("starting the dCache emulator")?,
+    );
     println!(
-        "dCache emulator: door {} (pool {}), state in {}",
+        "dCache emulator   door {} (state in {})",
         sim.door_url,
-        sim.pool_url,
         dir.join("dcache").display()
     );
+    println!("event bus         {bus}, topic {topic}");
 
     let config_path = dir.join("dcflow.toml");
     let download = dir.join("download");
     let config_text = format!(
-        r#"# Written by `dcflow demo`: the emulator's door and credentials.
+        r#"# Written by `dcflow demo`: the emulator's door and credentials, the demo's broker.
+[kafka]
+topic = "{topic}"
+servers = ["{brokers}"]
+consumergroup = "dcflow-demo-{run_id}"
 [dcache]
 url = "{door}"
 pool = "/pnfs/example.org/data"
@@ -91,37 +136,98 @@ successfultaskfile = "{dir}/success.csv"
     );
     std::fs::write(&config_path, config_text)?;
     let config = Config::load(&config_path, &Env::from_process()).map_err(anyhow::Error::msg)?;
-
-    // Upload through the door with the emulator's token, as a user would.
-    let started = Instant::now();
-    let mut originals = Vec::new();
-    let mut total = 0u64;
-    for (i, size) in sizes(opts.files, opts.max_size).into_iter().enumerate() {
-        let rel = names(i);
-        let data: Vec<u8> = (0..size)
-            .map(|b| {
-                (b as u32)
-                    .wrapping_mul(2654435761)
-                    .rotate_left(i as u32 % 31) as u8
-            })
-            .collect();
-        sim.upload(&format!("/lsst/user/j/jdoe/{rel}"), data.clone())
-            .await?;
-        total += size;
-        originals.push((rel, data));
-    }
-    println!(
-        "uploaded {} files ({}) in {:.1} s; billing messages in {}",
-        originals.len(),
-        dcflow_transfer::engine::human_bytes(total),
-        started.elapsed().as_secs_f64(),
-        dir.join("dcache/billing.jsonl").display()
-    );
-
+    let kafka = config
+        .kafka
+        .clone()
+        .context("the demo configuration has [kafka]")?;
     let pipeline = Arc::new(Pipeline::try_new(&config)?);
+
+    // The daemon's loop, as `dcflow run` runs it.
+    let shutdown = CancellationToken::new();
+    let daemon = {
+        let (p, s) = (pipeline.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            crate::run::run_kafka(p, &kafka, s, Duration::from_secs(60), false).await
+        })
+    };
+
+    // Uploads through the door, as users would, while the daemon runs.
+    let plan: Vec<(String, u64)> = sizes(opts.files, opts.max_size)
+        .into_iter()
+        .enumerate()
+        .map(|(i, size)| (names(i), size))
+        .collect();
+    let total: u64 = plan.iter().map(|(_, s)| s).sum();
+    println!(
+        "uploading         {} files, {} (0 B to {}), odd names included",
+        plan.len(),
+        human_bytes(total),
+        human_bytes(plan.iter().map(|(_, s)| *s).max().unwrap_or(0))
+    );
     let started = Instant::now();
-    let summary = replay(pipeline, &dir.join("dcache/billing.jsonl")).await?;
+    let uploads = {
+        let plan = plan.clone();
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            let mut originals = Vec::new();
+            for (i, (rel, size)) in plan.into_iter().enumerate() {
+                let data = content(i, size);
+                sim.upload(&format!("/lsst/user/j/jdoe/{rel}"), data.clone())
+                    .await?;
+                sim.flush_billing();
+                originals.push((rel, data));
+            }
+            anyhow::Ok(originals)
+        })
+    };
+
+    // Live progress until every file is handled (copied, present, or failed and recorded).
+    let stats = &pipeline.stats;
+    let tty = std::io::stdout().is_terminal();
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done = Stats::get(&stats.copied)
+            + Stats::get(&stats.already_present)
+            + Stats::get(&stats.failed);
+        let finished = done >= plan.len() as u64;
+        if tty || finished || last_line.elapsed() >= Duration::from_secs(2) {
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let bytes = Stats::get(&stats.bytes);
+            let line = format!(
+                "progress          {done}/{} files, {} copied, {:.0} Mbps, {} in flight, {} retries, {} failed",
+                plan.len(),
+                human_bytes(bytes),
+                bytes as f64 * 8.0 / 1e6 / secs,
+                stats.in_flight.get(),
+                Stats::get(&stats.retries),
+                Stats::get(&stats.failed),
+            );
+            if tty {
+                print!("\r{line}\x1b[K");
+                let _ = std::io::stdout().flush();
+            } else {
+                println!("{line}");
+            }
+            last_line = Instant::now();
+        }
+        if finished {
+            break;
+        }
+        if Instant::now() > deadline {
+            shutdown.cancel();
+            bail!("not every file was handled within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if tty {
+        println!();
+    }
     let secs = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let summary = daemon.await.context("the daemon task")??;
+    let originals = uploads.await.context("the upload task")??;
+
     let mut verified = 0;
     for (rel, data) in &originals {
         let got = std::fs::read(download.join(rel)).with_context(|| format!("{rel} missing"))?;
@@ -130,23 +236,47 @@ successfultaskfile = "{dir}/success.csv"
         }
         verified += 1;
     }
-    println!("\n{summary}");
+    println!();
     println!(
-        "{verified}/{} files byte-identical to the uploads; {:.1} s, {:.0} Mbps",
-        originals.len(),
+        "copied            {} files, {}, verified (adler32) and fsynced",
+        summary.copied,
+        human_bytes(summary.bytes)
+    );
+    println!(
+        "identical         {verified}/{} files byte for byte to the uploads",
+        originals.len()
+    );
+    println!("failed            {}", summary.failed);
+    println!(
+        "time              {:.1} s from the first upload, {:.0} Mbps",
         secs,
         summary.bytes as f64 * 8.0 / 1e6 / secs.max(1e-3)
     );
-    println!("files:   {}", download.display());
+    println!();
+    println!("files             {}", download.display());
     println!(
-        "records: {}/success.csv, {}/failed.csv",
+        "records           {}/success.csv, {}/failed.csv",
         dir.display(),
         dir.display()
     );
+    println!("configuration     {}", config_path.display());
     println!(
-        "config:  {} (try: dcflow check-config --config {})",
-        config_path.display(),
+        "next              dcflow check-config --config {}",
         config_path.display()
     );
+    // Every client of the mock cluster goes before the cluster does.
+    drop(pipeline);
+    drop(sim);
     Ok((summary, dir))
+}
+
+/// Deterministic bytes for file `i`.
+fn content(i: usize, size: u64) -> Vec<u8> {
+    (0..size)
+        .map(|b| {
+            (b as u32)
+                .wrapping_mul(2654435761)
+                .rotate_left(i as u32 % 31) as u8
+        })
+        .collect()
 }

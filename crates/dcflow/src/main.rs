@@ -139,12 +139,15 @@ enum Command {
         /// Largest file size, in MiB.
         #[arg(long, default_value_t = 100)]
         max_size_mib: u64,
+        /// A real Kafka broker (host:port) instead of librdkafka's in-process mock cluster.
+        #[arg(long)]
+        kafka: Option<String>,
     },
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DCFLOW_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -189,7 +192,15 @@ async fn load_pipeline(path: &Path) -> Result<(Config, Arc<Pipeline>), ExitCode>
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo prints its own progress; its logs would scroll it away (DCFLOW_LOG=info shows
+    // them). The emulator's and the mock cluster's own clients (rdkafka::client) report the
+    // cluster going away at the end.
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn,rdkafka::client=off"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -436,11 +447,13 @@ async fn async_main(command: Command) -> ExitCode {
             dir,
             files,
             max_size_mib,
+            kafka,
         } => {
             match demo(DemoOptions {
                 dir,
                 files,
                 max_size: max_size_mib << 20,
+                kafka,
             })
             .await
             {

@@ -419,7 +419,10 @@ impl Pipeline {
                     debug!(pnfsid = %upload.pnfsid, signal = upload.signal, "same event being handled: merged");
                     return Admission::Merged(Merged(copy_running));
                 }
-                Some(Seen::Done) => {
+                // The door's and the pool's message of one upload: whichever comes second
+                // finds the first one's outcome. A failure is recorded once per delivery; it is
+                // re-run by `dcflow retry`, not by its twin message.
+                Some(Seen::Done) | Some(Seen::Failed) => {
                     Stats::inc(&self.stats.duplicates);
                     debug!(pnfsid = %upload.pnfsid, signal = upload.signal, "same event already handled");
                     return Admission::Skip;

@@ -371,3 +371,33 @@ fn the_systemd_unit_verifies() {
         "{messages}"
     );
 }
+
+/// The README's first command, small: the emulator, librdkafka's mock cluster and the
+/// daemon's loop, in one process.
+#[test]
+fn demo_runs_the_whole_flow_on_the_mock_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dcflow(&[
+        "demo",
+        "--files",
+        "10",
+        "--max-size-mib",
+        "3",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("librdkafka mock cluster"), "{stdout}");
+    assert!(stdout.contains("identical         10/10 files"), "{stdout}");
+    assert!(stdout.contains("failed            0"), "{stdout}");
+    assert!(stdout.contains("progress          10/10 files"), "{stdout}");
+    let copied = files_below(&dir.path().join("download"));
+    assert_eq!(copied.len(), 10, "{copied:?}");
+    assert_eq!(
+        dcflow_core::RecordFile::read_all(&dir.path().join("success.csv"))
+            .unwrap()
+            .len(),
+        10
+    );
+}
