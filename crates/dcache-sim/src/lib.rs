@@ -9,12 +9,15 @@
 //!          GET → 302/307 to the pool with a one-time dcache-http-uuid, PUT (201), DELETE (204)
 //! pool     pool HTTP mover over TLS: one-time uuid, body with faults, records Authorization
 //! billing  billing messages in dCache's exact JSON, to a JSONL file and memory
+//! frontend storage events over SSE: channels, inotify subscriptions, Last-Event-ID replay,
+//!          EVENT_LOSS, 404 for forgotten channels
 //! faults   per-path fault rules (status, reset, hang, truncate, stall, flipped byte,
 //!          wrong digest, slow link, 404-until-committed upload directory)
 //! ```
 
 pub mod billing;
 pub mod faults;
+pub mod frontend;
 pub mod pki;
 mod server;
 

@@ -117,6 +117,7 @@ struct State {
     pool_auth_headers: Mutex<Vec<String>>,
     pool_gets: AtomicU64,
     door_gets: AtomicU64,
+    frontend: crate::frontend::Frontend,
 }
 
 /// A running emulator. Dropping it stops both listeners.
@@ -187,7 +188,9 @@ impl Sim {
             pool_auth_headers: Mutex::default(),
             pool_gets: AtomicU64::new(0),
             door_gets: AtomicU64::new(0),
+            frontend: Default::default(),
         });
+        *state.frontend.base.lock().expect("lock") = door_url.clone();
         let tasks = vec![
             tokio::spawn(serve(door_listener, door_tls, state.clone(), Role::Door)),
             tokio::spawn(serve(pool_listener, pool_tls, state.clone(), Role::Pool)),
@@ -205,6 +208,12 @@ impl Sim {
             client,
             tasks,
         })
+    }
+
+    /// The frontend (storage events over SSE), served at the door's address under
+    /// `/api/v1/events`: to cut streams, forget channels, evict replay buffers, overflow.
+    pub fn frontend(&self) -> &crate::frontend::Frontend {
+        &self.state.frontend
     }
 
     pub fn add_fault(&self, path: &str, fault: Fault, times: Option<u32>) {
@@ -386,6 +395,9 @@ async fn door(
         );
         return Ok(r);
     };
+    if req.uri().path().starts_with("/api/v1/events/") {
+        return events(state, req).await;
+    }
     let Some(path) = door_path(&req) else {
         return Ok(full(StatusCode::BAD_REQUEST, "bad path\n"));
     };
@@ -394,9 +406,17 @@ async fn door(
         "PUT" => put(state, identity, peer, req, path).await,
         "DELETE" => delete(state, identity, peer, path).await,
         "MKCOL" => {
-            tokio::fs::create_dir_all(state.storage.join(path.trim_start_matches('/'))).await?;
-            Ok(full(StatusCode::CREATED, ""))
+            let created = create_dirs(&state, &path).await?;
+            Ok(full(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::METHOD_NOT_ALLOWED
+                },
+                "",
+            ))
         }
+        "PROPFIND" => propfind(&state, &req, &path).await,
         _ => Ok(full(StatusCode::METHOD_NOT_ALLOWED, "")),
     }
 }
@@ -700,9 +720,9 @@ async fn put(
 ) -> Result<Response<Body>, std::io::Error> {
     let started = Instant::now();
     let target = state.storage.join(path.trim_start_matches('/'));
-    if let Some(parent) = target.parent() {
-        tokio::fs::create_dir_all(parent).await?;
-    }
+    let (dir, name) = split_path(&path);
+    create_dirs(&state, dir).await?;
+    let ns_dir = format!("{}{}", state.cfg.root, dir);
     state.uploading.lock().expect("lock").insert(path.clone());
     let tmp = target.with_file_name(format!(".upload-{}", uuid::Uuid::new_v4().simple()));
     let result = async {
@@ -739,6 +759,13 @@ async fn put(
         Some(Fault::UploadDir { seconds }) => Some(seconds),
         _ => None,
     };
+    if upload_dir.is_none() {
+        // The door creates the entry when the upload starts; the pool closes it once the
+        // namespace has the size and checksum (fixtures/sse/03-stream-webdav-upload.txt).
+        state
+            .frontend
+            .notify(&ns_dir, Some(name), &["IN_CREATE"], None);
+    }
     let meta = FileMeta {
         pnfsid: pnfsid.clone(),
         size,
@@ -778,6 +805,9 @@ async fn put(
                 state.billing.emit(&mover.0);
                 state.billing.emit(&door_msg);
             }
+            state
+                .frontend
+                .notify(&ns_dir, Some(name), &["IN_CLOSE_WRITE"], None);
         }
         Some(seconds) => {
             // SRM / upload-directory flow: written under /upload, visible at its final
@@ -791,10 +821,17 @@ async fn put(
             let (pool_msg, _) = pool_transfer(&meta, &billing_path, &transfer_path, elapsed);
             state.billing.emit(&pool_msg);
             let state2 = state.clone();
+            let (ns_dir, name) = (ns_dir.clone(), name.to_owned());
             tokio::spawn(async move {
                 tokio::time::sleep(secs(seconds)).await;
                 let msg = srm_put_done(&meta, &billing_path, &transfer_path);
                 state2.billing.emit(&msg);
+                // The commit renames the file out of the upload directory.
+                let cookie = base64::engine::general_purpose::STANDARD_NO_PAD
+                    .encode(&uuid::Uuid::new_v4().as_bytes()[..12]);
+                state2
+                    .frontend
+                    .notify(&ns_dir, Some(&name), &["IN_MOVED_TO"], Some(&cookie));
             });
         }
     }
@@ -812,6 +849,13 @@ async fn delete(
         return Ok(full(StatusCode::NOT_FOUND, "Not Found\n"));
     };
     tokio::fs::remove_file(state.storage.join(path.trim_start_matches('/'))).await?;
+    let (dir, name) = split_path(&path);
+    state.frontend.notify(
+        &format!("{}{}", state.cfg.root, dir),
+        Some(name),
+        &["IN_DELETE"],
+        None,
+    );
     let billing_path = format!("{}{}", state.cfg.root, path);
     let (uid, subject, owner) = principal(&identity, peer);
     let msg = door_common(&state, "remove", peer, &path, &subject, uid, owner)
@@ -1114,5 +1158,239 @@ fn background_message(root: &str, i: usize) -> Msg {
             .put("transferPath", &path)
             .put("fileSize", size)
             .put("moverInfo", serde_json::json!({"version":"1.0","msgType":"transfer","cellType":"pool","isWrite":"read","isP2p":false,"status":{"code":0,"msg":""}})),
+    }
+}
+
+/// (`/a/b`, `c`) of `/a/b/c`; the root's parent is `""`.
+fn split_path(path: &str) -> (&str, &str) {
+    match path.rsplit_once('/') {
+        Some((dir, name)) => (dir, name),
+        None => ("", path),
+    }
+}
+
+/// Creates the directories of door path `dir` that do not exist yet, each announced as
+/// `IN_CREATE IN_ISDIR` in its parent. True if the last one was created here.
+async fn create_dirs(state: &State, dir: &str) -> std::io::Result<bool> {
+    let mut current = String::new();
+    let mut created = false;
+    for part in dir.split('/').filter(|p| !p.is_empty()) {
+        let parent = current.clone();
+        current.push('/');
+        current.push_str(part);
+        let on_disk = state.storage.join(current.trim_start_matches('/'));
+        created = match tokio::fs::create_dir(&on_disk).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e),
+        };
+        if created {
+            state.frontend.notify(
+                &format!("{}{}", state.cfg.root, parent),
+                Some(part),
+                &["IN_CREATE", "IN_ISDIR"],
+                None,
+            );
+        }
+    }
+    Ok(created)
+}
+
+/// `PROPFIND` with `Depth: 0` or `1`: a WebDAV multistatus of the entry and its children
+/// (name, collection or not, size), as dCache's door answers.
+async fn propfind(
+    state: &State,
+    req: &Request<Incoming>,
+    path: &str,
+) -> Result<Response<Body>, std::io::Error> {
+    let depth = req
+        .headers()
+        .get("Depth")
+        .and_then(|d| d.to_str().ok())
+        .unwrap_or("1");
+    let on_disk = state.storage.join(path.trim_start_matches('/'));
+    let Ok(meta) = tokio::fs::metadata(&on_disk).await else {
+        return Ok(full(StatusCode::NOT_FOUND, "Not Found\n"));
+    };
+    let visible = |p: &str| {
+        state
+            .files
+            .lock()
+            .expect("lock")
+            .get(p)
+            .is_some_and(|m| Instant::now() >= m.visible_at)
+    };
+    let encode = |p: &str| {
+        p.split('/')
+            .map(|s| percent_encoding::utf8_percent_encode(s, PATH_SEGMENT).to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let entry = |p: &str, dir: bool, size: u64| {
+        let kind = if dir { "<d:collection/>" } else { "" };
+        let length = if dir {
+            String::new()
+        } else {
+            format!("<d:getcontentlength>{size}</d:getcontentlength>")
+        };
+        format!(
+            "<d:response><d:href>{}</d:href><d:propstat><d:prop><d:resourcetype>{kind}</d:resourcetype>{length}</d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response>",
+            encode(p)
+        )
+    };
+    let mut body =
+        String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><d:multistatus xmlns:d=\"DAV:\">");
+    let self_path = if meta.is_dir() && !path.ends_with('/') {
+        format!("{path}/")
+    } else {
+        path.to_owned()
+    };
+    body.push_str(&entry(&self_path, meta.is_dir(), meta.len()));
+    if meta.is_dir() && depth != "0" {
+        let mut rd = tokio::fs::read_dir(&on_disk).await?;
+        while let Some(e) = rd.next_entry().await? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".upload-") {
+                continue;
+            }
+            let child = format!("{}/{name}", path.trim_end_matches('/'));
+            let m = e.metadata().await?;
+            if m.is_dir() {
+                body.push_str(&entry(&format!("{child}/"), true, 0));
+            } else if visible(&child) {
+                body.push_str(&entry(&child, false, m.len()));
+            }
+        }
+    }
+    body.push_str("</d:multistatus>");
+    Ok(Response::builder()
+        .status(StatusCode::MULTI_STATUS)
+        .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
+        .body(full(StatusCode::OK, body).into_body())
+        .expect("response"))
+}
+
+/// Path segments as the door writes them in hrefs.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'&')
+    .add(b'+');
+
+/// `/api/v1/events/...`: channels, subscriptions, the stream.
+async fn events(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::io::Error> {
+    let fe = &state.frontend;
+    let path = req.uri().path().to_owned();
+    let rest = path.trim_start_matches("/api/v1/events/channels");
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    let not_found = || {
+        let mut r = full(
+            StatusCode::NOT_FOUND,
+            r#"{"errors":[{"message":"Not Found","status":"404"}]}"#,
+        );
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            "application/json".parse().expect("header"),
+        );
+        r
+    };
+    let method = req.method().clone();
+    match (method.as_str(), parts.as_slice()) {
+        ("POST", []) => {
+            let url = fe.create_channel();
+            let mut r = full(StatusCode::CREATED, "");
+            r.headers_mut()
+                .insert(header::LOCATION, url.parse().expect("header"));
+            Ok(r)
+        }
+        ("PATCH", [id]) if fe.exists(id) => Ok(full(StatusCode::NO_CONTENT, "")),
+        ("DELETE", [id]) if fe.delete_channel(id) => Ok(full(StatusCode::NO_CONTENT, "")),
+        ("GET", [id]) => {
+            let wants_stream = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("text/event-stream"));
+            if !wants_stream {
+                return Ok(if fe.exists(id) {
+                    full(StatusCode::OK, r#"{"timeout":300}"#)
+                } else {
+                    not_found()
+                });
+            }
+            let last = req
+                .headers()
+                .get("Last-Event-ID")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok());
+            match fe.stream(id, last) {
+                crate::frontend::Stream::NotFound => Ok(not_found()),
+                crate::frontend::Stream::Events(mut rx) => {
+                    let body = futures_util::stream::poll_fn(move |cx| {
+                        rx.poll_recv(cx).map(|b| {
+                            b.map(|b| Ok::<_, std::io::Error>(hyper::body::Frame::data(b)))
+                        })
+                    });
+                    Ok(Response::builder()
+                        .status(StatusCode::OK)
+                        .header(header::CONTENT_TYPE, "text/event-stream")
+                        .header(header::CACHE_CONTROL, "no-cache")
+                        .body(http_body_util::BodyExt::boxed_unsync(
+                            http_body_util::StreamBody::new(body),
+                        ))
+                        .expect("response"))
+                }
+            }
+        }
+        ("POST", [id, "subscriptions", "inotify"]) => {
+            let body = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .map_err(std::io::Error::other)?
+                .to_bytes();
+            let selector: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return Ok(full(StatusCode::BAD_REQUEST, format!("Bad selector: {e}"))),
+            };
+            let Some(watched) = selector["path"].as_str().map(str::to_owned) else {
+                return Ok(full(StatusCode::BAD_REQUEST, "Bad selector: no path"));
+            };
+            let valid = watched == "/" || (watched.starts_with('/') && !watched.ends_with('/'));
+            let door = watched.strip_prefix(state.cfg.root.as_str());
+            let is_dir = match door {
+                Some(d) if valid => state.storage.join(d.trim_start_matches('/')).is_dir(),
+                _ => false,
+            };
+            if !is_dir {
+                return Ok(full(
+                    StatusCode::BAD_REQUEST,
+                    format!("Not found: Problem with path: {watched}"),
+                ));
+            }
+            match fe.subscribe(id, &watched) {
+                None => Ok(not_found()),
+                Some((url, created)) => {
+                    let mut r = full(
+                        if created {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::SEE_OTHER
+                        },
+                        "",
+                    );
+                    r.headers_mut()
+                        .insert(header::LOCATION, url.parse().expect("header"));
+                    Ok(r)
+                }
+            }
+        }
+        _ => Ok(not_found()),
     }
 }

@@ -281,6 +281,24 @@ pub struct Config {
     pub workflow_rules: Vec<crate::workflow::Workflow>,
     /// `[metrics] address`: where /metrics, /healthz, /readyz and the status page are served.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// `[sse]`: dCache's storage events from its frontend, the source without Kafka.
+    pub sse: Option<SseConfig>,
+}
+
+/// The SSE source: a channel on dCache's frontend, inotify subscriptions on the watched
+/// directories and their subdirectories.
+#[derive(Debug, Clone)]
+pub struct SseConfig {
+    /// The frontend, e.g. `https://dcache.example.org:3880`.
+    pub url: Url,
+    /// Watched namespace directories (default: `pool + folder`); each under `pool + folder`.
+    pub paths: Vec<String>,
+    /// Sent as `client-id` when the channel is created.
+    pub client_id: String,
+    /// Seconds dCache keeps the channel while disconnected.
+    pub channel_timeout: u64,
+    /// The channel URL and the last acknowledged event id, for a restart.
+    pub state_file: PathBuf,
 }
 
 pub const DEFAULT_CAPATH: &str = "/etc/grid-security/certificates";
@@ -352,7 +370,8 @@ impl Config {
         })?;
         let mut errs = Vec::new();
         for (key, value) in &root {
-            let known = ["kafka", "dcache", "local", "workflow", "metrics"].contains(&key.as_str());
+            let known =
+                ["kafka", "dcache", "local", "workflow", "metrics", "sse"].contains(&key.as_str());
             if !known {
                 errs.push(problem(
                     key,
@@ -399,6 +418,47 @@ impl Config {
                 }
             })
         };
+        let sse = root
+            .get("sse")
+            .and_then(toml::Value::as_table)
+            .and_then(|t| {
+                let mut s = Section::new(
+                    "sse",
+                    Some(t),
+                    &["url", "paths", "clientid", "channeltimeout", "statefile"],
+                    &mut errs,
+                );
+                let url = s.required_string("url").and_then(|u| match Url::parse(&u) {
+                    Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
+                    Ok(_) => {
+                        s.fail("url", "must be an https URL of dCache's frontend");
+                        None
+                    }
+                    Err(e) => {
+                        s.fail("url", format!("not a URL: {e}"));
+                        None
+                    }
+                });
+                let paths = s.strings("paths").unwrap_or_default();
+                for (i, p) in paths.iter().enumerate() {
+                    if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) {
+                        s.fail(
+                            &format!("paths[{i}]"),
+                            "must be an absolute namespace path without a trailing /",
+                        );
+                    }
+                }
+                let client_id = s.string("clientid").unwrap_or_else(|| "dcflow".to_owned());
+                let channel_timeout = s.int("channeltimeout", 3600, 60, 86_400);
+                let state_file = s.path("statefile");
+                Some((url?, paths, client_id, channel_timeout, state_file))
+            });
+        if root.contains_key("sse") && root.contains_key("kafka") {
+            errs.push(problem(
+                "sse",
+                "[sse] and [kafka] are two sources: keep one of them",
+            ));
+        }
         let attempts = dcache.as_ref().map_or(1, |d| d.retry.attempts().get());
         let workflow_rules = match root.get("workflow") {
             Some(w) => crate::workflow::parse_workflows(w, attempts, &mut errs),
@@ -417,13 +477,36 @@ impl Config {
             }
         }
         match (kafka, dcache, local) {
-            (kafka, Some(dcache), Some(local)) if errs.is_empty() => Ok(Config {
-                kafka: kafka.flatten(),
-                dcache,
-                local,
-                workflow_rules,
-                metrics_address,
-            }),
+            (kafka, Some(dcache), Some(local)) if errs.is_empty() => {
+                let sse = sse.map(|(url, paths, client_id, channel_timeout, state_file)| {
+                    let prefix = format!("{}{}", dcache.pool, dcache.folder);
+                    SseConfig {
+                        url,
+                        paths: if paths.is_empty() {
+                            vec![prefix]
+                        } else {
+                            paths
+                        },
+                        client_id,
+                        channel_timeout,
+                        state_file: state_file.unwrap_or_else(|| {
+                            local
+                                .failed_file
+                                .parent()
+                                .unwrap_or(Path::new(""))
+                                .join("dcflow-sse.json")
+                        }),
+                    }
+                });
+                Ok(Config {
+                    kafka: kafka.flatten(),
+                    dcache,
+                    local,
+                    workflow_rules,
+                    metrics_address,
+                    sse,
+                })
+            }
             _ => Err(ConfigError { problems: errs }),
         }
     }

@@ -378,6 +378,22 @@ impl Engine {
         }
     }
 
+    /// A request to another service of the same dCache (the frontend's storage events), with
+    /// the engine's TLS identity (the proxy) and, when configured, the bearer token. No
+    /// redirects are followed.
+    pub fn api(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        let mut req = self.client.request(method, url);
+        if let Some(token) = &self.creds.token {
+            if let Ok(mut value) =
+                HeaderValue::from_str(&format!("Bearer {}", token.get().expose()))
+            {
+                value.set_sensitive(true);
+                req = req.header(AUTHORIZATION, value);
+            }
+        }
+        req
+    }
+
     /// One DELETE of the source at the door. `Ok(false)` when dCache no longer has it (a
     /// deletion already done counts as done). The caller retries what is retryable.
     pub async fn delete(&self, url: &Url) -> Result<bool, TransferError> {

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod replay;
 pub mod retry;
 pub mod run;
+pub mod sse;
 pub mod state;
 pub mod status;
 pub mod steps;

@@ -371,18 +371,37 @@ async fn async_main(command: Command) -> ExitCode {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
-            let Some(kafka) = cfg.kafka.clone() else {
-                eprintln!(
-                    "dcflow run: {} has no [kafka] section; the SSE source is not implemented \
-                     yet; feed billing messages with `dcflow replay`",
-                    config.display()
-                );
-                return ExitCode::from(2);
-            };
             let shutdown = CancellationToken::new();
             tokio::spawn(watch_signals(shutdown.clone()));
             let drain = std::time::Duration::from_secs(drain_seconds);
-            match dcflow::run::run_kafka(pipeline, &kafka, shutdown, drain, until_caught_up).await {
+            let result = match (cfg.kafka.clone(), cfg.sse.clone()) {
+                (Some(kafka), _) => {
+                    dcflow::run::run_kafka(pipeline, &kafka, shutdown, drain, until_caught_up).await
+                }
+                (None, Some(sse)) => {
+                    if until_caught_up {
+                        eprintln!("dcflow run: --until-caught-up applies to Kafka only; ignored");
+                    }
+                    dcflow::sse::run_sse(
+                        pipeline,
+                        &sse,
+                        cfg.dcache.url.clone(),
+                        cfg.dcache.pool.clone(),
+                        shutdown,
+                        drain,
+                    )
+                    .await
+                }
+                (None, None) => {
+                    eprintln!(
+                        "dcflow run: {} has no source: add [kafka] (dCache's billing topic) or \
+                         [sse] (dCache's storage events); `dcflow replay` reads a file",
+                        config.display()
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            match result {
                 Ok(summary) => {
                     tracing::info!("stopped: {summary}");
                     ExitCode::SUCCESS

@@ -72,6 +72,9 @@ pub struct Stats {
     pub last_success: Gauge<f64, AtomicU64>,
     pub lag: Family<PartitionLabel, Gauge>,
     pub steps: Family<StepLabel, Counter>,
+    /// SSE source: stream reconnections, and resynchronisations (listings of the tree).
+    pub sse_reconnects: Counter,
+    pub sse_resyncs: Counter,
     registry: Registry,
 }
 
@@ -102,6 +105,8 @@ impl Default for Stats {
             last_success: Gauge::default(),
             lag: Family::default(),
             steps: Family::default(),
+            sse_reconnects: Counter::default(),
+            sse_resyncs: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -169,6 +174,16 @@ impl Default for Stats {
             "dcflow_consumer_lag",
             "Messages between the committed offset and the end, per partition",
             stats.lag.clone(),
+        );
+        r.register(
+            "dcflow_sse_reconnects",
+            "SSE source: event stream reconnections",
+            stats.sse_reconnects.clone(),
+        );
+        r.register(
+            "dcflow_sse_resyncs",
+            "SSE source: resynchronisations by listing the watched tree",
+            stats.sse_resyncs.clone(),
         );
         r.register(
             "dcflow_workflow_steps",

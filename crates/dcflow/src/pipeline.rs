@@ -280,6 +280,16 @@ impl Pipeline {
         })
     }
 
+    /// The HTTPS engine (for the SSE source's requests to dCache).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Billing path → source URL and destination.
+    pub fn mapper(&self) -> &PathMapper {
+        &self.mapper
+    }
+
     /// Transfer slots free now.
     pub fn free_slots(&self) -> usize {
         self.permits.available_permits()

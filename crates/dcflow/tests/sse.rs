@@ -1,0 +1,231 @@
+//! `dcflow run` with `[sse]`: dCache's storage events from the emulator's frontend.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn sse_config(site: &Site) -> std::path::PathBuf {
+    // dCache watches existing directories only: the folder exists before dcflow starts.
+    std::fs::create_dir_all(site.sim.stored_file(FOLDER)).unwrap();
+    let path = site.write_config(&site.proxy_auth(), "retryseconds = 0");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("\n[sse]\nurl = \"{}\"\n", site.sim.door_url));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("DCFLOW_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn stop(mut child: Child) -> i32 {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        assert!(Instant::now() < deadline, "no stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_for(what: &str, log: &std::path::Path, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every uploaded file is at its destination, byte for byte.
+fn all_landed(site: &Site, files: &[(String, Vec<u8>)]) -> bool {
+    files
+        .iter()
+        .all(|(rel, body)| std::fs::read(site.download().join(rel)).is_ok_and(|b| &b == body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_new_directories_a_cut_stream_and_a_restart_lose_nothing() {
+    let site = Site::new().await;
+    let mut files = Vec::new();
+    // Present before dcflow starts: found by the first listing.
+    let early = ("early.dat".to_owned(), data(30_000, 1));
+    site.upload(&early.0, &early.1).await;
+    files.push(early);
+    let config = sse_config(&site);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[metrics]\naddress = \"{address}\"\n"));
+    std::fs::write(&config, text).unwrap();
+    let log = site.path("run.log");
+    let child = start(&config, &log);
+    wait_for("the stream", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("event stream open")
+    });
+    for i in 0..12 {
+        let rel = if i % 3 == 0 {
+            format!("new-dir-{}/deeper/f{i}.dat", i % 2)
+        } else {
+            format!("burst/f{i}.dat")
+        };
+        let body = data(10_000 + i * 1_000, 100 + i as u32);
+        site.upload(&rel, &body).await;
+        files.push((rel, body));
+        if i == 5 {
+            site.sim.frontend().disconnect(); // mid-burst: reconnect with Last-Event-ID
+        }
+    }
+    wait_for("every file", &log, || all_landed(&site, &files));
+    let metrics = http_get(&address, "/metrics");
+    assert!(
+        metric(&metrics, "dcflow_sse_reconnects_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "dcflow_sse_resyncs_total") >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "dcflow_transfers_failed_total"), 0.0);
+    assert_eq!(stop(child), 0);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("reconnecting"), "{log_text}");
+    assert!(
+        log_text.contains("new directory: subscribing"),
+        "{log_text}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.path("dcflow-sse.json")).unwrap()).unwrap();
+    assert!(
+        state["channel"].is_string() && state["last_event_id"].is_u64(),
+        "{state}"
+    );
+
+    // Stopped: a file arrives; the restart resumes the saved channel after its last id.
+    let late = ("burst/late.dat".to_owned(), data(20_000, 7));
+    site.upload(&late.0, &late.1).await;
+    files.push(late);
+    let log2 = site.path("run2.log");
+    let child = start(&config, &log2);
+    wait_for("the late file", &log2, || all_landed(&site, &files));
+    assert_eq!(stop(child), 0);
+    let log2_text = std::fs::read_to_string(&log2).unwrap();
+    assert!(
+        !log2_text.contains("event channel created"),
+        "the saved channel is reused: {log2_text}"
+    );
+    assert!(site.records("failed.csv").is_empty());
+    assert_eq!(
+        site.records("success.csv").len(),
+        files.len(),
+        "each file once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_channel_is_recreated_and_the_tree_resynchronised() {
+    let site = Site::new().await;
+    let config = sse_config(&site);
+    let log = site.path("run.log");
+    let child = start(&config, &log);
+    wait_for("the stream", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("event stream open")
+    });
+    let mut files = Vec::new();
+    for i in 0..3 {
+        let f = (format!("a/f{i}.dat"), data(5_000 + i, i as u32));
+        site.upload(&f.0, &f.1).await;
+        files.push(f);
+    }
+    wait_for("the first files", &log, || all_landed(&site, &files));
+    // The frontend restarts: channels are gone; what is uploaded meanwhile has no event.
+    site.sim.frontend().forget_channels();
+    for i in 3..6 {
+        let f = (format!("a/f{i}.dat"), data(5_000 + i, i as u32));
+        site.upload(&f.0, &f.1).await;
+        files.push(f);
+    }
+    wait_for("every file", &log, || all_landed(&site, &files));
+    assert_eq!(stop(child), 0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the event channel is gone (404)"), "{text}");
+    assert!(text.contains("resynchronised"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_loss_marker_and_a_queue_overflow_resynchronise() {
+    let site = Site::new().await;
+    // Nothing kept for replay: a reconnect after missed events gets EVENT_LOSS.
+    site.sim.frontend().set_backlog(0);
+    let config = sse_config(&site);
+    let log = site.path("run.log");
+    let child = start(&config, &log);
+    wait_for("the stream", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("event stream open")
+    });
+    let mut files = vec![("x/first.dat".to_owned(), data(8_000, 1))];
+    site.upload(&files[0].0, &files[0].1).await;
+    wait_for("the first file", &log, || all_landed(&site, &files));
+    site.sim.frontend().disconnect();
+    for i in 0..3 {
+        let f = (format!("x/missed-{i}.dat"), data(6_000 + i, 10 + i as u32));
+        site.upload(&f.0, &f.1).await;
+        files.push(f);
+    }
+    wait_for("the missed files", &log, || all_landed(&site, &files));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("EVENT_LOSS"), "{text}");
+
+    site.sim.frontend().overflow();
+    wait_for("the overflow", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("IN_Q_OVERFLOW")
+    });
+    assert_eq!(stop(child), 0);
+    assert_eq!(site.records("success.csv").len(), files.len());
+}
+
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
