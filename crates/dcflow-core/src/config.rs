@@ -1037,6 +1037,45 @@ successfultaskfile = "success.csv"
     }
 
     #[test]
+    fn the_sse_source_and_the_metrics_address() {
+        let without_kafka = ORIGINAL
+            .split("[dcache]")
+            .nth(1)
+            .map(|rest| format!("[dcache]{rest}"))
+            .unwrap();
+        let text = format!(
+            "{without_kafka}\n[sse]\nurl = \"https://dcache.example.org:3880\"\n[metrics]\naddress = \"127.0.0.1:9464\"\n"
+        );
+        let c = Config::from_toml(&text, &env()).unwrap();
+        let sse = c.sse.unwrap();
+        assert_eq!(
+            sse.paths,
+            vec!["/pnfs/example.org/data/lsst/lsst/user/j/jdoe"]
+        );
+        assert_eq!(sse.channel_timeout, 3600);
+        assert_eq!(sse.state_file, Path::new("dcflow-sse.json"));
+        assert_eq!(c.metrics_address.unwrap().port(), 9464);
+
+        let both = format!("{ORIGINAL}\n[sse]\nurl = \"https://x:3880\"\n");
+        let err = Config::from_toml(&both, &env()).unwrap_err().to_string();
+        assert!(
+            err.contains("sse: [sse] and [kafka] are two sources"),
+            "{err}"
+        );
+        let bad = format!(
+            "{without_kafka}\n[sse]\npaths = [\"relative\"]\n[metrics]\naddress = \"nowhere\"\n"
+        );
+        let err = Config::from_toml(&bad, &env()).unwrap_err().to_string();
+        for expected in [
+            "sse.url: is required",
+            "sse.paths[0]: must be an absolute",
+            "metrics.address:",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+    }
+
+    #[test]
     fn the_original_configuration_runs_unchanged() {
         let c = Config::from_toml(ORIGINAL, &env()).unwrap();
         let k = c.kafka.unwrap();

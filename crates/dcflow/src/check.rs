@@ -37,7 +37,15 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
             }
             line
         }
-        None => "no [kafka] section: events come from `dcflow replay` files".into(),
+        None => match &config.sse {
+            Some(sse) => format!(
+                "dCache storage events (SSE) at {}, watching {} and below; state in {}",
+                sse.url,
+                sse.paths.join(", "),
+                sse.state_file.display()
+            ),
+            None => "no [kafka] or [sse] section: events come from `dcflow replay` files".into(),
+        },
     };
     let _ = writeln!(out, "source:      {source}");
     let _ = writeln!(out, "selects:     completed uploads under {prefix}/");
