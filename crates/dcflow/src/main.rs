@@ -168,9 +168,10 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 }
 
 /// The configuration and a pipeline built from it (credentials loaded, records opened).
-/// The configuration and its pipeline; with `[metrics] address`, the status endpoint is
-/// served from here on.
-async fn load_pipeline(path: &Path) -> Result<(Config, Arc<Pipeline>), ExitCode> {
+/// The configuration and its pipeline. For the daemon (`serve`), with `[metrics] address`,
+/// the status endpoint is served from here on; `replay` and `retry` leave that address to the
+/// daemon that may be running with the same configuration.
+async fn load_pipeline(path: &Path, serve: bool) -> Result<(Config, Arc<Pipeline>), ExitCode> {
     let cfg = load_config(path)?;
     let pipeline = match Pipeline::try_new(&cfg) {
         Ok(p) => Arc::new(p),
@@ -179,7 +180,7 @@ async fn load_pipeline(path: &Path) -> Result<(Config, Arc<Pipeline>), ExitCode>
             return Err(ExitCode::from(2));
         }
     };
-    if let Some(address) = cfg.metrics_address {
+    if let Some(address) = cfg.metrics_address.filter(|_| serve) {
         if let Err(e) =
             dcflow::metrics::serve(address, pipeline.clone(), CancellationToken::new()).await
         {
@@ -356,7 +357,7 @@ async fn async_main(command: Command) -> ExitCode {
             }
         }
         Command::Replay { config, events } => {
-            let (_, pipeline) = match load_pipeline(&config).await {
+            let (_, pipeline) = match load_pipeline(&config, false).await {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
@@ -367,7 +368,7 @@ async fn async_main(command: Command) -> ExitCode {
             drain_seconds,
             until_caught_up,
         } => {
-            let (cfg, pipeline) = match load_pipeline(&config).await {
+            let (cfg, pipeline) = match load_pipeline(&config, true).await {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
@@ -417,7 +418,7 @@ async fn async_main(command: Command) -> ExitCode {
             failures,
             dead_letters,
         } => {
-            let (cfg, pipeline) = match load_pipeline(&config).await {
+            let (cfg, pipeline) = match load_pipeline(&config, false).await {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
