@@ -519,20 +519,23 @@ fn problem(key: &str, what: impl Into<String>) -> ConfigProblem {
     }
 }
 
-/// Typed access to one table that records every problem under `section.key`.
-struct Section<'a> {
-    name: &'static str,
+/// Typed access to one table that records every problem under `section.key` (the section
+/// may be nested: `workflow[0].step[1]`).
+pub(crate) struct Section<'a> {
+    name: String,
     table: Option<&'a toml::Table>,
     errs: &'a mut Vec<ConfigProblem>,
 }
 
 impl<'a> Section<'a> {
-    fn new(
-        name: &'static str,
+    /// Reports every key of `table` not in `known`.
+    pub(crate) fn new(
+        name: impl Into<String>,
         table: Option<&'a toml::Table>,
         known: &[&str],
         errs: &'a mut Vec<ConfigProblem>,
     ) -> Self {
+        let name = name.into();
         if let Some(t) = table {
             let known: BTreeSet<&str> = known.iter().copied().collect();
             for key in t.keys().filter(|k| !known.contains(k.as_str())) {
@@ -546,16 +549,21 @@ impl<'a> Section<'a> {
         format!("{}.{key}", self.name)
     }
 
-    fn fail(&mut self, key: &str, what: impl Into<String>) {
+    /// Where problems go, for tables nested in this one.
+    pub(crate) fn errs(&mut self) -> &mut Vec<ConfigProblem> {
+        self.errs
+    }
+
+    pub(crate) fn fail(&mut self, key: &str, what: impl Into<String>) {
         let k = self.key(key);
         self.errs.push(problem(&k, what));
     }
 
-    fn get(&self, key: &str) -> Option<&'a toml::Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a toml::Value> {
         self.table.and_then(|t| t.get(key))
     }
 
-    fn string(&mut self, key: &str) -> Option<String> {
+    pub(crate) fn string(&mut self, key: &str) -> Option<String> {
         match self.get(key)? {
             toml::Value::String(s) => Some(s.clone()),
             other => {
@@ -579,24 +587,26 @@ impl<'a> Section<'a> {
     }
 
     /// A positive integer (seconds, counts) within `min..=max`.
-    fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
-        match self.get(key) {
-            None => default,
-            Some(toml::Value::Integer(i))
-                if (min as i128..=max as i128).contains(&(*i as i128)) =>
-            {
-                *i as u64
+    pub(crate) fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
+        self.opt_int(key, min, max).unwrap_or(default)
+    }
+
+    /// An optional integer within `min..=max`.
+    pub(crate) fn opt_int(&mut self, key: &str, min: u64, max: u64) -> Option<u64> {
+        match self.get(key)? {
+            toml::Value::Integer(i) if (min as i128..=max as i128).contains(&(*i as i128)) => {
+                Some(*i as u64)
             }
-            Some(toml::Value::Integer(i)) => {
+            toml::Value::Integer(i) => {
                 self.fail(key, format!("{i} is out of range {min}..={max}"));
-                default
+                None
             }
-            Some(other) => {
+            other => {
                 self.fail(
                     key,
                     format!("must be an integer, found {}", other.type_str()),
                 );
-                default
+                None
             }
         }
     }
@@ -615,7 +625,7 @@ impl<'a> Section<'a> {
         }
     }
 
-    fn strings(&mut self, key: &str) -> Option<Vec<String>> {
+    pub(crate) fn strings(&mut self, key: &str) -> Option<Vec<String>> {
         match self.get(key)? {
             toml::Value::Array(items) => {
                 let mut out = Vec::new();

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::ConfigProblem;
+use crate::config::{ConfigProblem, Section};
 
 /// The placeholders a template may use, and the step kind that must come earlier for it.
 const PLACEHOLDERS: &[(&str, Option<&str>)] = &[
@@ -420,15 +420,10 @@ pub fn parse_workflows(
             errs.push(problem(&at, "must be a table"));
             continue;
         };
-        let mut p = Parser {
-            at: at.clone(),
-            table: t,
-            errs,
-        };
-        p.unknown(WORKFLOW_KEYS);
+        let mut p = Section::new(at.clone(), Some(t), WORKFLOW_KEYS, errs);
         let name = p.string("name");
         match &name {
-            None if p.table.get("name").is_none() => p.fail("name", "is required"),
+            None if p.get("name").is_none() => p.fail("name", "is required"),
             Some(n) if n.is_empty() || n.contains(['/', ',', '\n']) => {
                 p.fail("name", "must be non-empty, without '/', ',' or newlines")
             }
@@ -437,17 +432,19 @@ pub fn parse_workflows(
             }
             _ => {}
         }
-        let attempts = p.int("attempts", default_attempts as i64, 1, 1000) as u32;
+        let attempts = p.int("attempts", u64::from(default_attempts), 1, 1000) as u32;
         let matcher = match t.get("match") {
             None => Some(Matcher::everything_under_folder()),
-            Some(toml::Value::Table(m)) => parse_match(&format!("{at}.match"), m, p.errs),
+            Some(toml::Value::Table(m)) => parse_match(&format!("{at}.match"), m, p.errs()),
             Some(_) => {
                 p.fail("match", "must be a table: [workflow.match]");
                 None
             }
         };
         let steps = match t.get("step") {
-            Some(toml::Value::Array(steps)) if !steps.is_empty() => parse_steps(&at, steps, p.errs),
+            Some(toml::Value::Array(steps)) if !steps.is_empty() => {
+                parse_steps(&at, steps, p.errs())
+            }
             Some(toml::Value::Array(_)) | None => {
                 p.fail("step", "at least one [[workflow.step]] is required");
                 None
@@ -465,7 +462,7 @@ pub fn parse_workflows(
                         step,
                         Step::Copy { .. } | Step::DeleteSource | Step::Unpack { .. }
                     ) {
-                        p.errs.push(problem(
+                        p.errs().push(problem(
                             &format!("{at}.step[{j}].type"),
                             format!(
                                 "{} needs a file to fetch: its workflow must match only kinds = [\"upload\"]",
@@ -490,12 +487,7 @@ pub fn parse_workflows(
 
 fn parse_match(at: &str, t: &toml::Table, errs: &mut Vec<ConfigProblem>) -> Option<Matcher> {
     let before = errs.len();
-    let mut p = Parser {
-        at: at.to_owned(),
-        table: t,
-        errs,
-    };
-    p.unknown(MATCH_KEYS);
+    let mut p = Section::new(at, Some(t), MATCH_KEYS, errs);
     let mut kinds = BTreeSet::new();
     for (i, k) in p
         .strings("kinds")
@@ -532,8 +524,8 @@ fn parse_match(at: &str, t: &toml::Table, errs: &mut Vec<ConfigProblem>) -> Opti
             Err(e) => p.fail(&format!("paths[{i}]"), format!("not a valid glob: {e}")),
         }
     }
-    let min_size = p.opt_int("minsize", 0, i64::MAX).map(|v| v as u64);
-    let max_size = p.opt_int("maxsize", 0, i64::MAX).map(|v| v as u64);
+    let min_size = p.opt_int("minsize", 0, i64::MAX as u64);
+    let max_size = p.opt_int("maxsize", 0, i64::MAX as u64);
     if let (Some(lo), Some(hi)) = (min_size, max_size) {
         if lo > hi {
             p.fail("maxsize", format!("{hi} is below minsize {lo}"));
@@ -586,7 +578,18 @@ fn parse_steps(
             errs.push(problem(&at, "must be a table"));
             continue;
         };
-        let mut p = Parser { at, table: t, errs };
+        let known: Vec<&str> = match t.get("type").and_then(toml::Value::as_str) {
+            Some("copy") => vec!["type", "destination"],
+            Some("delete-source") => vec!["type"],
+            Some("exec") => vec!["type", "argv", "env", "timeout", "retrycodes"],
+            Some("webhook") => vec!["type", "url", "format", "headers", "tokenfile", "timeout"],
+            Some("unpack") => vec!["type", "destination", "format"],
+            Some("produce") => vec!["type", "topic", "key"],
+            Some("catalog") => vec!["type", "database"],
+            // An unknown or missing type is the one problem reported.
+            _ => t.keys().map(String::as_str).collect(),
+        };
+        let mut p = Section::new(at, Some(t), &known, errs);
         let kind = p.string("type");
         let step = match kind.as_deref() {
             None => {
@@ -599,7 +602,6 @@ fn parse_steps(
                 None
             }
             Some("copy") => {
-                p.unknown(&["type", "destination"]);
                 let destination = p.template("destination");
                 if let Some(d) = &destination {
                     if d.as_str().starts_with('/') {
@@ -615,7 +617,6 @@ fn parse_steps(
                 Some(Step::Copy { destination })
             }
             Some("delete-source") => {
-                p.unknown(&["type"]);
                 if !steps.iter().any(|s| matches!(s, Step::Copy { .. })) {
                     p.fail(
                         "type",
@@ -625,7 +626,6 @@ fn parse_steps(
                 Some(Step::DeleteSource)
             }
             Some("exec") => {
-                p.unknown(&["type", "argv", "env", "timeout", "retrycodes"]);
                 let argv = p.templates("argv");
                 if argv.as_ref().is_none_or(Vec::is_empty) && t.get("argv").is_none() {
                     p.fail(
@@ -634,7 +634,7 @@ fn parse_steps(
                     );
                 }
                 let env = p.template_table("env");
-                let timeout = Duration::from_secs(p.int("timeout", 600, 1, 86_400 * 7) as u64);
+                let timeout = Duration::from_secs(p.int("timeout", 600, 1, 86_400 * 7));
                 let retry = match t.get("retrycodes") {
                     None => vec![75],
                     Some(v) => match v.as_array() {
@@ -656,7 +656,6 @@ fn parse_steps(
                 })
             }
             Some("webhook") => {
-                p.unknown(&["type", "url", "format", "headers", "tokenfile", "timeout"]);
                 let url = p.string("url").and_then(|u| match url::Url::parse(&u) {
                     Ok(u) if ["http", "https"].contains(&u.scheme()) => Some(u),
                     Ok(_) => {
@@ -684,7 +683,7 @@ fn parse_steps(
                 };
                 let headers = p.template_table("headers");
                 let token_file = p.string("tokenfile").map(std::path::PathBuf::from);
-                let timeout = Duration::from_secs(p.int("timeout", 30, 1, 3600) as u64);
+                let timeout = Duration::from_secs(p.int("timeout", 30, 1, 3600));
                 url.map(|url| Step::Webhook {
                     url,
                     format,
@@ -694,7 +693,6 @@ fn parse_steps(
                 })
             }
             Some("unpack") => {
-                p.unknown(&["type", "destination", "format"]);
                 if !steps.iter().any(|s| matches!(s, Step::Copy { .. })) {
                     p.fail(
                         "type",
@@ -727,7 +725,6 @@ fn parse_steps(
                 })
             }
             Some("produce") => {
-                p.unknown(&["type", "topic", "key"]);
                 let topic = p.string("topic").filter(|t| !t.is_empty());
                 if topic.is_none() {
                     p.fail("topic", "is required: the Kafka topic to publish to");
@@ -738,7 +735,6 @@ fn parse_steps(
                 topic.map(|topic| Step::Produce { topic, key })
             }
             Some("catalog") => {
-                p.unknown(&["type", "database"]);
                 let database = p.string("database").filter(|d| !d.is_empty());
                 if database.is_none() {
                     p.fail("database", "is required: the SQLite file of the catalog");
@@ -796,81 +792,8 @@ fn problem(key: &str, what: impl Into<String>) -> ConfigProblem {
     }
 }
 
-/// Typed access to one table, recording problems under `at.key`.
-struct Parser<'a> {
-    at: String,
-    table: &'a toml::Table,
-    errs: &'a mut Vec<ConfigProblem>,
-}
-
-impl Parser<'_> {
-    fn fail(&mut self, key: &str, what: impl Into<String>) {
-        let key = format!("{}.{key}", self.at);
-        self.errs.push(problem(&key, what));
-    }
-
-    fn unknown(&mut self, known: &[&str]) {
-        let unknown: Vec<String> = self
-            .table
-            .keys()
-            .filter(|k| !known.contains(&k.as_str()))
-            .cloned()
-            .collect();
-        for k in unknown {
-            self.fail(&k, "unknown key");
-        }
-    }
-
-    fn string(&mut self, key: &str) -> Option<String> {
-        match self.table.get(key)? {
-            toml::Value::String(s) => Some(s.clone()),
-            other => {
-                let found = other.type_str();
-                self.fail(key, format!("must be a string, found {found}"));
-                None
-            }
-        }
-    }
-
-    fn strings(&mut self, key: &str) -> Option<Vec<String>> {
-        match self.table.get(key)? {
-            toml::Value::Array(a) => {
-                let mut out = Vec::new();
-                for (i, v) in a.iter().enumerate() {
-                    match v.as_str() {
-                        Some(s) => out.push(s.to_owned()),
-                        None => self.fail(&format!("{key}[{i}]"), "must be a string"),
-                    }
-                }
-                Some(out)
-            }
-            other => {
-                let found = other.type_str();
-                self.fail(key, format!("must be an array of strings, found {found}"));
-                None
-            }
-        }
-    }
-
-    fn opt_int(&mut self, key: &str, min: i64, max: i64) -> Option<i64> {
-        match self.table.get(key)? {
-            toml::Value::Integer(i) if (min..=max).contains(i) => Some(*i),
-            toml::Value::Integer(i) => {
-                self.fail(key, format!("{i} is out of range {min}..={max}"));
-                None
-            }
-            other => {
-                let found = other.type_str();
-                self.fail(key, format!("must be an integer, found {found}"));
-                None
-            }
-        }
-    }
-
-    fn int(&mut self, key: &str, default: i64, min: i64, max: i64) -> i64 {
-        self.opt_int(key, min, max).unwrap_or(default)
-    }
-
+/// Templates in a configuration table, checked as they are read.
+impl Section<'_> {
     fn template(&mut self, key: &str) -> Option<Template> {
         let s = self.string(key)?;
         match Template::parse(&s) {
@@ -896,7 +819,7 @@ impl Parser<'_> {
 
     fn template_table(&mut self, key: &str) -> BTreeMap<String, Template> {
         let mut out = BTreeMap::new();
-        match self.table.get(key) {
+        match self.get(key) {
             None => {}
             Some(toml::Value::Table(t)) => {
                 for (k, v) in t {

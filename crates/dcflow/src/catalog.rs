@@ -9,9 +9,6 @@ use rusqlite::{params, Connection};
 use serde_json::json;
 
 const SCHEMA: &str = "
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
-PRAGMA busy_timeout = 10000;
 CREATE TABLE IF NOT EXISTS files (
     workflow   TEXT NOT NULL,
     path       TEXT NOT NULL,
@@ -49,14 +46,7 @@ pub struct Entry {
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the folder of {}", path.display()))?;
-        }
-        let conn = Connection::open(path)
-            .with_context(|| format!("opening the catalog {}", path.display()))?;
-        conn.execute_batch(SCHEMA)
-            .with_context(|| format!("preparing the catalog {}", path.display()))?;
+        let conn = crate::state::open_sqlite(path, "the catalog", SCHEMA)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })

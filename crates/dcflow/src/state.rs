@@ -29,17 +29,10 @@ pub struct Progress {
 
 impl StateStore {
     pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the folder of {}", path.display()))?;
-        }
-        let conn = Connection::open(path)
-            .with_context(|| format!("opening the state file {}", path.display()))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 10000;
-             CREATE TABLE IF NOT EXISTS steps (
+        let conn = open_sqlite(
+            path,
+            "the state file",
+            "CREATE TABLE IF NOT EXISTS steps (
                  pnfsid   TEXT NOT NULL,
                  workflow TEXT NOT NULL,
                  step     INTEGER NOT NULL,
@@ -48,8 +41,7 @@ impl StateStore {
                  context  TEXT NOT NULL,
                  PRIMARY KEY (pnfsid, workflow, step)
              );",
-        )
-        .with_context(|| format!("preparing the state file {}", path.display()))?;
+        )?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -108,4 +100,20 @@ impl StateStore {
         })
         .await?
     }
+}
+
+/// Opens (creating its folder and file) an SQLite database for dcflow's own use: WAL,
+/// `synchronous = NORMAL`, a 10 s busy timeout, then `schema`. `what` names it in errors.
+pub(crate) fn open_sqlite(path: &Path, what: &str, schema: &str) -> Result<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the folder of {}", path.display()))?;
+    }
+    let conn =
+        Connection::open(path).with_context(|| format!("opening {what} {}", path.display()))?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; {schema}"
+    ))
+    .with_context(|| format!("preparing {what} {}", path.display()))?;
+    Ok(conn)
 }

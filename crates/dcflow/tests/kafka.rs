@@ -57,37 +57,6 @@ fn committed_and_end(broker: &str, topic: &str, group: &str) -> (i64, i64) {
     (offset, high)
 }
 
-fn start_run(config: &std::path::Path, log: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dcflow"))
-        .args([
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--drain-seconds",
-            "60",
-        ])
-        .env("DCFLOW_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-fn stop(mut child: Child) -> i32 {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code().unwrap_or(-1);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dcflow run did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -573,42 +542,6 @@ key = "{{name}}"
     }
 }
 
-fn http_get(address: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(address) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of a metric line (`name{labels} value`), summed over label sets.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn chromium() -> Option<String> {
     for name in ["chromium", "chromium-browser", "google-chrome"] {
         if Command::new(name)
@@ -649,12 +582,7 @@ async fn metrics_status_page_and_status_command_follow_a_run() {
         None,
     );
     site.sim.flush_billing();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = free_address();
     let config = site.write_kafka_config(
         &format!(
             "topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{}\"",

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,28 +16,6 @@ fn sse_config(site: &Site) -> std::path::PathBuf {
     path
 }
 
-fn start(config: &std::path::Path, log: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dcflow"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("DCFLOW_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-fn stop(mut child: Child) -> i32 {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.code().unwrap_or(-1);
-        }
-        assert!(Instant::now() < deadline, "no stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn wait_for(what: &str, log: &std::path::Path, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {
@@ -49,6 +26,14 @@ fn wait_for(what: &str, log: &std::path::Path, mut done: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn wait_for_stream(log: &std::path::Path) {
+    wait_for("the stream", log, || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("event stream open")
+    });
 }
 
 /// Every uploaded file is at its destination, byte for byte.
@@ -67,22 +52,13 @@ async fn uploads_new_directories_a_cut_stream_and_a_restart_lose_nothing() {
     site.upload(&early.0, &early.1).await;
     files.push(early);
     let config = sse_config(&site);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = free_address();
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!("\n[metrics]\naddress = \"{address}\"\n"));
     std::fs::write(&config, text).unwrap();
     let log = site.path("run.log");
-    let child = start(&config, &log);
-    wait_for("the stream", &log, || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("event stream open")
-    });
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
     for i in 0..12 {
         let rel = if i % 3 == 0 {
             format!("new-dir-{}/deeper/f{i}.dat", i % 2)
@@ -97,7 +73,7 @@ async fn uploads_new_directories_a_cut_stream_and_a_restart_lose_nothing() {
         }
     }
     wait_for("every file", &log, || all_landed(&site, &files));
-    let metrics = http_get(&address, "/metrics");
+    let (_, metrics) = http_get(&address, "/metrics");
     assert!(
         metric(&metrics, "dcflow_sse_reconnects_total") >= 1.0,
         "{metrics}"
@@ -126,7 +102,7 @@ async fn uploads_new_directories_a_cut_stream_and_a_restart_lose_nothing() {
     site.upload(&late.0, &late.1).await;
     files.push(late);
     let log2 = site.path("run2.log");
-    let child = start(&config, &log2);
+    let child = start_run(&config, &log2);
     wait_for("the late file", &log2, || all_landed(&site, &files));
     assert_eq!(stop(child), 0);
     let log2_text = std::fs::read_to_string(&log2).unwrap();
@@ -147,12 +123,8 @@ async fn a_dropped_channel_is_recreated_and_the_tree_resynchronised() {
     let site = Site::new().await;
     let config = sse_config(&site);
     let log = site.path("run.log");
-    let child = start(&config, &log);
-    wait_for("the stream", &log, || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("event stream open")
-    });
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
     let mut files = Vec::new();
     for i in 0..3 {
         let f = (format!("a/f{i}.dat"), data(5_000 + i, i as u32));
@@ -181,12 +153,8 @@ async fn an_event_loss_marker_and_a_queue_overflow_resynchronise() {
     site.sim.frontend().set_backlog(0);
     let config = sse_config(&site);
     let log = site.path("run.log");
-    let child = start(&config, &log);
-    wait_for("the stream", &log, || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("event stream open")
-    });
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
     let mut files = vec![("x/first.dat".to_owned(), data(8_000, 1))];
     site.upload(&files[0].0, &files[0].1).await;
     wait_for("the first file", &log, || all_landed(&site, &files));
@@ -208,24 +176,4 @@ async fn an_event_loss_marker_and_a_queue_overflow_resynchronise() {
     });
     assert_eq!(stop(child), 0);
     assert_eq!(site.records("success.csv").len(), files.len());
-}
-
-fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(address).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
