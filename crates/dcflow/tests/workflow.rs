@@ -128,6 +128,14 @@ async fn delete_source_never_deletes_a_file_whose_copy_was_not_verified() {
     }
 }
 
+/// How many recorded calls have `tag` as one of their arguments.
+fn calls_with(recorded: &str, tag: &str) -> usize {
+    recorded
+        .lines()
+        .filter(|l| l.contains(&format!("\"{tag}\"")))
+        .count()
+}
+
 /// A program that appends its arguments, as one JSON array per call, to the file named first.
 fn argv_recorder(site: &Site) -> (std::path::PathBuf, std::path::PathBuf) {
     let script = site.path("record-argv.py");
@@ -224,12 +232,7 @@ timeout = 1
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let recorded = std::fs::read_to_string(&calls).unwrap();
-    let count = |name: &str| {
-        recorded
-            .lines()
-            .filter(|l| l.contains(&format!("\"{name}\"")))
-            .count()
-    };
+    let count = |tag: &str| calls_with(&recorded, tag);
     assert_eq!(count("ok.dat"), 1);
     assert_eq!(count("later.dat"), 3, "75 is retried up to the attempts");
     assert_eq!(count("broken.dat"), 1, "3 is a failure, not retried");
@@ -731,12 +734,7 @@ database = "{db}"
     let all = replay(&config, &site.billing());
     assert_eq!(all.status.code(), Some(0), "{}", text(&all.stderr));
     let recorded = std::fs::read_to_string(&calls).unwrap();
-    let count = |tag: &str| {
-        recorded
-            .lines()
-            .filter(|l| l.contains(&format!("\"{tag}\"")))
-            .count()
-    };
+    let count = |tag: &str| calls_with(&recorded, tag);
     assert_eq!(
         count("first"),
         1,
@@ -815,12 +813,7 @@ timeout = 120
         text(&out.stderr)
     );
     let recorded = std::fs::read_to_string(&calls).unwrap();
-    let count = |tag: &str| {
-        recorded
-            .lines()
-            .filter(|l| l.contains(&format!("\"{tag}\"")))
-            .count()
-    };
+    let count = |tag: &str| calls_with(&recorded, tag);
     assert_eq!(
         count("step2"),
         1,
