@@ -114,6 +114,9 @@ impl Engine {
             .redirect(reqwest::redirect::Policy::none())
             .http1_only()
             .tcp_nodelay(true)
+            // dCache's event stream is silent while nothing happens: keepalives notice a peer
+            // that vanished (a NAT or firewall dropping the connection) without cutting it.
+            .tcp_keepalive(Duration::from_secs(60))
             .connect_timeout(settings.stall_timeout.min(Duration::from_secs(60)))
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("dcflow/", env!("CARGO_PKG_VERSION")))
