@@ -81,7 +81,7 @@ impl fmt::Display for Checksum {
 
 /// Computes the configured checksums over a stream of chunks.
 pub struct Hasher {
-    adler32: Option<adler2::Adler32>,
+    adler32: Option<simd_adler32::Adler32>,
     md5: Option<Md5>,
 }
 
@@ -90,14 +90,14 @@ impl Hasher {
         Self {
             adler32: algos
                 .contains(&ChecksumAlgo::Adler32)
-                .then(adler2::Adler32::new),
+                .then(simd_adler32::Adler32::new),
             md5: algos.contains(&ChecksumAlgo::Md5).then(Md5::new),
         }
     }
 
     pub fn update(&mut self, data: &[u8]) {
         if let Some(a) = self.adler32.as_mut() {
-            a.write_slice(data);
+            a.write(data);
         }
         if let Some(m) = self.md5.as_mut() {
             m.update(data);
@@ -107,7 +107,7 @@ impl Hasher {
     pub fn finish(self) -> Vec<Checksum> {
         let mut out = Vec::new();
         if let Some(a) = self.adler32 {
-            out.push(Checksum::Adler32(a.checksum()));
+            out.push(Checksum::Adler32(a.finish()));
         }
         if let Some(m) = self.md5 {
             out.push(Checksum::Md5(m.finalize().into()));
@@ -137,6 +137,24 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streamed_adler32_equals_the_reference_whatever_the_chunks() {
+        let data: Vec<u8> = (0..1_000_003u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+            .collect();
+        for chunk in [1, 7, 4096, 65_521, 512 << 10, data.len()] {
+            for len in [0, 1, 5551, 5552, 5553, 65_536, data.len()] {
+                let mut h = Hasher::new(&[ChecksumAlgo::Adler32]);
+                data[..len].chunks(chunk.max(1)).for_each(|c| h.update(c));
+                assert_eq!(
+                    h.finish(),
+                    vec![Checksum::Adler32(adler2::adler32_slice(&data[..len]))],
+                    "{len} bytes in chunks of {chunk}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn adler32_compares_as_a_number() {
