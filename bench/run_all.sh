@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every benchmark, one after the other, as one markdown report on stdout (also kept in
+# bench/results/<date>-<commit>.md). Needs curl, rclone and kcat (Debian packages), Java 17
+# and Maven for the Kafka broker (started by events.py unless DCFLOW_KAFKA names one).
+# Takes about 15 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+commit=$(git rev-parse --short HEAD)
+mkdir -p bench/results
+out="bench/results/$(date +%F)-$commit.md"
+{
+  echo "# dcflow benchmarks — $(date +%F) — commit $commit"
+  echo
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/ {print $2}') GiB RAM; $(uname -sr)"
+  echo
+  echo "## Checksum"
+  echo
+  cargo run -q --release --locked -p dcflow-transfer --example checksum_speed
+  echo
+  echo "## Large files"
+  python3 bench/large_files.py
+  echo
+  echo "## Small files"
+  python3 bench/small_files.py
+  echo
+  echo "## Event rate"
+  python3 bench/events.py
+} | tee "$out"
+echo "report: $out" >&2
