@@ -107,6 +107,27 @@ def run_curl(info, paths, out, parallel):
     return time.monotonic() - t, last_byte
 
 
+def run_rclone(info, folder, out, parallel):
+    """`rclone copy` with the WebDAV backend (PROPFIND, then GET following the 302), `parallel`
+    transfers, ending with `sync`; seconds."""
+    token = Path(info["token_file"]).read_text().strip()
+    env = {**os.environ,
+           "RCLONE_CONFIG_DC_TYPE": "webdav",
+           "RCLONE_CONFIG_DC_URL": info["door_url"],
+           "RCLONE_CONFIG_DC_VENDOR": "other",
+           "RCLONE_CONFIG_DC_BEARER_TOKEN": token}
+    t = time.monotonic()
+    proc = subprocess.run(["rclone", "copy", f"dc:{folder}", str(out), "--transfers", str(parallel),
+                           "--checkers", str(parallel), "--ca-cert", info["ca_pem"],
+                           "--no-check-dest", "--ignore-checksum", "-q",
+                           # One stream per file: the emulator's pool ignores Range requests.
+                           "--multi-thread-streams", "0"], env=env)
+    if proc.returncode != 0:
+        sys.exit("rclone failed")
+    sync()
+    return time.monotonic() - t
+
+
 def write_config(info, work, download, parallel, name):
     cfg = work / f"{name}.toml"
     cfg.write_text(f"""[dcache]
@@ -184,7 +205,8 @@ def main():
         large_events = work / "large.jsonl"
         shutil.copy(info["billing_file"], large_events)
 
-        curl_times, curl_last_byte, dcflow_times = [], [], []
+        curl_times, curl_last_byte, dcflow_times, rclone_times = [], [], [], []
+        have_rclone = shutil.which("rclone") is not None
         for run in range(a.runs):
             out = work / "curl-out"
             shutil.rmtree(out, ignore_errors=True)
@@ -199,7 +221,14 @@ def main():
             secs = run_dcflow(dcflow, cfg, large_events)
             dcflow_times.append(secs)
             shutil.rmtree(download)
-            print(f"run {run + 1}: curl {curl_times[-1]:.2f} s, dcflow {dcflow_times[-1]:.2f} s", file=sys.stderr)
+            if have_rclone:
+                out = work / "rclone-out"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                rclone_times.append(run_rclone(info, "/bench/large", out, a.parallel))
+                shutil.rmtree(out)
+            print(f"run {run + 1}: curl {curl_times[-1]:.2f} s, dcflow {dcflow_times[-1]:.2f} s"
+                  + (f", rclone {rclone_times[-1]:.2f} s" if rclone_times else ""), file=sys.stderr)
 
         # Memory: MEM_FILES files of MEM_SIZE at once.
         upload_set(info, src, "mem", a.mem_files, a.mem_size_mib)
@@ -236,8 +265,13 @@ def main():
     lb = statistics.median(curl_last_byte)
     print(f"| same, curl to its last byte (before `sync`: its data still in the page cache) "
           f"| {lb:.2f} s ({total_mib * 8.388608 / lb:.0f} Mbps) | {d:.2f} s (fsynced) | {d / lb:.3f} |")
+    if rclone_times:
+        r = statistics.median(rclone_times)
+        print(f"| same, rclone copy (WebDAV, --transfers {a.parallel}), incl. final sync "
+              f"| {r:.2f} s ({total_mib * 8.388608 / r:.0f} Mbps) | {d:.2f} s | {d / r:.3f} (dcflow / rclone) |")
     print(f"\npeak RSS of dcflow copying {a.mem_files} × {a.mem_size_mib} MiB at once: **{rss_kib / 1024:.1f} MiB**")
-    print(f"(runs: curl {', '.join(f'{t:.2f}' for t in curl_times)} s; dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s)")
+    print(f"(runs: curl {', '.join(f'{t:.2f}' for t in curl_times)} s; dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s"
+          + (f"; rclone {', '.join(f'{t:.2f}' for t in rclone_times)} s" if rclone_times else "") + ")")
 
 
 if __name__ == "__main__":

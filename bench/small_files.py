@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from large_files import build, start_sim, sync, write_config  # noqa: E402
+from large_files import build, run_rclone, start_sim, sync, write_config  # noqa: E402
 
 
 def upload_many(info, folder, count, size):
@@ -61,23 +61,6 @@ def run_curl(info, folder, count, out, parallel):
                          "-K", str(cfg)])
     if sh.returncode != 0:
         sys.exit("curl failed")
-    sync()
-    return time.monotonic() - t
-
-
-def run_rclone(info, folder, out, parallel):
-    token = Path(info["token_file"]).read_text().strip()
-    env = {**os.environ,
-           "RCLONE_CONFIG_DC_TYPE": "webdav",
-           "RCLONE_CONFIG_DC_URL": info["door_url"],
-           "RCLONE_CONFIG_DC_VENDOR": "other",
-           "RCLONE_CONFIG_DC_BEARER_TOKEN": token}
-    t = time.monotonic()
-    proc = subprocess.run(["rclone", "copy", f"dc:{folder}", str(out), "--transfers", str(parallel),
-                           "--checkers", str(parallel), "--ca-cert", info["ca_pem"],
-                           "--no-check-dest", "--ignore-checksum", "-q"], env=env)
-    if proc.returncode != 0:
-        sys.exit("rclone failed")
     sync()
     return time.monotonic() - t
 
