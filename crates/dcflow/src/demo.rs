@@ -184,14 +184,14 @@ successfultaskfile = "{dir}/success.csv"
     // Live progress until every file is handled (copied, present, or failed and recorded).
     let stats = &pipeline.stats;
     let tty = std::io::stdout().is_terminal();
-    let mut last_line = Instant::now() - Duration::from_secs(10);
+    let mut last_line: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let done = Stats::get(&stats.copied)
             + Stats::get(&stats.already_present)
             + Stats::get(&stats.failed);
         let finished = done >= plan.len() as u64;
-        if tty || finished || last_line.elapsed() >= Duration::from_secs(2) {
+        if tty || finished || last_line.is_none_or(|l| l.elapsed() >= Duration::from_secs(2)) {
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             let bytes = Stats::get(&stats.bytes);
             let line = format!(
@@ -209,7 +209,7 @@ successfultaskfile = "{dir}/success.csv"
             } else {
                 println!("{line}");
             }
-            last_line = Instant::now();
+            last_line = Some(Instant::now());
         }
         if finished {
             break;

@@ -56,7 +56,10 @@ pub async fn run_kafka(
     let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
     let mut last_commit = Instant::now();
     // The first lag reading comes a few seconds in, once partitions are assigned.
-    let mut last_lag = Instant::now() - LAG_EVERY + Duration::from_secs(3);
+    // (checked: the monotonic clock starts at boot, and a unit may start just after it).
+    let mut last_lag = Instant::now()
+        .checked_sub(LAG_EVERY - Duration::from_secs(3))
+        .unwrap_or_else(Instant::now);
     // Wakes the loop when no message comes, for the checks below.
     let mut idle = std::pin::pin!(tokio::time::sleep(COMMIT_EVERY));
     let mut unchecked = CHECK_EVERY;
