@@ -620,6 +620,38 @@ mod tests {
         }
     }
 
+    /// The bad-input corpus and every input the fuzzer ever crashed on (scripts/fuzz.sh keeps
+    /// them under fixtures/bad-input/fuzz/) decode or fail cleanly; configurations likewise.
+    #[test]
+    fn the_bad_input_corpus_and_kept_fuzz_findings_never_panic() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/bad-input");
+        let corpus = std::fs::read(format!("{root}/billing-corpus.jsonl")).unwrap();
+        let mut inputs: Vec<Vec<u8>> = corpus.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+        let kept = |target: &str| -> Vec<Vec<u8>> {
+            std::fs::read_dir(format!("{root}/fuzz/{target}"))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| std::fs::read(e.path()).unwrap())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        inputs.extend(kept("billing_message"));
+        assert!(inputs.len() > 30);
+        let selector = Selector::new("/pnfs/example.org/data/lsst");
+        for raw in &inputs {
+            let _ = selector.glance(raw);
+            if let Ok(m) = BillingMessage::decode(raw) {
+                let _ = m.upload();
+            }
+        }
+        for raw in kept("config") {
+            if let Ok(text) = std::str::from_utf8(&raw) {
+                let _ = crate::Config::from_toml(text, &crate::Env::default());
+            }
+        }
+    }
+
     #[test]
     fn selector_dismisses_only_what_a_peek_would_not_select() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/billing");
