@@ -40,10 +40,12 @@ def build():
     return target / "release" / "dcflow", target / "release" / "dcache-sim"
 
 
-def start_sim(sim_bin, state):
-    proc = subprocess.Popen([str(sim_bin), "serve", "--dir", str(state)], stdout=subprocess.DEVNULL)
+def start_sim(sim_bin, state, extra=()):
+    """The emulator as a process (`extra`: more `serve` arguments, e.g. --kafka); its info."""
+    proc = subprocess.Popen([str(sim_bin), "serve", "--dir", str(state), *extra],
+                            stdout=subprocess.DEVNULL)
     info_file = state / "sim.json"
-    for _ in range(200):
+    for _ in range(300):
         if info_file.exists():
             try:
                 return proc, json.loads(info_file.read_text())

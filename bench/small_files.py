@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from large_files import build, run_rclone, start_sim, sync, write_config  # noqa: E402
+from large_files import build, run_dcflow, run_rclone, start_sim, sync, write_config  # noqa: E402
 
 
 def upload_many(info, folder, count, size):
@@ -62,17 +62,6 @@ def run_curl(info, folder, count, out, parallel):
     if sh.returncode != 0:
         sys.exit("curl failed")
     sync()
-    return time.monotonic() - t
-
-
-def run_dcflow(dcflow, cfg, events):
-    t = time.monotonic()
-    proc = subprocess.run([str(dcflow), "replay", "--config", str(cfg), str(events)],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          env={**os.environ, "DCFLOW_LOG": "warn"})
-    sync()
-    if proc.returncode != 0:
-        sys.exit(f"dcflow replay failed: {proc.stdout.decode()}")
     return time.monotonic() - t
 
 
