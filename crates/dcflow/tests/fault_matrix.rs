@@ -145,13 +145,10 @@ type = "delete-source"
         calls = calls.display(),
         db = db.display(),
     );
-    let config = site.write_config(
-        &site.proxy_auth(),
+    let config = site.write_workflow_config(
         "retryseconds = 0\nretrytimes = 3\nstalltimeout = 2\ntimeout = 30",
+        &workflows,
     );
-    let mut cfg_text = std::fs::read_to_string(&config).unwrap();
-    cfg_text.push_str(&workflows);
-    std::fs::write(&config, cfg_text).unwrap();
     let out = common::dcflow(&[
         "replay",
         "--config",

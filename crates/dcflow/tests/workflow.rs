@@ -10,14 +10,6 @@ use std::sync::{Arc, Mutex};
 use common::{data, files_below, text, Site};
 use dcache_sim::Fault;
 
-fn with_workflows(site: &Site, extra_dcache: &str, workflows: &str) -> std::path::PathBuf {
-    let path = site.write_config(&site.proxy_auth(), extra_dcache);
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(workflows);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn replay(config: &std::path::Path, events: &std::path::Path) -> std::process::Output {
     common::dcflow(&[
         "replay",
@@ -55,7 +47,7 @@ async fn campaign_copies_then_frees_the_pool_and_a_redelivery_changes_nothing() 
         door_paths.push(site.upload(rel, body).await);
     }
     let events = snapshot(&site, "events.jsonl");
-    let config = with_workflows(&site, "", CAMPAIGN);
+    let config = site.write_workflow_config("", CAMPAIGN);
     let out = replay(&config, &events);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     for ((rel, body), door_path) in files.iter().zip(&door_paths) {
@@ -103,7 +95,7 @@ async fn delete_source_never_deletes_a_file_whose_copy_was_not_verified() {
         .add_fault(&flipped, Fault::FlipByte { at: 1_000 }, None);
     site.sim.add_fault(&lying, Fault::WrongDigest, None);
     let events = snapshot(&site, "events.jsonl");
-    let config = with_workflows(&site, "retrytimes = 2", CAMPAIGN);
+    let config = site.write_workflow_config("retrytimes = 2", CAMPAIGN);
     let out = replay(&config, &events);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     for door_path in [&flipped, &lying] {
@@ -168,7 +160,7 @@ env = {{ DCFLOW_FILE = "{{name}}" }}
         script = script.display(),
         calls = calls.display(),
     );
-    let config = with_workflows(&site, "", &workflows);
+    let config = site.write_workflow_config("", &workflows);
     let out = common::dcflow(&[
         "replay",
         "--config",
@@ -223,7 +215,7 @@ timeout = 1
 "#,
         program = program.display()
     );
-    let config = with_workflows(&site, "", &workflows);
+    let config = site.write_workflow_config("", &workflows);
     let out = common::dcflow(&[
         "replay",
         "--config",
@@ -336,7 +328,7 @@ timeout = 1
 "#,
         token = token.display()
     );
-    let config = with_workflows(&site, "", &workflows);
+    let config = site.write_workflow_config("", &workflows);
     let events = snapshot(&site, "events.jsonl");
     let first = replay(&config, &events);
     assert_eq!(first.status.code(), Some(1), "{}", text(&first.stderr));
@@ -525,7 +517,7 @@ type = "copy"
 [[workflow.step]]
 type = "unpack"
 "#;
-    let config = with_workflows(&site, "", workflows);
+    let config = site.write_workflow_config("", workflows);
     let events = snapshot(&site, "events.jsonl");
     let out = replay(&config, &events);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
@@ -615,7 +607,7 @@ database = "{db}"
 "#,
         db = db.display()
     );
-    let config = with_workflows(&site, "", &workflows);
+    let config = site.write_workflow_config("", &workflows);
     let events = snapshot(&site, "events.jsonl");
     for _ in 0..2 {
         let out = replay(&config, &events);
@@ -698,7 +690,7 @@ database = "{db}"
         gate = gate.display(),
         db = db.display(),
     );
-    let config = with_workflows(&site, "", &workflows);
+    let config = site.write_workflow_config("", &workflows);
     let events = snapshot(&site, "events.jsonl");
     let first = replay(&config, &events);
     assert_eq!(first.status.code(), Some(1), "{}", text(&first.stderr));
@@ -776,7 +768,7 @@ timeout = 120
         gate = gate.display(),
         pid = pid_file.display(),
     );
-    let config = with_workflows(&site, "", &workflows);
+    let config = site.write_workflow_config("", &workflows);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
         .args([
             "replay",

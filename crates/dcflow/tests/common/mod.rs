@@ -111,6 +111,15 @@ successfultaskfile = "{success}"
         path
     }
 
+    /// The proxy configuration with `[[workflow]]` tables appended.
+    pub fn write_workflow_config(&self, extra_dcache: &str, workflows: &str) -> PathBuf {
+        let path = self.write_config(&self.proxy_auth(), extra_dcache);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(workflows);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     pub fn proxy_auth(&self) -> String {
         format!("proxy = \"{}\"", self.sim.pki.proxy.display())
     }
