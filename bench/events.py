@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -94,6 +95,9 @@ def main():
     ap.add_argument("--selected-per-mille", type=int, default=10,
                     help="selected uploads per 1000 messages (10 = 1 %%; 0 = none)")
     ap.add_argument("--work", default="/var/tmp/dcflow-bench-events")
+    ap.add_argument("--wrap", metavar="COMMAND",
+                    help="run each benchmark run of dcflow (not the dismissing ones) under COMMAND, e.g. \"/usr/bin/time -v\", or "
+                         "\"perf record -g -o /tmp/perf.data --\" with --runs 1 to profile it")
     a = ap.parse_args()
     if not shutil.which("kcat"):
         sys.exit("kcat is needed: apt-get install kcat")
@@ -149,7 +153,8 @@ failedtasksfile = "{work}/failed.csv"
 successfultaskfile = "{work}/success-{run}.csv"
 """)
             t = time.monotonic()
-            sh(str(dcflow), "run", "--config", str(cfg), "--until-caught-up",
+            wrap = shlex.split(a.wrap) if a.wrap and real else []
+            sh(*wrap, str(dcflow), "run", "--config", str(cfg), "--until-caught-up",
                env={**os.environ, "DCFLOW_LOG": "warn"}, stdout=subprocess.DEVNULL)
             (dcflow_times if real else dismiss_times).append(time.monotonic() - t)
             success = work / f"success-{run}.csv"

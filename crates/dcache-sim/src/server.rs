@@ -133,6 +133,8 @@ pub struct Sim {
     pub token_file: PathBuf,
     /// An HTTPS client trusting the emulator's CA, for [`Sim::upload`].
     client: reqwest::Client,
+    /// The listeners' ports and TLS settings, to listen again after [`Sim::halt`].
+    listeners: Vec<(u16, rustls::ServerConfig, Role)>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -191,9 +193,23 @@ impl Sim {
             frontend: Default::default(),
         });
         *state.frontend.base.lock().expect("lock") = door_url.clone();
+        let listeners = vec![
+            (door_listener.local_addr()?.port(), door_tls, Role::Door),
+            (pool_listener.local_addr()?.port(), pool_tls, Role::Pool),
+        ];
         let tasks = vec![
-            tokio::spawn(serve(door_listener, door_tls, state.clone(), Role::Door)),
-            tokio::spawn(serve(pool_listener, pool_tls, state.clone(), Role::Pool)),
+            tokio::spawn(serve(
+                door_listener,
+                listeners[0].1.clone(),
+                state.clone(),
+                Role::Door,
+            )),
+            tokio::spawn(serve(
+                pool_listener,
+                listeners[1].1.clone(),
+                state.clone(),
+                Role::Pool,
+            )),
         ];
         let client = reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_der(&pki.ca_der)?)
@@ -206,8 +222,35 @@ impl Sim {
             token,
             token_file,
             client,
+            listeners,
             tasks,
         })
+    }
+
+    /// Stops the door and the pool as a dCache restart does: both listeners close and every
+    /// open connection is cut mid-request. The namespace (files, pnfsids, checksums), the
+    /// billing output, the credentials and the faults survive; [`Sim::resume`] listens again.
+    pub fn halt(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Listens again, on the same ports, after [`Sim::halt`].
+    pub async fn resume(&mut self) -> Result<()> {
+        anyhow::ensure!(self.tasks.is_empty(), "the emulator is running");
+        for (port, tls, role) in &self.listeners {
+            let listener = TcpListener::bind(("127.0.0.1", *port))
+                .await
+                .with_context(|| format!("listening again on port {port}"))?;
+            self.tasks.push(tokio::spawn(serve(
+                listener,
+                tls.clone(),
+                self.state.clone(),
+                *role,
+            )));
+        }
+        Ok(())
     }
 
     /// The frontend (storage events over SSE), served at the door's address under
@@ -302,14 +345,17 @@ async fn serve(listener: TcpListener, tls: rustls::ServerConfig, state: Arc<Stat
     let mut tls = tls;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    // Owned here, so that aborting this task (Sim::halt) cuts every connection too.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
+        while connections.try_join_next().is_some() {}
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let state = state.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(t) => t,
                 Err(e) => {

@@ -185,6 +185,12 @@ impl Engine {
         if let Some(done) = self.already_present(job).await? {
             return Ok(done);
         }
+        // The temporary file first: a folder that cannot be written fails before anything is
+        // fetched (and the guard removes the file if the request fails).
+        let name = job.rel.last().expect("non-empty rel");
+        let part = parent.join(fsutil::part_name(name));
+        let file = fsutil::create_part(&part, s.permissions.file_mode)?;
+        let guard = fsutil::PartGuard::new(part.clone());
         let resp = self.send(Method::GET, job.source).await?;
         let content_length = resp.content_length();
         if let (Some(cl), Some(exp)) = (content_length, job.expected_size) {
@@ -197,10 +203,6 @@ impl Engine {
         }
         let advertised = digests(resp.headers());
 
-        let name = job.rel.last().expect("non-empty rel");
-        let part = parent.join(fsutil::part_name(name));
-        let file = fsutil::create_part(&part, s.permissions.file_mode)?;
-        let guard = fsutil::PartGuard::new(part.clone());
         // A short queue: chunks can be a few hundred KiB, and memory must not grow with
         // the number of transfers times a deep queue when the disk is slower than the network.
         let (tx, rx) = mpsc::channel::<Chunk>(WRITER_QUEUE);

@@ -12,14 +12,7 @@ use dcache_sim::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_run_loses_nothing() {
-    let broker = match std::env::var("DCFLOW_KAFKA") {
-        Ok(b) if !b.is_empty() => b,
-        _ if std::env::var_os("CI").is_some() => panic!("DCFLOW_KAFKA is not set under CI"),
-        _ => {
-            eprintln!("SKIPPED: DCFLOW_KAFKA is not set; start a broker with `eval $(scripts/kafka.sh start)`");
-            return;
-        }
-    };
+    let Some(broker) = broker() else { return };
     let site = Site::new().await;
     let mut expected = Vec::new();
     let mut lines = Vec::new();

@@ -4,6 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use dcache_sim::{Sim, SimConfig};
 use dcflow_core::RecordFile;
@@ -289,4 +293,76 @@ pub fn metric(text: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The Kafka broker of the tests (`DCFLOW_KAFKA`, host:port). Without it a test says so and
+/// passes, except under CI (`CI` set), where a missing broker is a failure.
+pub fn broker() -> Option<String> {
+    match std::env::var("DCFLOW_KAFKA") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!(
+                "DCFLOW_KAFKA is not set: .ci/run must start the broker (scripts/kafka.sh start)"
+            )
+        }
+        _ => {
+            eprintln!("SKIPPED: DCFLOW_KAFKA is not set; start a broker with `eval $(scripts/kafka.sh start)`");
+            None
+        }
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+/// The group's committed offset and the end of partition 0.
+pub fn committed_and_end(broker: &str, topic: &str, group: &str) -> (i64, i64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let offset = match committed.elements()[0].offset() {
+        Offset::Offset(o) => o,
+        _ => -1,
+    };
+    let (_, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    (offset, high)
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn kill9(mut child: std::process::Child) {
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!("dcflow run had already exited ({status}) before the kill");
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+/// A cheap varying number (no RNG dependency needed for test timing).
+pub fn jitter(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (nanos / 1000) % n
 }

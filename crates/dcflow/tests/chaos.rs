@@ -1,0 +1,345 @@
+//! Chaos: the emulator restarts mid-run, the destination fills up, the destination cannot be
+//! written. Each run ends with a tally of files expected, landed (byte-identical at the final
+//! path), downloaded twice, recorded as failed, lost (must be 0) and corrupt (must be 0),
+//! with no temporary file left behind.
+//!
+//! The full-disk test mounts a small tmpfs and the permission test runs dcflow as `nobody`
+//! when the tests run as root; both need root (or, for the permission test, a non-root user)
+//! and say SKIPPED otherwise, except under CI where that is a failure.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use dcache_sim::Fault;
+
+/// What a chaos run ended with.
+#[derive(Debug)]
+struct Tally {
+    expected: usize,
+    landed: usize,
+    failed: usize,
+    lost: usize,
+    corrupt: usize,
+    stray: Vec<std::path::PathBuf>,
+}
+
+/// Compares the download folder with `expected` (relative path, size, seed of `data`) and the
+/// failure records.
+fn tally(site: &Site, expected: &[(String, usize, u32)]) -> Tally {
+    let failed_paths: Vec<String> = site
+        .records("failed.csv")
+        .into_iter()
+        .map(|r| r.billing_path)
+        .collect();
+    let (mut landed, mut failed, mut lost, mut corrupt) = (0, 0, 0, 0);
+    for (rel, size, seed) in expected {
+        match std::fs::read(site.download().join(rel)) {
+            Ok(got) if got.len() == *size && got == data(*size, *seed) => landed += 1,
+            Ok(_) => corrupt += 1,
+            Err(_) if failed_paths.iter().any(|p| p.ends_with(&format!("/{rel}"))) => failed += 1,
+            Err(_) => lost += 1,
+        }
+    }
+    let known: Vec<_> = expected
+        .iter()
+        .map(|(rel, ..)| site.download().join(rel))
+        .collect();
+    let stray = files_below(&site.download())
+        .into_iter()
+        .filter(|p| !known.contains(p))
+        .collect();
+    Tally {
+        expected: expected.len(),
+        landed,
+        failed,
+        lost,
+        corrupt,
+        stray,
+    }
+}
+
+fn report(name: &str, site: &Site, t: &Tally) {
+    eprintln!(
+        "chaos {name}: expected {}, landed {}, recorded failed {}, downloaded twice {}, lost {}, corrupt {}, stray files {}",
+        t.expected,
+        t.landed,
+        t.failed,
+        site.sim.pool_gets().saturating_sub(t.landed as u64),
+        t.lost,
+        t.corrupt,
+        t.stray.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulator_restarts_mid_run_lose_nothing() {
+    let Some(broker) = broker() else { return };
+    let (topic, group) = (unique("chaos"), unique("group"));
+    let mut site = Site::with_kafka(&broker, &topic).await;
+    let kafka =
+        format!("topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"");
+    // Enough attempts, with back-off from 1 s, to outlast a few seconds of downtime.
+    let config =
+        site.write_kafka_config(&kafka, "maxdownloads = 6\nretryseconds = 1\nretrytimes = 8");
+    let child = start_run(&config, &site.path("run.log"));
+
+    let mut expected = Vec::new();
+    for round in 0..3u32 {
+        for i in 0..30usize {
+            let n = round as usize * 30 + i;
+            let size = match n % 3 {
+                0 => 3_000 + n,
+                1 => 300_000 + n * 7,
+                _ => 2_000_000 + n * 13,
+            };
+            let rel = format!("restart/r{round}/f-{i:02}.dat");
+            let door_path = site.upload(&rel, &data(size, n as u32)).await;
+            if n % 3 == 2 {
+                // Slow, so that the restart cuts some transfers in the middle.
+                site.sim.add_fault(
+                    &door_path,
+                    Fault::SlowLink {
+                        bytes_per_second: 2_000_000,
+                    },
+                    None,
+                );
+            }
+            expected.push((rel, size, n as u32));
+            site.sim.background(3);
+        }
+        site.sim.flush_billing();
+        // Let transfers start, then restart the emulator with 1.5 s of downtime.
+        tokio::time::sleep(Duration::from_millis(800 + jitter(700))).await;
+        site.sim.halt();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        site.sim.resume().await.expect("the emulator listens again");
+    }
+
+    let records = site.path("success.csv");
+    wait_for("every file to land", Duration::from_secs(180), || {
+        dcflow_core::RecordFile::read_all(&records).map_or(0, |r| r.len()) >= expected.len()
+    });
+    assert_eq!(stop(child), 0);
+    let t = tally(&site, &expected);
+    report("emulator restarts", &site, &t);
+    let log = std::fs::read_to_string(site.path("run.log")).unwrap();
+    assert!(
+        log.contains("failed, retrying in"),
+        "the restarts were ridden out by retries, which the log shows"
+    );
+    assert_eq!(
+        (t.landed, t.lost, t.corrupt, t.failed),
+        (expected.len(), 0, 0, 0),
+        "{t:?}"
+    );
+    assert!(t.stray.is_empty(), "no temporary file left: {:?}", t.stray);
+}
+
+/// Runs `cmd`; false when it failed for lack of privilege (the test then says SKIPPED).
+fn privileged(cmd: &mut Command) -> bool {
+    let out = cmd.output().expect("running a system command");
+    if out.status.success() {
+        return true;
+    }
+    let why = String::from_utf8_lossy(&out.stderr).into_owned();
+    if std::env::var_os("CI").is_some() {
+        panic!("{cmd:?} failed under CI: {why}");
+    }
+    eprintln!(
+        "SKIPPED: {cmd:?} failed ({}); this test needs root",
+        why.trim()
+    );
+    false
+}
+
+/// A tmpfs of `size` mounted on `dir`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        privileged(Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size},mode=0755"),
+            "dcflow-chaos",
+            dir.to_str().unwrap(),
+        ]))
+        .then(|| Self(dir.to_owned()))
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args([
+                "-o",
+                &format!("remount,size={size}"),
+                self.0.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "remounting the tmpfs");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_destination_fails_cleanly_and_a_retry_lands_the_rest() {
+    let site = Site::new().await;
+    let Some(disk) = Tmpfs::mount(&site.download(), "8m") else {
+        return;
+    };
+    // 12 files of about 1.5 MiB into 8 MiB: some cannot fit.
+    let mut expected = Vec::new();
+    for i in 0..12usize {
+        let size = 1_500_000 + i * 1000;
+        let rel = format!("full/f-{i:02}.dat");
+        site.upload(&rel, &data(size, 100 + i as u32)).await;
+        expected.push((rel, size, 100 + i as u32));
+    }
+    let config = site.write_config(&site.proxy_auth(), "maxdownloads = 4");
+    let out = site.replay(&config);
+    let log = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "failures make replay exit 1: {log}"
+    );
+    let t = tally(&site, &expected);
+    report("full destination", &site, &t);
+    assert!(t.landed >= 1 && t.failed >= 1, "{t:?}");
+    assert_eq!((t.lost, t.corrupt), (0, 0), "{t:?}");
+    assert!(t.stray.is_empty(), "no temporary file left: {:?}", t.stray);
+    let failures = site.records("failed.csv");
+    assert!(
+        failures
+            .iter()
+            .all(|r| r.error.contains("No space left on device")),
+        "each failure names the cause: {failures:#?}"
+    );
+
+    // Space comes back: the failures are re-run from the CSV and land.
+    disk.resize("64m");
+    let out = dcflow(&[
+        "retry",
+        "--config",
+        config.to_str().unwrap(),
+        site.path("failed.csv").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = tally(&site, &expected);
+    report("full destination, after the retry", &site, &t);
+    assert_eq!(
+        (t.landed, t.lost, t.corrupt),
+        (expected.len(), 0, 0),
+        "{t:?}"
+    );
+    assert!(t.stray.is_empty(), "{:?}", t.stray);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_without_write_permission_fails_cleanly_without_retrying() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new().await;
+    let mut expected = Vec::new();
+    for i in 0..6usize {
+        let size = 10_000 + i;
+        let rel = format!("locked/f-{i}.dat");
+        site.upload(&rel, &data(size, 200 + i as u32)).await;
+        expected.push((rel, size, 200 + i as u32));
+    }
+    let config = site.write_config(&site.proxy_auth(), "retrytimes = 5");
+    std::fs::create_dir_all(site.download().join("locked")).unwrap();
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let nobody = 65534;
+    if as_root {
+        // Root writes anywhere: dcflow runs as nobody, who may read its configuration and
+        // credentials and write its records, but not into the download folder (root's, 0755).
+        let status = Command::new("chown")
+            .args([
+                "-R",
+                &format!("{nobody}:{nobody}"),
+                site.dir.path().to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::set_permissions(site.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(site.download(), Some(0), Some(0)).unwrap();
+        std::os::unix::fs::chown(site.download().join("locked"), Some(0), Some(0)).unwrap();
+    } else {
+        std::fs::set_permissions(
+            site.download().join("locked"),
+            std::fs::Permissions::from_mode(0o555),
+        )
+        .unwrap();
+    }
+    // The parents of the temporary folder must be traversable by nobody.
+    let mut args = vec![
+        "replay".to_owned(),
+        "--config".to_owned(),
+        config.to_str().unwrap().to_owned(),
+        site.billing().to_str().unwrap().to_owned(),
+    ];
+    let mut cmd = if as_root {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={nobody}"),
+            &format!("--regid={nobody}"),
+            "--clear-groups",
+            "--",
+            env!("CARGO_BIN_EXE_dcflow"),
+        ]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_dcflow"))
+    };
+    let out = cmd
+        .args(args.drain(..))
+        .env("DCFLOW_LOG", "info")
+        .env_remove("X509_USER_PROXY")
+        .env_remove("BEARER_TOKEN")
+        .env_remove("BEARER_TOKEN_FILE")
+        .output()
+        .unwrap();
+    let log = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "failures make replay exit 1: {log}"
+    );
+    let t = tally(&site, &expected);
+    report("no write permission", &site, &t);
+    assert_eq!(
+        (t.landed, t.failed, t.lost, t.corrupt),
+        (0, expected.len(), 0, 0),
+        "{t:?}\n{log}"
+    );
+    assert!(t.stray.is_empty(), "{:?}", t.stray);
+    let failures = site.records("failed.csv");
+    assert!(
+        failures
+            .iter()
+            .all(|r| r.error.contains("Permission denied")),
+        "each failure names the cause: {failures:#?}"
+    );
+    // A local permission problem is not retried: one attempt per file, no pool GET at all.
+    assert!(
+        !log.contains("failed, retrying in"),
+        "no retry storm:\n{log}"
+    );
+    assert_eq!(
+        site.sim.pool_gets(),
+        0,
+        "nothing was fetched to be thrown away"
+    );
+}
