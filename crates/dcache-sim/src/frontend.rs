@@ -46,7 +46,11 @@ fn frame(event: &str, id: Option<u64>, data: &str) -> Bytes {
     if let Some(id) = id {
         s.push_str(&format!("id: {id}\n"));
     }
-    s.push_str(&format!("data: {data}\n\n"));
+    // A line break in the data continues it on another `data:` line (the SSE format).
+    for line in data.split('\n') {
+        s.push_str(&format!("data: {line}\n"));
+    }
+    s.push('\n');
     Bytes::from(s)
 }
 
@@ -184,6 +188,35 @@ impl Frontend {
                     if s.send(bytes).is_err() {
                         ch.stream = None;
                     }
+                }
+            }
+        }
+    }
+
+    /// Sends an arbitrary event, with the channel's next id, to every channel subscribed to
+    /// `dir`: for hostile-input tests. `{subscription}` in `data` becomes the URL of the
+    /// channel's subscription of `dir`.
+    pub fn inject(&self, dir: &str, event: &str, data: &str) {
+        let mut channels = self.channels.lock().expect("lock");
+        let ids: Vec<String> = channels.keys().cloned().collect();
+        for cid in ids {
+            let Some(sub) = channels[&cid]
+                .subscriptions
+                .iter()
+                .find(|(_, p)| p.as_str() == dir)
+                .map(|(id, _)| id.clone())
+            else {
+                continue;
+            };
+            let data = data.replace("{subscription}", &self.subscription_url(&cid, &sub));
+            let ch = channels.get_mut(&cid).expect("channel");
+            let id = ch.next_id;
+            ch.next_id += 1;
+            let bytes = frame(event, Some(id), &data);
+            ch.buffer.push_back((id, bytes.clone()));
+            if let Some(s) = &ch.stream {
+                if s.send(bytes).is_err() {
+                    ch.stream = None;
                 }
             }
         }

@@ -61,9 +61,19 @@ impl Record {
     /// The failure row of a message that could not be decoded: the reason and the message
     /// itself (up to 2000 characters), so that nothing is lost.
     pub fn malformed(origin: &str, reason: &dyn std::fmt::Display, raw: &[u8]) -> Self {
+        Self::malformed_input("billing message", origin, reason, raw)
+    }
+
+    /// The same for any input `what` (e.g. "storage event").
+    pub fn malformed_input(
+        what: &str,
+        origin: &str,
+        reason: &dyn std::fmt::Display,
+        raw: &[u8],
+    ) -> Self {
         let excerpt: String = String::from_utf8_lossy(raw).chars().take(2000).collect();
         Self {
-            error: format!("malformed billing message ({origin}): {reason}; message: {excerpt}"),
+            error: format!("malformed {what} ({origin}): {reason}; message: {excerpt}"),
             ..Default::default()
         }
     }

@@ -1025,6 +1025,18 @@ impl Pipeline {
         }
     }
 
+    /// A storage event (SSE) that cannot be used: counted, logged and recorded as a failure,
+    /// like a malformed billing message.
+    pub async fn reject_malformed_event(&self, raw: &[u8], origin: &str, reason: &str) {
+        Stats::inc(&self.stats.malformed);
+        warn!(
+            origin,
+            reason, "malformed storage event skipped ({origin}): {reason}"
+        );
+        let record = Record::malformed_input("storage event", origin, &reason, raw);
+        self.fail(record, raw, origin).await;
+    }
+
     async fn reject_malformed(&self, raw: &[u8], origin: &str, e: DecodeError) -> Admission {
         Stats::inc(&self.stats.malformed);
         warn!(origin, error = %e, "malformed billing message skipped ({origin}): {e}");

@@ -548,10 +548,19 @@ impl Source {
             *received = Some(id);
             let ticket = self.watermarks.lock().expect("lock").start(0, id as i64);
             let Some(ticket) = ticket else { continue };
+            if event.event != "inotify" {
+                // dCache's other event types (e.g. `metronome`) are not storage events.
+                debug!(event = %event.event, "event of another type: ignored");
+                self.finish(&ticket);
+                continue;
+            }
+            let origin = format!("storage event {id}");
             let envelope: Envelope = match serde_json::from_str(&event.data) {
                 Ok(e) => e,
                 Err(e) => {
-                    warn!(id, error = %e, data = %event.data, "malformed storage event skipped");
+                    self.pipeline
+                        .reject_malformed_event(event.data.as_bytes(), &origin, &e.to_string())
+                        .await;
                     self.finish(&ticket);
                     continue;
                 }
@@ -562,6 +571,16 @@ impl Source {
                 continue;
             };
             let has = |m: &str| envelope.event.mask.iter().any(|x| x == m);
+            if let Some(name) = envelope.event.name.as_deref().filter(|n| !plain_name(n)) {
+                // A name is one entry of the watched directory: anything else (`..`, a
+                // slash, NUL) would lead outside it.
+                let reason = format!("{name:?} is not a plain file or directory name");
+                self.pipeline
+                    .reject_malformed_event(event.data.as_bytes(), &origin, &reason)
+                    .await;
+                self.finish(&ticket);
+                continue;
+            }
             let child = envelope
                 .event
                 .name
@@ -643,6 +662,11 @@ impl Source {
         }
         Ok(())
     }
+}
+
+/// One entry of a directory: not empty, not `.` or `..`, without `/` or NUL.
+fn plain_name(name: &str) -> bool {
+    !matches!(name, "" | "." | "..") && !name.contains(['/', '\0'])
 }
 
 /// A billing-like upload message for a file reported complete by a storage event or found by

@@ -177,3 +177,79 @@ async fn an_event_loss_marker_and_a_queue_overflow_resynchronise() {
     assert_eq!(stop(child), 0);
     assert_eq!(site.records("success.csv").len(), files.len());
 }
+
+/// The hostile and malformed storage events of `fixtures/bad-input/sse-corpus.jsonl`, sent on
+/// the live stream between good uploads: each one that is `recorded` there becomes one row of
+/// the failure record, the others are ignored, nothing is written outside the download
+/// folder, and the good files land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_storage_events_are_recorded_or_ignored_and_good_files_land() {
+    let corpus = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/bad-input/sse-corpus.jsonl"
+    ))
+    .unwrap();
+    let events: Vec<serde_json::Value> = corpus
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let site = Site::new().await;
+    let config = sse_config(&site);
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
+    let before: Vec<_> = files_below(site.dir.path())
+        .into_iter()
+        .filter(|p| !p.starts_with(site.download()))
+        .collect();
+
+    let mut files = vec![("first.dat".to_owned(), data(5_000, 1))];
+    site.upload(&files[0].0, &files[0].1).await;
+    wait_for("the first file", &log, || all_landed(&site, &files));
+    let watched = site.sim.namespace_path(FOLDER);
+    for e in &events {
+        site.sim.frontend().inject(
+            &watched,
+            e["event"].as_str().unwrap(),
+            e["data"].as_str().unwrap(),
+        );
+    }
+    let last = ("last.dat".to_owned(), data(7_000, 2));
+    site.upload(&last.0, &last.1).await;
+    files.push(last);
+    let recorded = events.iter().filter(|e| e["expect"] == "recorded").count();
+    wait_for("the last file and every failure row", &log, || {
+        all_landed(&site, &files) && site.records("failed.csv").len() >= recorded
+    });
+    assert_eq!(stop(child), 0);
+
+    let failures = site.records("failed.csv");
+    assert_eq!(failures.len(), recorded, "{failures:#?}");
+    assert!(
+        failures.iter().all(|r| r
+            .error
+            .starts_with("malformed storage event (storage event ")),
+        "{failures:#?}"
+    );
+    let landed = files_below(&site.download());
+    assert_eq!(landed.len(), files.len(), "only the good files: {landed:?}");
+    let after: Vec<_> = files_below(site.dir.path())
+        .into_iter()
+        .filter(|p| !p.starts_with(site.download()) && !before.contains(p))
+        .filter(|p| {
+            !["run.log", "failed.csv", "success.csv"]
+                .iter()
+                .any(|n| p.ends_with(n))
+        })
+        .filter(|p| !p.starts_with(site.path("sim")))
+        .collect();
+    assert!(
+        after.is_empty(),
+        "nothing written outside the download folder: {after:?}"
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !log_text.contains("subscribing and listing it"),
+        "no hostile name became a subscription:\n{log_text}"
+    );
+}
