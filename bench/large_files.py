@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """dcflow versus curl on the same files from the same dCache emulator.
 
-Large files: N files of SIZE MiB at 4 parallel transfers. curl (the physical limit: same
-server, same parallelism, GET at the door following the 302 to the pool) and `dcflow replay`
-(checksums verified, every file fsynced, renamed into place) are timed alternately, each run
-ending with `sync`, after removing the previous run's output. Prints a markdown table with the
-median of each and the ratio dcflow / curl.
+Large files: for each case COUNTxMIB (default 8 × 256 MiB and 2 × 2 GiB), at 4 parallel
+transfers: curl (the physical limit: same server, same parallelism, GET at the door following
+the 302 to the pool), `dcflow replay` (checksums verified, every file fsynced, renamed into
+place) and rclone are timed alternately, each run ending with `sync`, after removing the
+previous run's output. Prints a markdown table with the median of each and the ratios.
 
-Memory: peak RSS of `dcflow replay` copying MEM_FILES files of MEM_SIZE MiB at once.
+Memory: peak RSS of `dcflow replay` with MEM_FILES transfers of MEM_SIZE MiB in flight at once
+(default 64 × 1 GiB). The emulator holds them as hard links to one uploaded file (its
+`X-Sim-Link` upload), so they take MEM_SIZE of its disk; dcflow's side is stopped (kill -9)
+once its temporary files hold MEM_BUDGET GiB, since 64 GiB would not fit on most disks: the
+figure is the peak with every transfer in flight, not at the end.
 
-Usage: bench/large_files.py [--files 8] [--size-mib 256] [--runs 3] [--mem-files 4] [--mem-size-mib 1024]
+Usage: bench/large_files.py [--cases 8x256,2x2048] [--runs 3] [--mem-files 64] [--mem-size-mib 1024] [--mem-budget-gib 6]
 Everything lives under --work (default /var/tmp/dcflow-bench) and is removed at the end
 unless --keep is given.
 """
@@ -79,6 +83,36 @@ def upload_set(info, src, name, count, size_mib):
         paths.append(door_path)
         f.unlink()
     return paths
+
+
+def link_set(info, src, name, count, size_mib):
+    """One uploaded file of `size_mib` and `count - 1` hard links to it in the emulator."""
+    first = upload_set(info, src, name, 1, size_mib)[0]
+    token = Path(info["token_file"]).read_text().strip()
+    paths = [first]
+    for i in range(1, count):
+        door_path = f"/bench/{name}/file-{i}.dat"
+        sh("curl", "-sS", "-f", "-o", "/dev/null", "--cacert", info["ca_pem"], "-X", "PUT",
+           "-H", f"Authorization: Bearer {token}", "-H", f"X-Sim-Link: {first}",
+           "--data-binary", "@/dev/null", info["door_url"] + door_path)
+        paths.append(door_path)
+    return paths
+
+
+def delete_set(info, paths):
+    token = Path(info["token_file"]).read_text().strip()
+    for door_path in paths:
+        sh("curl", "-sS", "-f", "-o", "/dev/null", "--cacert", info["ca_pem"], "-X", "DELETE",
+           "-H", f"Authorization: Bearer {token}", info["door_url"] + door_path)
+
+
+def events_under(info, work, folder, name):
+    """The emulator's billing messages so far about files under /bench/<folder>/, as a file."""
+    lines = [l for l in Path(info["billing_file"]).read_text().splitlines()
+             if f"/bench/{folder}/" in json.loads(l).get("billingPath", "")]
+    out = work / f"{name}.jsonl"
+    out.write_text("".join(l + "\n" for l in lines))
+    return out
 
 
 def sync():
@@ -164,11 +198,14 @@ def run_dcflow(dcflow, cfg, events):
     return elapsed
 
 
-def peak_rss_of(cmd, env):
-    """Peak RSS (KiB) of one child, measured by polling /proc (ru_maxrss is per process tree
-    maximum and would keep earlier children's peaks)."""
+def peak_rss_in_flight(cmd, env, download, budget_bytes):
+    """Peak RSS (KiB) of one child, polled in /proc (ru_maxrss is a maximum over the process
+    tree and would keep earlier children's peaks), until it ends or its temporary files hold
+    `budget_bytes` (then kill -9). Also: the most temporary files seen at once, the bytes
+    they held, and the seconds it ran."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    peak = 0
+    peak = most_parts = held = 0
+    started = time.monotonic()
     status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:
         try:
@@ -177,20 +214,35 @@ def peak_rss_of(cmd, env):
                     peak = max(peak, int(line.split()[1]))
         except (FileNotFoundError, ProcessLookupError):
             pass
-        time.sleep(0.05)
+        parts = [e for e in download.rglob("*.dcflow-part")] if download.exists() else []
+        sizes = []
+        for part in parts:
+            try:
+                sizes.append(part.stat().st_size)
+            except FileNotFoundError:
+                pass
+        most_parts = max(most_parts, len(sizes))
+        held = max(held, sum(sizes))
+        if held >= budget_bytes:
+            proc.kill()
+            proc.wait()
+            return peak, most_parts, held, time.monotonic() - started
+        time.sleep(0.1)
     if proc.returncode != 0:
         sys.exit(f"{cmd} failed with {proc.returncode}")
-    return peak
+    return peak, most_parts, held, time.monotonic() - started
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--files", type=int, default=8)
-    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--cases", default="8x256,2x2048",
+                    help="comma-separated COUNTxMIB sets of large files")
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--mem-files", type=int, default=4)
+    ap.add_argument("--mem-files", type=int, default=64)
     ap.add_argument("--mem-size-mib", type=int, default=1024)
+    ap.add_argument("--mem-budget-gib", type=float, default=6.0,
+                    help="stop dcflow once its temporary files hold this much")
     ap.add_argument("--work", default="/var/tmp/dcflow-bench")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
@@ -200,48 +252,51 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     sim, info = start_sim(sim_bin, work / "sim")
+    cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",")]
+    results = []  # (count, mib, curl times, curl last-byte times, dcflow times, rclone times)
+    have_rclone = shutil.which("rclone") is not None
     try:
         src = work / "src"
         src.mkdir()
-        paths = upload_set(info, src, "large", a.files, a.size_mib)
-        large_events = work / "large.jsonl"
-        shutil.copy(info["billing_file"], large_events)
-
-        curl_times, curl_last_byte, dcflow_times, rclone_times = [], [], [], []
-        have_rclone = shutil.which("rclone") is not None
-        for run in range(a.runs):
-            out = work / "curl-out"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir()
-            total, last_byte = run_curl(info, paths, out, a.parallel)
-            curl_times.append(total)
-            curl_last_byte.append(last_byte)
-            shutil.rmtree(out)
-            download = work / "dcflow-out"
-            shutil.rmtree(download, ignore_errors=True)
-            cfg = write_config(info, work, download, a.parallel, f"large-{run}")
-            secs = run_dcflow(dcflow, cfg, large_events)
-            dcflow_times.append(secs)
-            shutil.rmtree(download)
-            if have_rclone:
-                out = work / "rclone-out"
+        for k, (count, mib) in enumerate(cases):
+            name = f"large-{k}"
+            paths = upload_set(info, src, name, count, mib)
+            events = events_under(info, work, name, name)
+            curl_times, curl_last_byte, dcflow_times, rclone_times = [], [], [], []
+            for run in range(a.runs):
+                out = work / "curl-out"
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir()
-                rclone_times.append(run_rclone(info, "/bench/large", out, a.parallel))
+                total, last_byte = run_curl(info, paths, out, a.parallel)
+                curl_times.append(total)
+                curl_last_byte.append(last_byte)
                 shutil.rmtree(out)
-            print(f"run {run + 1}: curl {curl_times[-1]:.2f} s, dcflow {dcflow_times[-1]:.2f} s"
-                  + (f", rclone {rclone_times[-1]:.2f} s" if rclone_times else ""), file=sys.stderr)
+                download = work / "dcflow-out"
+                shutil.rmtree(download, ignore_errors=True)
+                cfg = write_config(info, work, download, a.parallel, f"{name}-{run}")
+                dcflow_times.append(run_dcflow(dcflow, cfg, events))
+                shutil.rmtree(download)
+                if have_rclone:
+                    out = work / "rclone-out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    out.mkdir()
+                    rclone_times.append(run_rclone(info, f"/bench/{name}", out, a.parallel))
+                    shutil.rmtree(out)
+                print(f"{count} x {mib} MiB run {run + 1}: curl {curl_times[-1]:.2f} s, "
+                      f"dcflow {dcflow_times[-1]:.2f} s"
+                      + (f", rclone {rclone_times[-1]:.2f} s" if rclone_times else ""),
+                      file=sys.stderr)
+            results.append((count, mib, curl_times, curl_last_byte, dcflow_times, rclone_times))
+            delete_set(info, paths)  # the emulator's disk is needed for the next case
 
-        # Memory: MEM_FILES files of MEM_SIZE at once.
-        upload_set(info, src, "mem", a.mem_files, a.mem_size_mib)
-        all_events = [json.loads(l) for l in Path(info["billing_file"]).read_text().splitlines()]
-        mem_events = work / "mem.jsonl"
-        mem_events.write_text("".join(json.dumps(e) + "\n" for e in all_events
-                                      if "/bench/mem/" in e.get("billingPath", "")))
+        # Memory: MEM_FILES transfers of MEM_SIZE in flight at once.
+        link_set(info, src, "mem", a.mem_files, a.mem_size_mib)
+        mem_events = events_under(info, work, "mem", "mem")
         download = work / "mem-out"
         cfg = write_config(info, work, download, a.mem_files, "mem")
-        rss_kib = peak_rss_of([str(dcflow), "replay", "--config", str(cfg), str(mem_events)],
-                              {**os.environ, "DCFLOW_LOG": "warn"})
+        rss_kib, most_parts, held, secs = peak_rss_in_flight(
+            [str(dcflow), "replay", "--config", str(cfg), str(mem_events)],
+            {**os.environ, "DCFLOW_LOG": "warn"}, download, int(a.mem_budget_gib * (1 << 30)))
         shutil.rmtree(download)
     finally:
         sim.send_signal(signal.SIGINT)
@@ -256,24 +311,31 @@ def main():
         commit += "-dirty"
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
-    c, d = statistics.median(curl_times), statistics.median(dcflow_times)
-    total_mib = a.files * a.size_mib
     print(f"\n### copy benchmark — {datetime.date.today()} — commit {commit}")
     print(f"machine: {os.cpu_count()} cores, {cpu}; server: dcache-sim (TLS 1.3 door + pool) on 127.0.0.1\n")
     print("| case | curl (limit) | dcflow | dcflow / curl |")
     print("|---|---|---|---|")
-    print(f"| {a.files} × {a.size_mib} MiB, {a.parallel} parallel, median of {a.runs}, incl. final sync "
-          f"| {c:.2f} s ({total_mib * 8.388608 / c:.0f} Mbps) | {d:.2f} s ({total_mib * 8.388608 / d:.0f} Mbps) | **{d / c:.3f}** |")
-    lb = statistics.median(curl_last_byte)
-    print(f"| same, curl to its last byte (before `sync`: its data still in the page cache) "
-          f"| {lb:.2f} s ({total_mib * 8.388608 / lb:.0f} Mbps) | {d:.2f} s (fsynced) | {d / lb:.3f} |")
-    if rclone_times:
-        r = statistics.median(rclone_times)
-        print(f"| same, rclone copy (WebDAV, --transfers {a.parallel}), incl. final sync "
-              f"| {r:.2f} s ({total_mib * 8.388608 / r:.0f} Mbps) | {d:.2f} s | {d / r:.3f} (dcflow / rclone) |")
-    print(f"\npeak RSS of dcflow copying {a.mem_files} × {a.mem_size_mib} MiB at once: **{rss_kib / 1024:.1f} MiB**")
-    print(f"(runs: curl {', '.join(f'{t:.2f}' for t in curl_times)} s; dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s"
-          + (f"; rclone {', '.join(f'{t:.2f}' for t in rclone_times)} s" if rclone_times else "") + ")")
+    for count, mib, curl_times, curl_last_byte, dcflow_times, rclone_times in results:
+        c, d = statistics.median(curl_times), statistics.median(dcflow_times)
+        total_mib = count * mib
+        size = f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
+        print(f"| {count} × {size}, {a.parallel} parallel, median of {a.runs}, incl. final sync "
+              f"| {c:.2f} s ({total_mib * 8.388608 / c:.0f} Mbps) | {d:.2f} s ({total_mib * 8.388608 / d:.0f} Mbps) | **{d / c:.3f}** |")
+        lb = statistics.median(curl_last_byte)
+        print(f"| same, curl to its last byte (before `sync`: its data still in the page cache) "
+              f"| {lb:.2f} s ({total_mib * 8.388608 / lb:.0f} Mbps) | {d:.2f} s (fsynced) | {d / lb:.3f} |")
+        if rclone_times:
+            r = statistics.median(rclone_times)
+            print(f"| same, rclone copy (WebDAV, --transfers {a.parallel}), incl. final sync "
+                  f"| {r:.2f} s ({total_mib * 8.388608 / r:.0f} Mbps) | {d:.2f} s | {d / r:.3f} (dcflow / rclone) |")
+    for count, mib, curl_times, _, dcflow_times, rclone_times in results:
+        print(f"\n({count} × {mib} MiB runs: curl {', '.join(f'{t:.2f}' for t in curl_times)} s; "
+              f"dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s"
+              + (f"; rclone {', '.join(f'{t:.2f}' for t in rclone_times)} s" if rclone_times else "") + ")")
+    print(f"\npeak RSS of dcflow with {a.mem_files} transfers of {a.mem_size_mib} MiB in flight: "
+          f"**{rss_kib / 1024:.1f} MiB** (at most {most_parts} temporary files at once, "
+          f"{held / (1 << 30):.1f} GiB received in {secs:.1f} s"
+          + (", then stopped" if held >= a.mem_budget_gib * (1 << 30) else ", all done") + ")")
 
 
 if __name__ == "__main__":
