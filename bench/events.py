@@ -108,6 +108,7 @@ def main():
     work.mkdir(parents=True)
     broker, kafka_env = broker_address(work)
     sim, info = start_sim(sim_bin, work / "sim")
+    topic = None
     try:
         folder = "/bench/events"
         src = work / "one-kib"
@@ -168,6 +169,9 @@ successfultaskfile = "{work}/success-{run}.csv"
     finally:
         sim.send_signal(signal.SIGINT)
         sim.wait(timeout=10)
+        if topic and not kafka_env:
+            # A million messages take about 1 GB of the broker's disk.
+            subprocess.run([str(ROOT / "scripts/kafka.sh"), "delete-topic", topic])
         if kafka_env:
             subprocess.run([str(ROOT / "scripts/kafka.sh"), "stop"], env=kafka_env)
         shutil.rmtree(work, ignore_errors=True)

@@ -252,7 +252,7 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     sim, info = start_sim(sim_bin, work / "sim")
-    cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",")]
+    cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",") if c]
     results = []  # (count, mib, curl times, curl last-byte times, dcflow times, rclone times)
     have_rclone = shutil.which("rclone") is not None
     try:

@@ -6,6 +6,7 @@
 #                              prints `export DCFLOW_KAFKA=127.0.0.1:<port>`
 #   scripts/kafka.sh stop      stop it (SIGTERM, then SIGKILL after 30 s)
 #   scripts/kafka.sh restart   stop and start again on the same port and data (outage tests)
+#   scripts/kafka.sh delete-topic NAME   delete a topic (benchmarks clean up after themselves)
 #
 # Environment: KAFKA_VERSION (4.4.0), KAFKA_CACHE (~/.cache/dcflow/kafka-$KAFKA_VERSION),
 # KAFKA_STATE (/tmp/dcflow-kafka: config, data, log, pid, port), KAFKA_PORT (a free port).
@@ -150,10 +151,18 @@ restart() {
   echo "export DCFLOW_KAFKA=127.0.0.1:$(cat "$KAFKA_STATE/port")"
 }
 
+delete_topic() {
+  [ -n "${1:-}" ] || die "delete-topic needs a topic name"
+  running || die "not running"
+  java_cmd org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$(cat "$KAFKA_STATE/port")" \
+    --delete --topic "$1" >/dev/null
+}
+
 case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
   stop) stop ;;
   restart) restart ;;
-  *) die "usage: scripts/kafka.sh fetch|start|stop|restart" ;;
+  delete-topic) delete_topic "${2:-}" ;;
+  *) die "usage: scripts/kafka.sh fetch|start|stop|restart|delete-topic NAME" ;;
 esac
