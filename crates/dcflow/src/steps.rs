@@ -133,6 +133,15 @@ pub async fn exec(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // dcflow runs without transparent huge pages (see main.rs) and children inherit that:
+    // give the site's programs the system's default back.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
+            Ok(())
+        });
+    }
     for (k, v) in env {
         cmd.env(k, ctx.render(v)?);
     }

@@ -156,9 +156,13 @@ type = "copy"
 type = "exec"
 argv = ["python3", "{script}", "{calls}", "{{name}}", "{{local_path}}", "{{pnfsid}}", "{{checksum}}", "{{workflow}}"]
 env = {{ DCFLOW_FILE = "{{name}}" }}
+[[workflow.step]]
+type = "exec"
+argv = ["cp", "/proc/self/status", "{status}"]
 "#,
         script = script.display(),
         calls = calls.display(),
+        status = site.path("child-status").display(),
     );
     let config = site.write_workflow_config("", &workflows);
     let out = common::dcflow(&[
@@ -181,6 +185,12 @@ env = {{ DCFLOW_FILE = "{{name}}" }}
     assert_eq!(lines.next(), None, "the door and pool messages ran it once");
     for dir in [site.dir.path(), std::path::Path::new(".")] {
         assert!(!dir.join("PWNED").exists() && !dir.join("PWNED2").exists());
+    }
+    // dcflow runs without transparent huge pages (mimalloc's no_thp); its programs do not.
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    if ours.contains("THP_enabled:\t1") {
+        let child = std::fs::read_to_string(site.path("child-status")).unwrap();
+        assert!(child.contains("THP_enabled:\t1"), "{child}");
     }
 }
 
