@@ -90,8 +90,10 @@ def main():
         times = {"curl": [], "rclone": [], "dcflow": []}
         for run in range(a.runs):
             for tool in times:
-                out = work / f"{tool}-out"
-                shutil.rmtree(out, ignore_errors=True)
+                # Outputs stay until the end: ext4 without a journal skips recently deleted
+                # inodes one by one when it allocates new ones, which made whichever client
+                # ran right after a deletion up to twice as slow.
+                out = work / f"{tool}-out-{run}"
                 out.mkdir()
                 if tool == "curl":
                     secs = run_curl(info, folder, a.files, out, a.parallel)
@@ -104,7 +106,6 @@ def main():
                 if got != a.files:
                     sys.exit(f"{tool} wrote {got} files, expected {a.files}")
                 times[tool].append(secs)
-                shutil.rmtree(out)
             print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
                   file=sys.stderr)
     finally:

@@ -104,6 +104,7 @@ pub struct Engine {
     creds: Arc<Credentials>,
     settings: EngineSettings,
     want_digest: HeaderValue,
+    publisher: fsutil::Publisher,
 }
 
 impl Engine {
@@ -134,6 +135,7 @@ impl Engine {
             creds,
             settings,
             want_digest,
+            publisher: Default::default(),
         })
     }
 
@@ -288,7 +290,7 @@ impl Engine {
             self.head(job.source).await?.1
         };
         let verified = self.verify(&computed, &expected_sums)?;
-        fsutil::publish(&part, job.destination)?;
+        self.publisher.publish(&part, job.destination).await?;
         guard.disarm();
         Ok(Copied {
             size: written,
