@@ -14,7 +14,10 @@ the same topic:
 - dcflow run --until-caught-up in a new consumer group each time: consume, decode, select,
   copy or verify, commit; the time includes process start and joining the group;
 - the same with a folder nobody uploads to: every message is dismissed, which is the floor of
-  dcflow's own cost per message.
+  dcflow's own cost per message;
+- dcflow dispatch --until-caught-up (the scale-out role): consume, decide, and produce each
+  selected upload to a 6-partition work topic keyed by pnfsid, awaiting the broker's
+  acknowledgements before committing; no copy and no verification, which are the workers'.
 
 Prints a markdown table with messages per second and the ratio. The broker comes from
 DCFLOW_KAFKA, or scripts/kafka.sh starts one for the run.
@@ -87,6 +90,37 @@ def make_events(path, count, info, files, folder, per_mille):
     return selected
 
 
+def run_dispatch(dcflow, work, info, broker, topic, run, folder, selected):
+    """Seconds for `dcflow dispatch --until-caught-up` in a new group; checks what it forwarded."""
+    cfg = work / f"dispatch-{run}.toml"
+    cfg.write_text(f"""[kafka]
+topic = "{topic}"
+servers = ["{broker}"]
+consumergroup = "dispatch-{run}-{int(time.time())}"
+worktopic = "{topic}-work-{run}"
+workpartitions = 6
+[dcache]
+url = "{info['door_url']}"
+pool = "{info['root']}"
+folder = "{folder}"
+[local]
+token = "{info['token_file']}"
+capath = "{info['capath']}"
+downloadfolder = "{work}/download"
+failedtasksfile = "{work}/failed.csv"
+successfultaskfile = "{work}/success-dispatch.csv"
+""")
+    t = time.monotonic()
+    out = subprocess.run([str(dcflow), "dispatch", "--config", str(cfg), "--until-caught-up"],
+                         env={**os.environ, "DCFLOW_LOG": "info"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True)
+    secs = time.monotonic() - t
+    m = re.search(r"forwarded=(\d+)", out.stderr)
+    if not m or int(m.group(1)) != selected:
+        sys.exit(f"dispatch forwarded {m and m.group(1)}, expected {selected}:\n{out.stderr[-2000:]}")
+    return secs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=1_000_000)
@@ -131,7 +165,7 @@ def main():
             if read != a.messages:
                 sys.exit(f"kcat read {read} messages, expected {a.messages}")
 
-        dcflow_times, dismiss_times = [], []
+        dcflow_times, dismiss_times, dispatch_times = [], [], []
         for run in range(2 * a.runs):
             # Even runs: the benchmark proper. Odd runs: a folder nothing is uploaded to, so
             # every message is dismissed (the floor of dcflow's own per-message cost).
@@ -163,15 +197,20 @@ successfultaskfile = "{work}/success-{run}.csv"
             if rows != (selected if real else 0):
                 sys.exit(f"dcflow recorded {rows} successes, expected {selected if real else 0}")
             if not real:
+                dispatch_times.append(run_dispatch(dcflow, work, info, broker, topic, run,
+                                                   folder, selected))
                 print(f"run {run // 2 + 1}: kcat {kcat_times[run // 2]:.2f} s, "
                       f"dcflow {dcflow_times[-1]:.2f} s, dcflow dismissing all "
-                      f"{dismiss_times[-1]:.2f} s", file=sys.stderr)
+                      f"{dismiss_times[-1]:.2f} s, dispatch {dispatch_times[-1]:.2f} s",
+                      file=sys.stderr)
     finally:
         sim.send_signal(signal.SIGINT)
         sim.wait(timeout=10)
         if topic and not kafka_env:
             # A million messages take about 1 GB of the broker's disk.
-            subprocess.run([str(ROOT / "scripts/kafka.sh"), "delete-topic", topic])
+            for t in [topic] + [f"{topic}-work-{run}" for run in range(2 * a.runs)]:
+                subprocess.run([str(ROOT / "scripts/kafka.sh"), "delete-topic", t],
+                               stderr=subprocess.DEVNULL)
         if kafka_env:
             subprocess.run([str(ROOT / "scripts/kafka.sh"), "stop"], env=kafka_env)
         shutil.rmtree(work, ignore_errors=True)
@@ -180,6 +219,7 @@ successfultaskfile = "{work}/success-{run}.csv"
                             capture_output=True, text=True).stdout.strip()
     k, d = statistics.median(kcat_times), statistics.median(dcflow_times)
     z = statistics.median(dismiss_times)
+    w = statistics.median(dispatch_times)
     n = a.messages
     print(f"\n#### event-rate benchmark — {datetime.date.today()} — commit {commit}")
     print(f"machine: {os.cpu_count()} cores; Apache Kafka broker on 127.0.0.1; one partition; "
@@ -191,9 +231,12 @@ successfultaskfile = "{work}/success-{run}.csv"
           f"| {n / d:,.0f} | **{(n / d) / (n / k):.2f}** |")
     print(f"| dcflow run --until-caught-up, a folder with no uploads (every message dismissed) "
           f"| {z:.2f} s | {n / z:,.0f} | {(n / z) / (n / k):.2f} |")
+    print(f"| dcflow dispatch --until-caught-up (decode, select, produce each selected upload "
+          f"to a 6-partition work topic) | {w:.2f} s | {n / w:,.0f} | **{(n / w) / (n / k):.2f}** |")
     print(f"\n(runs: kcat {', '.join(f'{t:.2f}' for t in kcat_times)} s; "
           f"dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s; "
-          f"dismissing {', '.join(f'{t:.2f}' for t in dismiss_times)} s)")
+          f"dismissing {', '.join(f'{t:.2f}' for t in dismiss_times)} s; "
+          f"dispatch {', '.join(f'{t:.2f}' for t in dispatch_times)} s)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ use dcflow_core::workflow::EventKind;
 use dcflow_core::{BillingMessage, Config, Glance, PathMapper, Record, RecordFile, Selector};
 use dcflow_kafka::{KafkaSource, Received, TopicProducer};
 use rdkafka::consumer::CommitMode;
+use rdkafka::error::KafkaError;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -31,10 +32,13 @@ pub struct DispatchSummary {
     pub malformed: u64,
 }
 
+/// Runs until `shutdown`, or, with `until_caught_up`, until every assigned partition has been
+/// read to its end (then waits for the work topic's acknowledgements and commits).
 pub async fn dispatch(
     config: &Config,
     kafka: &KafkaConfig,
     shutdown: CancellationToken,
+    until_caught_up: bool,
 ) -> Result<DispatchSummary> {
     let work_topic = kafka
         .work_topic
@@ -44,7 +48,14 @@ pub async fn dispatch(
         .await
         .with_context(|| format!("creating work topic {work_topic}"))?;
     let group = format!("{}-dispatch", kafka.consumer_group);
-    let source = Arc::new(KafkaSource::try_new(kafka, &kafka.topic, &group, false)?);
+    let source = Arc::new(KafkaSource::try_new(
+        kafka,
+        &kafka.topic,
+        &group,
+        until_caught_up,
+    )?);
+    // Partitions read to their end (reported only with until_caught_up).
+    let mut at_end = std::collections::BTreeSet::new();
     let producer = Arc::new(TopicProducer::try_new(kafka, work_topic)?);
     let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
     // Removes, restores and stores go to the workers too when a workflow takes them.
@@ -71,12 +82,24 @@ pub async fn dispatch(
         };
         let delivery = tokio::select! {
             received = incoming.next(|raw| selector.dismisses(raw)) => match received {
-                Ok(Received::Work(d)) => d,
-                Ok(Received::Dismissed { .. }) => {
+                Ok(Received::Work(d)) => {
+                    at_end.remove(&d.partition);
+                    d
+                }
+                Ok(Received::Dismissed { partition }) => {
+                    at_end.remove(&partition);
                     summary.consumed += 1;
                     continue;
                 }
                 Ok(Received::NotOwned) => continue,
+                Err(KafkaError::PartitionEOF(p)) => {
+                    at_end.insert(p);
+                    if until_caught_up && at_end.len() >= source.assigned() {
+                        info!("caught up: every assigned partition read to its end");
+                        break;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     warn!(error = %e, "kafka consumer error");
                     continue;

@@ -91,6 +91,10 @@ enum Command {
     Dispatch {
         #[arg(long)]
         config: PathBuf,
+        /// Stop once every assigned partition of the billing topic is read to its end and
+        /// what was selected is on the work topic (a catch-up run).
+        #[arg(long)]
+        until_caught_up: bool,
     },
     /// List the rows of a workflow catalog (the `catalog` step's SQLite file) as CSV, or as
     /// JSON lines with --json.
@@ -439,7 +443,10 @@ async fn async_main(command: Command) -> ExitCode {
             };
             finish_batch(result, &pipeline)
         }
-        Command::Dispatch { config } => {
+        Command::Dispatch {
+            config,
+            until_caught_up,
+        } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -453,7 +460,7 @@ async fn async_main(command: Command) -> ExitCode {
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(watch_signals(shutdown.clone()));
-            match dcflow::dispatch::dispatch(&cfg, &kafka, shutdown).await {
+            match dcflow::dispatch::dispatch(&cfg, &kafka, shutdown, until_caught_up).await {
                 Ok(s) => {
                     tracing::info!(
                         consumed = s.consumed,

@@ -650,3 +650,39 @@ async fn metrics_status_page_and_status_command_follow_a_run() {
     }
     assert_eq!(stop(child), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_until_caught_up_forwards_every_upload_commits_and_exits() {
+    let Some(broker) = broker() else { return };
+    let (topic, group) = (unique("billing"), unique("group"));
+    let work = unique("work");
+    let site = Site::with_kafka(&broker, &topic).await;
+    for i in 0..5 {
+        site.upload(&format!("disp/f-{i}.dat"), &data(3_000 + i, i as u32))
+            .await;
+        site.sim.background(4);
+    }
+    site.sim.flush_billing();
+    let kafka = format!(
+        "topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"\n\
+         worktopic = \"{work}\"\nworkpartitions = 1"
+    );
+    let config = site.write_kafka_config(&kafka, "");
+    let out = dcflow(&[
+        "dispatch",
+        "--config",
+        config.to_str().unwrap(),
+        "--until-caught-up",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let forwarded = messages_of(&broker, &work);
+    let mut keys: Vec<&str> = forwarded.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 5, "one key (pnfsid) per upload: {forwarded:#?}");
+    assert!(forwarded.iter().all(|(_, m)| m["billingPath"]
+        .as_str()
+        .is_some_and(|p| p.contains("/disp/f-"))));
+    let (committed, end) = committed_and_end(&broker, &topic, &format!("{group}-dispatch"));
+    assert_eq!(committed, end, "the billing offset is committed to the end");
+}
