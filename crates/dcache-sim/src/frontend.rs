@@ -42,16 +42,40 @@ pub enum Stream {
 }
 
 fn frame(event: &str, id: Option<u64>, data: &str) -> Bytes {
-    let mut s = format!("event: {event}\n");
+    frame_bytes(event, id, data.as_bytes())
+}
+
+/// A frame whose data may be any bytes (hostile-input tests).
+fn frame_bytes(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
+    let mut s = format!("event: {event}\n").into_bytes();
     if let Some(id) = id {
-        s.push_str(&format!("id: {id}\n"));
+        s.extend_from_slice(format!("id: {id}\n").as_bytes());
     }
     // A line break in the data continues it on another `data:` line (the SSE format).
-    for line in data.split('\n') {
-        s.push_str(&format!("data: {line}\n"));
+    for line in data.split(|b| *b == b'\n') {
+        s.extend_from_slice(b"data: ");
+        s.extend_from_slice(line);
+        s.push(b'\n');
     }
-    s.push('\n');
+    s.push(b'\n');
     Bytes::from(s)
+}
+
+/// `data` with each `{subscription}` replaced by `url`, byte for byte.
+fn fill_subscription(data: &[u8], url: &str) -> Vec<u8> {
+    const MARK: &[u8] = b"{subscription}";
+    let mut out = Vec::with_capacity(data.len());
+    let mut i = 0;
+    while i < data.len() {
+        if data[i..].starts_with(MARK) {
+            out.extend_from_slice(url.as_bytes());
+            i += MARK.len();
+        } else {
+            out.push(data[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 fn system(kind: &str, subscription: Option<&str>) -> Bytes {
@@ -197,6 +221,11 @@ impl Frontend {
     /// `dir`: for hostile-input tests. `{subscription}` in `data` becomes the URL of the
     /// channel's subscription of `dir`.
     pub fn inject(&self, dir: &str, event: &str, data: &str) {
+        self.inject_bytes(dir, event, data.as_bytes());
+    }
+
+    /// The same with data that may be any bytes, UTF-8 or not.
+    pub fn inject_bytes(&self, dir: &str, event: &str, data: &[u8]) {
         let mut channels = self.channels.lock().expect("lock");
         let ids: Vec<String> = channels.keys().cloned().collect();
         for cid in ids {
@@ -208,11 +237,11 @@ impl Frontend {
             else {
                 continue;
             };
-            let data = data.replace("{subscription}", &self.subscription_url(&cid, &sub));
+            let data = fill_subscription(data, &self.subscription_url(&cid, &sub));
             let ch = channels.get_mut(&cid).expect("channel");
             let id = ch.next_id;
             ch.next_id += 1;
-            let bytes = frame(event, Some(id), &data);
+            let bytes = frame_bytes(event, Some(id), &data);
             ch.buffer.push_back((id, bytes.clone()));
             if let Some(s) = &ch.stream {
                 if s.send(bytes).is_err() {

@@ -501,7 +501,7 @@ impl Source {
             Err(e) => return Ended::Reconnect(e.without_url().to_string()),
         };
         info!(%channel, last_event_id = ?last_event_id, "event stream open");
-        let mut events = resp.bytes_stream().eventsource();
+        let mut events = lossy_utf8(resp.bytes_stream()).eventsource();
         let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
         loop {
             while tasks.try_join_next().is_some() {}
@@ -664,6 +664,52 @@ impl Source {
     }
 }
 
+/// The stream's bytes with each sequence that is not UTF-8 replaced by U+FFFD. The SSE parser
+/// ends the stream at the first invalid byte, and a reconnect with `Last-Event-ID` would fetch
+/// the same frame again, for ever; replaced, the frame reaches the parser and is recorded as
+/// malformed. A character split between two chunks waits for the next one.
+fn lossy_utf8<E>(
+    stream: impl futures_util::Stream<Item = Result<bytes::Bytes, E>>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, E>> {
+    stream.scan(Vec::<u8>::new(), |carry, chunk| {
+        let out = chunk.map(|bytes| {
+            if carry.is_empty() && std::str::from_utf8(&bytes).is_ok() {
+                return bytes;
+            }
+            carry.extend_from_slice(&bytes);
+            let mut text = String::with_capacity(carry.len());
+            let mut rest: &[u8] = carry;
+            loop {
+                match std::str::from_utf8(rest) {
+                    Ok(valid) => {
+                        text.push_str(valid);
+                        rest = &[];
+                        break;
+                    }
+                    Err(e) => {
+                        let (good, bad) = rest.split_at(e.valid_up_to());
+                        text.push_str(std::str::from_utf8(good).expect("checked valid"));
+                        match e.error_len() {
+                            Some(n) => {
+                                text.push('\u{FFFD}');
+                                rest = &bad[n..];
+                            }
+                            None => {
+                                rest = bad; // the start of a character: the next chunk ends it
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            let incomplete = rest.to_vec();
+            *carry = incomplete;
+            bytes::Bytes::from(text)
+        });
+        futures_util::future::ready(Some(out))
+    })
+}
+
 /// One entry of a directory: not empty, not `.` or `..`, without `/` or NUL.
 fn plain_name(name: &str) -> bool {
     !matches!(name, "" | "." | "..") && !name.contains(['/', '\0'])
@@ -736,6 +782,32 @@ fn parse_multistatus(xml: &str) -> Result<Vec<(String, bool, Option<u64>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `chunks` through `lossy_utf8`, joined.
+    async fn lossy(chunks: &[&[u8]]) -> String {
+        let items: Vec<Result<bytes::Bytes, ()>> = chunks
+            .iter()
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        let out: Vec<_> = lossy_utf8(futures_util::stream::iter(items))
+            .collect()
+            .await;
+        out.into_iter()
+            .map(|b| String::from_utf8(b.unwrap().to_vec()).expect("always UTF-8"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_utf8_become_replacement_characters_and_split_characters_survive() {
+        assert_eq!(lossy(&[b"data: ok\n"]).await, "data: ok\n");
+        assert_eq!(lossy(&[b"a\xffb\xc3(c"]).await, "a\u{FFFD}b\u{FFFD}(c");
+        // "é" (C3 A9) and "€" (E2 82 AC) split across chunks.
+        assert_eq!(
+            lossy(&[b"caf\xc3", b"\xa9 \xe2", b"\x82", b"\xac"]).await,
+            "café €"
+        );
+        assert_eq!(lossy(&[b"\xff", b"\xfe", b"x"]).await, "\u{FFFD}\u{FFFD}x");
+    }
 
     #[test]
     fn multistatus_and_stand_in_ids() {

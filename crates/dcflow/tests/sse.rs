@@ -208,27 +208,42 @@ async fn hostile_storage_events_are_recorded_or_ignored_and_good_files_land() {
     wait_for("the first file", &log, || all_landed(&site, &files));
     let watched = site.sim.namespace_path(FOLDER);
     for e in &events {
-        site.sim.frontend().inject(
-            &watched,
-            e["event"].as_str().unwrap(),
-            e["data"].as_str().unwrap(),
-        );
+        let data = match e["data"].as_str() {
+            Some(text) => text.as_bytes().to_vec(),
+            None => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(e["data_base64"].as_str().unwrap())
+                    .unwrap()
+            }
+        };
+        site.sim
+            .frontend()
+            .inject_bytes(&watched, e["event"].as_str().unwrap(), &data);
     }
     let last = ("last.dat".to_owned(), data(7_000, 2));
     site.upload(&last.0, &last.1).await;
     files.push(last);
-    let recorded = events.iter().filter(|e| e["expect"] == "recorded").count();
+    let count = |expect: &str| events.iter().filter(|e| e["expect"] == expect).count();
+    let (recorded, failed) = (count("recorded"), count("failed"));
     wait_for("the last file and every failure row", &log, || {
-        all_landed(&site, &files) && site.records("failed.csv").len() >= recorded
+        all_landed(&site, &files) && site.records("failed.csv").len() >= recorded + failed
     });
     assert_eq!(stop(child), 0);
 
     let failures = site.records("failed.csv");
-    assert_eq!(failures.len(), recorded, "{failures:#?}");
+    assert_eq!(failures.len(), recorded + failed, "{failures:#?}");
+    let malformed = failures
+        .iter()
+        .filter(|r| {
+            r.error
+                .starts_with("malformed storage event (storage event ")
+        })
+        .count();
+    assert_eq!(malformed, recorded, "{failures:#?}");
+    // Bytes that are not UTF-8 were read as U+FFFD and the stream went on.
     assert!(
-        failures.iter().all(|r| r
-            .error
-            .starts_with("malformed storage event (storage event ")),
+        failures.iter().any(|r| r.billing_path.contains('\u{FFFD}')),
         "{failures:#?}"
     );
     let landed = files_below(&site.download());
