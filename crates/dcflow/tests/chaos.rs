@@ -75,6 +75,24 @@ fn report(name: &str, site: &Site, t: &Tally) {
     );
 }
 
+/// A replay that recorded failures (exit 1): its tally, reported, and its log.
+fn replay_with_failures(
+    site: &Site,
+    name: &str,
+    out: std::process::Output,
+    expected: &[(String, usize, u32)],
+) -> (Tally, String) {
+    let log = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "failures make replay exit 1: {log}"
+    );
+    let t = tally(site, expected);
+    report(name, site, &t);
+    (t, log)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulator_restarts_mid_run_lose_nothing() {
     let Some(broker) = broker() else { return };
@@ -207,15 +225,7 @@ async fn a_full_destination_fails_cleanly_and_a_retry_lands_the_rest() {
         expected.push((rel, size, 100 + i as u32));
     }
     let config = site.write_config(&site.proxy_auth(), "maxdownloads = 4");
-    let out = site.replay(&config);
-    let log = text(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "failures make replay exit 1: {log}"
-    );
-    let t = tally(&site, &expected);
-    report("full destination", &site, &t);
+    let (t, _) = replay_with_failures(&site, "full destination", site.replay(&config), &expected);
     assert!(t.landed >= 1 && t.failed >= 1, "{t:?}");
     assert_eq!((t.lost, t.corrupt), (0, 0), "{t:?}");
     assert!(t.stray.is_empty(), "no temporary file left: {:?}", t.stray);
@@ -311,14 +321,7 @@ async fn a_destination_without_write_permission_fails_cleanly_without_retrying()
         .env_remove("BEARER_TOKEN_FILE")
         .output()
         .unwrap();
-    let log = text(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "failures make replay exit 1: {log}"
-    );
-    let t = tally(&site, &expected);
-    report("no write permission", &site, &t);
+    let (t, log) = replay_with_failures(&site, "no write permission", out, &expected);
     assert_eq!(
         (t.landed, t.failed, t.lost, t.corrupt),
         (0, expected.len(), 0, 0),
