@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark, one after the other, as one markdown report on stdout (also kept in
 # bench/results/<date>-<commit>.md). Needs curl, rclone and kcat (Debian packages), Java 17
-# and Maven for the Kafka broker (started by events.py unless DCFLOW_KAFKA names one).
-# Takes about 15 minutes on 2 cores.
+# and Maven for the Kafka broker (started by events.py and latency.py unless DCFLOW_KAFKA names one).
+# Takes about 20 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commit=$(git rev-parse --short HEAD)
@@ -25,5 +25,8 @@ out="bench/results/$(date +%F)-$commit.md"
   echo
   echo "## Event rate"
   python3 bench/events.py
+  echo
+  echo "## Latency"
+  python3 bench/latency.py
 } | tee "$out"
 echo "report: $out" >&2
