@@ -127,7 +127,7 @@ impl Drop for PartGuard {
 /// Renames into place and makes the renames durable with group commits of the directory's
 /// fsync: a rename is durable once an fsync of its directory that started after it has
 /// finished, so renames into one directory while an fsync runs share the next one (5,000
-/// small files at 32 transfers: 10,000 fsyncs became about 5,000 plus a few hundred).
+/// small files at 32 transfers: about 2,000 directory fsyncs instead of 5,000, by strace).
 #[derive(Default)]
 pub struct Publisher {
     dirs: std::sync::Mutex<HashMap<PathBuf, Arc<DirSync>>>,
