@@ -243,31 +243,6 @@ async fn kill_9_at_random_moments_loses_nothing_and_leaves_no_partial_file() {
     );
 }
 
-/// Whether `group` committed every partition of `topic` up to its end.
-fn caught_up(broker: &str, topic: &str, group: &str, partitions: i32) -> bool {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
-        return false;
-    };
-    committed.elements().iter().all(|e| {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
-            .unwrap_or((0, -1));
-        match e.offset() {
-            Offset::Offset(o) => o == high,
-            _ => high == 0,
-        }
-    })
-}
-
 fn start(args: &[&str], log: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dcflow"))
         .args(args)

@@ -322,24 +322,46 @@ pub fn unique(prefix: &str) -> String {
 
 /// The group's committed offset and the end of partition 0.
 pub fn committed_and_end(broker: &str, topic: &str, group: &str) -> (i64, i64) {
+    committed_and_ends(broker, topic, group, 1).expect("reading committed offsets")[0]
+}
+
+/// Whether `group` committed every partition of `topic` up to its end.
+pub fn caught_up(broker: &str, topic: &str, group: &str, partitions: i32) -> bool {
+    committed_and_ends(broker, topic, group, partitions).is_ok_and(|all| {
+        all.iter()
+            .all(|&(committed, end)| committed == end || (committed < 0 && end == 0))
+    })
+}
+
+/// For each partition of `topic`: the group's committed offset (-1 for none) and the end.
+fn committed_and_ends(
+    broker: &str,
+    topic: &str,
+    group: &str,
+    partitions: i32,
+) -> rdkafka::error::KafkaResult<Vec<(i64, i64)>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", broker)
         .set("group.id", group)
-        .create()
-        .unwrap();
+        .create()?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, 0);
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    let offset = match committed.elements()[0].offset() {
-        Offset::Offset(o) => o,
-        _ => -1,
-    };
-    let (_, high) = consumer
-        .fetch_watermarks(topic, 0, Duration::from_secs(10))
-        .unwrap();
-    (offset, high)
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let (_, high) =
+                consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10))?;
+            let offset = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            };
+            Ok((offset, high))
+        })
+        .collect()
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
