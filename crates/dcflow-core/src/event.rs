@@ -262,6 +262,31 @@ impl Selector {
         Ok(Peek::parse(raw)?.glance_also(&self.prefix, &self.also))
     }
 
+    /// As [`Selector::glance`], and a candidate comes back decoded: one parse for it instead of
+    /// a [`Peek`] and a decode. A message that does not decode is malformed only when its
+    /// type and path make it a candidate; otherwise it is skipped, as by `glance`.
+    pub fn sort(&self, raw: &[u8]) -> Result<Sorted, DecodeError> {
+        if self.dismisses(raw) {
+            return Ok(Sorted::Skip(Glance::Outside));
+        }
+        match BillingMessage::decode(raw) {
+            Ok(msg) => {
+                let peek = Peek {
+                    msg_type: msg.msg_type.as_str().into(),
+                    billing_path: msg.billing_path.as_deref().map(Into::into),
+                };
+                Ok(match peek.glance_also(&self.prefix, &self.also) {
+                    Glance::Candidate => Sorted::Candidate(Box::new(msg)),
+                    other => Sorted::Skip(other),
+                })
+            }
+            Err(e) => match Peek::parse(raw)?.glance_also(&self.prefix, &self.also) {
+                Glance::Candidate => Err(e),
+                other => Ok(Sorted::Skip(other)),
+            },
+        }
+    }
+
     /// True when `raw` certainly announces nothing under the prefix (see the type's notes).
     pub fn dismisses(&self, raw: &[u8]) -> bool {
         let body = raw.trim_ascii();
@@ -271,6 +296,15 @@ impl Selector {
             && self.finder.find(body).is_none()
             && std::str::from_utf8(body).is_ok()
     }
+}
+
+/// What [`Selector::sort`] made of a message.
+#[derive(Debug)]
+pub enum Sorted {
+    /// May announce an upload (or a taken event) under the prefix, decoded.
+    Candidate(Box<BillingMessage>),
+    /// [`Glance::NotUpload`] or [`Glance::Outside`].
+    Skip(Glance),
 }
 
 /// What announced a completed upload. Door and pool messages of one upload share a pnfsid.
@@ -650,6 +684,45 @@ mod tests {
                 let _ = crate::Config::from_toml(text, &crate::Env::default());
             }
         }
+    }
+
+    #[test]
+    fn sort_agrees_with_glance_and_decodes_candidates_in_one_go() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/billing");
+        let mut candidates = 0;
+        for prefix in ["/pnfs/in2p3.fr/data/doma", "/pnfs/other/x"] {
+            let selector = Selector::new(prefix).also(&["remove"]);
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                let raw = std::fs::read(&path).unwrap();
+                let glance = selector.glance(&raw).unwrap();
+                match selector.sort(&raw).unwrap() {
+                    Sorted::Candidate(msg) => {
+                        candidates += 1;
+                        assert_eq!(glance, Glance::Candidate, "{path:?}");
+                        let again = BillingMessage::decode(&raw).unwrap();
+                        assert_eq!(format!("{msg:?}"), format!("{again:?}"), "{path:?}");
+                    }
+                    Sorted::Skip(g) => assert_eq!(g, glance, "{path:?} under {prefix}"),
+                }
+            }
+        }
+        assert!(candidates >= 5, "{candidates}");
+        // A field of the wrong type: malformed in a candidate, no matter in anything else.
+        let selector = Selector::new("/pnfs/in2p3.fr/data/doma");
+        let bad_size =
+            br#"{"msgType":"transfer","billingPath":"/pnfs/in2p3.fr/data/doma/x","fileSize":"big"}"#;
+        assert!(selector.sort(bad_size).is_err());
+        let bad_hit = br#"{"msgType":"hit","billingPath":"/pnfs/in2p3.fr/data/doma/x","status":7}"#;
+        assert!(matches!(
+            selector.sort(bad_hit).unwrap(),
+            Sorted::Skip(Glance::NotUpload)
+        ));
+        let bad_type = br#"{"msgType":3,"billingPath":"/pnfs/in2p3.fr/data/doma/x"}"#;
+        assert!(selector.sort(bad_type).is_err());
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub mod workflow;
 
 pub use config::{ChecksumAlgo, Config, ConfigError, Env};
 pub use event::{
-    BillingMessage, DecodeError, Glance, NotAnUpload, Peek, PnfsId, Selector, Upload, UploadSignal,
+    BillingMessage, DecodeError, Glance, NotAnUpload, Peek, PnfsId, Selector, Sorted, Upload,
+    UploadSignal,
 };
 pub use mapping::{Mapped, PathEscapes, PathMapper};
 pub use records::{Record, RecordFile};

@@ -120,6 +120,11 @@ impl Watermarks {
         out
     }
 
+    /// Partitions owned now (assigned and not revoked).
+    pub fn owned(&self) -> impl Iterator<Item = i32> + '_ {
+        self.partitions.keys().copied()
+    }
+
     /// Offsets in flight across all partitions.
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(|p| p.in_flight.len()).sum()

@@ -14,13 +14,13 @@
 //! copies are idempotent). Pausing all partitions lets the caller keep polling (heartbeats,
 //! rebalances) while its transfer slots are full.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::{Ticket, Watermarks};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -160,57 +160,114 @@ impl ConsumerContext for Context {
 pub enum Received {
     /// A message to work on: its ticket must be handed to [`KafkaSource::finish`].
     Work(Delivery),
-    /// A message the caller's `dismiss` turned down: finished already, never copied.
-    Dismissed { partition: i32 },
+    /// `count` messages the caller's `dismiss` turned down, one after the other: finished
+    /// already, never copied.
+    Dismissed { count: u32 },
     /// A message of a partition this consumer does not own (any more): left to its owner.
     NotOwned,
 }
+
+/// Messages dismissed in one call of [`Incoming::next`] at most, so that the caller's own
+/// checks (clocks, signals) still come round while a backlog streams past.
+const DISMISS_RUN: u32 = 1024;
 
 /// The stream of messages of a [`KafkaSource`]; see [`KafkaSource::incoming`].
 pub struct Incoming<'a> {
     source: &'a KafkaSource,
     stream: MessageStream<'a, Context>,
+    /// What to return first at the next call: met after a run of dismissed messages.
+    stashed: Option<Result<Received, KafkaError>>,
+    /// Partitions read to their end with nothing new since (only with `report_end`).
+    at_end: BTreeSet<i32>,
 }
 
 impl Incoming<'_> {
-    /// The next message. `dismiss` sees the payload in place: a message it turns down is
-    /// marked finished without being copied out of librdkafka's buffer (most of the billing
-    /// traffic). Cancellation safe.
+    /// The next message, or the next run of dismissed ones. `dismiss` sees each payload in
+    /// place: a message it turns down is marked finished without being copied out of
+    /// librdkafka's buffer (most of the billing traffic), and the messages already waiting
+    /// are dismissed in the same call. Cancellation safe: it only waits while it holds
+    /// nothing.
+    ///
+    /// With `report_end`, each time a partition's end is reached this returns
+    /// `Err(KafkaError::PartitionEOF(p))`; see [`Incoming::caught_up`].
     pub async fn next(
         &mut self,
-        dismiss: impl FnOnce(&[u8]) -> bool,
+        mut dismiss: impl FnMut(&[u8]) -> bool,
     ) -> Result<Received, KafkaError> {
-        let msg = self
-            .stream
-            .next()
-            .await
-            .expect("kafka streams never terminate")?;
-        let (partition, offset) = (msg.partition(), msg.offset());
-        let payload = msg.payload().unwrap_or_default();
-        let dismissed = dismiss(payload);
-        let mut watermarks = self
+        if let Some(stashed) = self.stashed.take() {
+            return stashed;
+        }
+        let mut dismissed = 0;
+        loop {
+            let next = if dismissed == 0 {
+                self.stream.next().await
+            } else if dismissed == DISMISS_RUN {
+                return Ok(Received::Dismissed { count: dismissed });
+            } else {
+                // Only what is there already: the run of dismissed messages ends at the first
+                // wait.
+                match self.stream.next().now_or_never() {
+                    Some(next) => next,
+                    None => return Ok(Received::Dismissed { count: dismissed }),
+                }
+            };
+            let received = match next.expect("kafka streams never terminate") {
+                Ok(msg) => {
+                    let (partition, offset) = (msg.partition(), msg.offset());
+                    if !self.at_end.is_empty() {
+                        self.at_end.remove(&partition);
+                    }
+                    let payload = msg.payload().unwrap_or_default();
+                    let turned_down = dismiss(payload);
+                    let mut watermarks = self
+                        .source
+                        .shared
+                        .watermarks
+                        .lock()
+                        .expect("watermarks lock");
+                    if turned_down {
+                        if watermarks.pass(partition, offset) {
+                            dismissed += 1;
+                            continue;
+                        }
+                        Ok(Received::NotOwned)
+                    } else {
+                        match watermarks.start(partition, offset) {
+                            Some(ticket) => Ok(Received::Work(Delivery {
+                                payload: payload.to_vec(),
+                                partition,
+                                offset,
+                                ticket,
+                            })),
+                            None => Ok(Received::NotOwned),
+                        }
+                    }
+                }
+                Err(KafkaError::PartitionEOF(p)) => {
+                    self.at_end.insert(p);
+                    Err(KafkaError::PartitionEOF(p))
+                }
+                Err(e) => Err(e),
+            };
+            if dismissed == 0 {
+                return received;
+            }
+            self.stashed = Some(received);
+            return Ok(Received::Dismissed { count: dismissed });
+        }
+    }
+
+    /// Every assigned partition has been read to its end, and nothing came since (known only
+    /// with `report_end`).
+    pub fn caught_up(&self) -> bool {
+        let watermarks = self
             .source
             .shared
             .watermarks
             .lock()
             .expect("watermarks lock");
-        if dismissed {
-            return Ok(if watermarks.pass(partition, offset) {
-                Received::Dismissed { partition }
-            } else {
-                Received::NotOwned
-            });
-        }
-        let Some(ticket) = watermarks.start(partition, offset) else {
-            return Ok(Received::NotOwned);
-        };
-        drop(watermarks);
-        Ok(Received::Work(Delivery {
-            payload: payload.to_vec(),
-            partition,
-            offset,
-            ticket,
-        }))
+        let mut owned = watermarks.owned().peekable();
+        owned.peek().is_some() && owned.all(|p| self.at_end.contains(&p))
     }
 }
 
@@ -224,8 +281,8 @@ impl KafkaSource {
     /// Creates the consumer (automatic commits and offset stores off) of `topic` in `group`
     /// and subscribes.
     ///
-    /// With `report_end`, `recv` returns `Err(KafkaError::PartitionEOF(p))` each time a
-    /// partition's end is reached (for `dcflow run --until-caught-up`).
+    /// With `report_end`, [`Incoming::next`] returns `Err(KafkaError::PartitionEOF(p))` each
+    /// time a partition's end is reached (for `--until-caught-up`).
     pub fn try_new(
         cfg: &KafkaConfig,
         topic: &str,
@@ -258,6 +315,8 @@ impl KafkaSource {
         Incoming {
             source: self,
             stream: self.consumer.stream(),
+            stashed: None,
+            at_end: BTreeSet::new(),
         }
     }
 
@@ -286,9 +345,16 @@ impl KafkaSource {
         Ok(commits)
     }
 
-    /// Partitions assigned to this consumer now.
+    /// Partitions assigned to this consumer now, as the rebalance callbacks left them.
+    /// (Asking librdkafka instead is a round trip through its main thread, and the consuming
+    /// loop asks often.)
     pub fn assigned(&self) -> usize {
-        self.consumer.assignment().map(|a| a.count()).unwrap_or(0)
+        self.shared
+            .watermarks
+            .lock()
+            .expect("watermarks lock")
+            .owned()
+            .count()
     }
 
     /// Offsets handed out and not finished yet.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::workflow::EventKind;
-use dcflow_core::{BillingMessage, Config, Glance, PathMapper, Record, RecordFile, Selector};
+use dcflow_core::{Config, PathMapper, Record, RecordFile, Selector, Sorted};
 use dcflow_kafka::{KafkaSource, Received, TopicProducer};
 use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
@@ -54,8 +54,6 @@ pub async fn dispatch(
         &group,
         until_caught_up,
     )?);
-    // Partitions read to their end (reported only with until_caught_up).
-    let mut at_end = std::collections::BTreeSet::new();
     let producer = Arc::new(TopicProducer::try_new(kafka, work_topic)?);
     let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
     // Removes, restores and stores go to the workers too when a workflow takes them.
@@ -74,27 +72,18 @@ pub async fn dispatch(
     let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
     info!(from = %kafka.topic, to = work_topic, partitions = kafka.work_partitions, group, "dispatching");
     let mut incoming = source.incoming();
+    let dismiss = |raw: &[u8]| selector.dismisses(raw);
     loop {
-        while sends.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            p = outstanding.clone().acquire_owned() => p.expect("never closed"),
-            _ = shutdown.cancelled() => break,
-        };
         let delivery = tokio::select! {
-            received = incoming.next(|raw| selector.dismisses(raw)) => match received {
-                Ok(Received::Work(d)) => {
-                    at_end.remove(&d.partition);
-                    d
-                }
-                Ok(Received::Dismissed { partition }) => {
-                    at_end.remove(&partition);
-                    summary.consumed += 1;
+            received = incoming.next(dismiss) => match received {
+                Ok(Received::Work(d)) => d,
+                Ok(Received::Dismissed { count }) => {
+                    summary.consumed += u64::from(count);
                     continue;
                 }
                 Ok(Received::NotOwned) => continue,
-                Err(KafkaError::PartitionEOF(p)) => {
-                    at_end.insert(p);
-                    if until_caught_up && at_end.len() >= source.assigned() {
+                Err(KafkaError::PartitionEOF(_)) => {
+                    if until_caught_up && incoming.caught_up() {
                         info!("caught up: every assigned partition read to its end");
                         break;
                     }
@@ -106,6 +95,7 @@ pub async fn dispatch(
                 }
             },
             _ = commit_tick.tick() => {
+                while sends.try_join_next().is_some() {}
                 if let Err(e) = source.commit(CommitMode::Async) {
                     warn!(error = %e, "commit failed; retried at the next tick");
                 }
@@ -115,12 +105,10 @@ pub async fn dispatch(
         };
         summary.consumed += 1;
         let origin = || delivery.origin().to_string();
-        let decoded = selector
-            .glance(&delivery.payload)
-            .and_then(|glance| match glance {
-                Glance::Candidate => BillingMessage::decode(&delivery.payload).map(Some),
-                Glance::NotUpload | Glance::Outside => Ok(None),
-            });
+        let decoded = selector.sort(&delivery.payload).map(|sorted| match sorted {
+            Sorted::Candidate(msg) => Some(msg),
+            Sorted::Skip(_) => None,
+        });
         let key = match decoded {
             Err(e) => {
                 summary.malformed += 1;
@@ -148,6 +136,14 @@ pub async fn dispatch(
         };
         summary.forwarded += 1;
         debug!(pnfsid = %key, "forwarding");
+        let permit = tokio::select! {
+            p = outstanding.clone().acquire_owned() => p.expect("never closed"),
+            _ = shutdown.cancelled() => {
+                // Not forwarded: the watermark stays before it, so it is dispatched again.
+                break;
+            }
+        };
+        while sends.try_join_next().is_some() {}
         let (source, producer) = (source.clone(), producer.clone());
         sends.spawn(async move {
             let _permit = permit;

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use dcflow_core::workflow::EventKind;
 use dcflow_core::{
     BillingMessage, Config, DecodeError, Glance, Mapped, PathMapper, PnfsId, Record, RecordFile,
-    Selector, Step, Template, Workflow,
+    Selector, Sorted, Step, Template, Workflow,
 };
 use dcflow_kafka::TopicProducer;
 use dcflow_transfer::engine::{human_bytes, mbps};
@@ -313,16 +313,17 @@ impl Pipeline {
         self.failed.path()
     }
 
-    /// The cheap first look ([`Selector::dismisses`]): true for a message that cannot
-    /// concern the handled folder, counted as outside it. The others go to
-    /// [`Pipeline::admit`].
-    pub fn dismiss(&self, raw: &[u8]) -> bool {
-        let dismissed = self.selector.dismisses(raw);
-        if dismissed {
-            Stats::inc(&self.stats.events);
-            Stats::inc(&self.stats.outside_folder);
-        }
-        dismissed
+    /// The cheap first look ([`Selector::dismisses`]) is true for a message that cannot
+    /// concern the handled folder; the others go to [`Pipeline::admit`]. Count the dismissed
+    /// ones with [`Pipeline::dismissed`].
+    pub fn selector(&self) -> &Selector {
+        &self.selector
+    }
+
+    /// `count` messages were dismissed by the first look: counted as outside the folder.
+    pub fn dismissed(&self, count: u32) {
+        self.stats.events.inc_by(count.into());
+        self.stats.outside_folder.inc_by(count.into());
     }
 
     /// Decodes and selects one raw message. Returns a task to run, or `None` when the message
@@ -333,23 +334,16 @@ impl Pipeline {
     pub async fn admit(&self, raw: &[u8], origin: &(impl std::fmt::Display + ?Sized)) -> Admission {
         Stats::inc(&self.stats.events);
         // Most billing traffic is dismissed on its type and path alone.
-        let glance = match self.selector.glance(raw) {
-            Ok(glance) => glance,
-            Err(e) => return self.reject_malformed(raw, &origin.to_string(), e).await,
-        };
-        match glance {
-            Glance::NotUpload => {
-                Stats::inc(&self.stats.not_upload);
-                return Admission::Skip;
-            }
-            Glance::Outside => {
+        let msg = match self.selector.sort(raw) {
+            Ok(Sorted::Candidate(msg)) => msg,
+            Ok(Sorted::Skip(Glance::Outside)) => {
                 Stats::inc(&self.stats.outside_folder);
                 return Admission::Skip;
             }
-            Glance::Candidate => {}
-        }
-        let msg = match BillingMessage::decode(raw) {
-            Ok(m) => m,
+            Ok(Sorted::Skip(_)) => {
+                Stats::inc(&self.stats.not_upload);
+                return Admission::Skip;
+            }
             Err(e) => return self.reject_malformed(raw, &origin.to_string(), e).await,
         };
         let upload = match msg.upload() {

@@ -5,7 +5,7 @@
 //! busy the partitions are paused and the consumer keeps polling (heartbeats, rebalances),
 //! so a long transfer neither grows a queue nor drops the consumer out of its group.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,8 +51,6 @@ pub async fn run_kafka(
     );
     let mut tasks = JoinSet::new();
     let mut backlog: VecDeque<Delivery> = VecDeque::new();
-    // Partitions read to their end (reported only with --until-caught-up).
-    let mut at_end: BTreeSet<i32> = BTreeSet::new();
     let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
     let mut last_commit = Instant::now();
     // The first lag reading comes a few seconds in, once partitions are assigned.
@@ -64,7 +62,7 @@ pub async fn run_kafka(
     let mut idle = std::pin::pin!(tokio::time::sleep(COMMIT_EVERY));
     let mut unchecked = CHECK_EVERY;
     let mut incoming = source.incoming();
-    let dismiss = |raw: &[u8]| pipeline.dismiss(raw);
+    let dismiss = |raw: &[u8]| pipeline.selector().dismisses(raw);
 
     'consume: loop {
         unchecked += 1;
@@ -100,7 +98,8 @@ pub async fn run_kafka(
                     _ = pipeline.wait_for_slot() => break,
                     received = incoming.next(dismiss) => match received {
                         Ok(Received::Work(d)) => backlog.push_back(d),
-                        Ok(Received::Dismissed { .. } | Received::NotOwned) => {}
+                        Ok(Received::Dismissed { count }) => pipeline.dismissed(count),
+                        Ok(Received::NotOwned) => {}
                         Err(e) => warn!(error = %e, "kafka consumer error"),
                     },
                     _ = commit_tick.tick() => commit(&source, CommitMode::Async),
@@ -116,18 +115,16 @@ pub async fn run_kafka(
             None => tokio::select! {
                 biased;
                 received = incoming.next(dismiss) => match received {
-                    Ok(Received::Work(d)) => {
-                        at_end.remove(&d.partition);
-                        d
-                    }
-                    Ok(Received::Dismissed { partition }) => {
-                        at_end.remove(&partition);
+                    Ok(Received::Work(d)) => d,
+                    Ok(Received::Dismissed { count }) => {
+                        pipeline.dismissed(count);
+                        // A run of dismissed messages counts as that many for the checks.
+                        unchecked += count;
                         continue;
                     }
                     Ok(Received::NotOwned) => continue,
-                    Err(KafkaError::PartitionEOF(p)) => {
-                        at_end.insert(p);
-                        if until_caught_up && backlog.is_empty() && at_end.len() >= source.assigned() {
+                    Err(KafkaError::PartitionEOF(_)) => {
+                        if until_caught_up && backlog.is_empty() && incoming.caught_up() {
                             info!("caught up: every assigned partition read to its end");
                             break 'consume;
                         }
