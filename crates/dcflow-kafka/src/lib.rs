@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! ```text
-//! KafkaSource::recv ──► Delivery (payload, partition, offset, ticket)
+//! Incoming::next ──► Delivery (payload, partition, offset, ticket)
 //!      pipeline work ──► KafkaSource::finish(ticket) ──► watermark advances
 //!      KafkaSource::commit (periodically, on revoke, at shutdown) ──► broker
 //! ```
@@ -13,26 +13,35 @@
 //! still running for them completes but is not committed (the new owner redelivers it, and
 //! copies are idempotent). Pausing all partitions lets the caller keep polling (heartbeats,
 //! rebalances) while its transfer slots are full.
+//!
+//! Messages are taken in batches: as each partition is assigned, its librdkafka fetch queue
+//! is forwarded to a queue of this source, read with `rd_kafka_consume_batch_queue`, while the
+//! consumer's own queue keeps the rebalances, errors and commit results, served by rdkafka's
+//! `poll`. One message at a time through rdkafka's stream cost twice the CPU (a clock reading,
+//! a lock and an allocation each), and a catch-up on 2 cores is short of CPU. librdkafka wakes
+//! the consuming task when either queue stops being empty.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{c_void, CString};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::{Ticket, Watermarks};
-use futures_util::{FutureExt, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, MessageStream, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka_sys as rdsys;
+use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 pub use rdkafka::error::KafkaError as Error;
@@ -73,6 +82,136 @@ impl std::fmt::Display for Origin {
 struct Shared {
     topic: String,
     watermarks: Mutex<Watermarks>,
+    /// The queue assigned partitions are forwarded to ([`KafkaSource::messages`]); null once
+    /// the source is being dropped.
+    messages: AtomicPtr<rdsys::rd_kafka_queue_t>,
+    /// Woken by librdkafka when the message queue or the consumer's queue stops being empty.
+    wake: Notify,
+}
+
+/// librdkafka's callback when a queue stops being empty (called on its own threads, with the
+/// queue locked: it only wakes the consuming task).
+unsafe extern "C" fn queue_not_empty(_: *mut rdsys::rd_kafka_t, opaque: *mut c_void) {
+    // SAFETY: `opaque` is the `Shared::wake` of a live source: the callbacks are switched
+    // off before the source's `Shared` can go.
+    unsafe { (*(opaque as *const Notify)).notify_one() }
+}
+
+/// A handle on a librdkafka queue (thread-safe on librdkafka's side); destroyed on drop.
+struct Queue(*mut rdsys::rd_kafka_queue_t);
+
+// SAFETY: librdkafka queues may be used and destroyed from any thread.
+unsafe impl Send for Queue {}
+unsafe impl Sync for Queue {}
+
+impl Queue {
+    fn wake(&self, shared: &Shared) {
+        // SAFETY: a valid queue; see `queue_not_empty`.
+        unsafe {
+            rdsys::rd_kafka_queue_cb_event_enable(
+                self.0,
+                Some(queue_not_empty),
+                &shared.wake as *const Notify as *mut c_void,
+            )
+        }
+    }
+
+    fn len(&self) -> usize {
+        // SAFETY: a valid queue.
+        unsafe { rdsys::rd_kafka_queue_length(self.0) }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // SAFETY: a valid queue, released once.
+        unsafe {
+            rdsys::rd_kafka_queue_cb_event_enable(self.0, None, ptr::null_mut());
+            rdsys::rd_kafka_queue_destroy(self.0);
+        }
+    }
+}
+
+/// Messages taken from librdkafka in one batch, destroyed (their buffers released) on drop.
+struct Batch {
+    messages: Vec<*mut rdsys::rd_kafka_message_t>,
+    next: usize,
+}
+
+// SAFETY: librdkafka messages may be read and destroyed from any thread.
+unsafe impl Send for Batch {}
+
+impl Batch {
+    const SIZE: usize = 1024;
+
+    fn new() -> Self {
+        Self {
+            messages: Vec::with_capacity(Self::SIZE),
+            next: 0,
+        }
+    }
+
+    /// Releases the messages and takes what `queue` holds now, without waiting.
+    fn refill(&mut self, queue: &Queue) -> usize {
+        self.release();
+        // SAFETY: the buffer has room for SIZE pointers; librdkafka fills `n` of them.
+        let n = unsafe {
+            rdsys::rd_kafka_consume_batch_queue(queue.0, 0, self.messages.as_mut_ptr(), Self::SIZE)
+        };
+        // SAFETY: the first `n` pointers are initialised (a negative count is an error: none).
+        unsafe { self.messages.set_len(n.max(0) as usize) };
+        self.messages.len()
+    }
+
+    fn release(&mut self) {
+        for &m in &self.messages {
+            // SAFETY: each message is released once; `set_len(0)` below forgets them.
+            unsafe { rdsys::rd_kafka_message_destroy(m) };
+        }
+        self.messages.clear();
+        self.next = 0;
+    }
+
+    /// The next message, or a consumer error.
+    fn pop(&mut self) -> Option<Result<Raw<'_>, KafkaError>> {
+        let m = *self.messages.get(self.next)?;
+        self.next += 1;
+        // SAFETY: a live message of this batch; its payload lives as long as the batch.
+        let m = unsafe { &*m };
+        if m.err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            let code = RDKafkaErrorCode::from(m.err);
+            return Some(Err(if code == RDKafkaErrorCode::PartitionEOF {
+                KafkaError::PartitionEOF(m.partition)
+            } else {
+                KafkaError::MessageConsumption(code)
+            }));
+        }
+        let payload = if m.payload.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: librdkafka's payload pointer and length, alive until the message is
+            // destroyed.
+            unsafe { std::slice::from_raw_parts(m.payload as *const u8, m.len) }
+        };
+        Some(Ok(Raw {
+            partition: m.partition,
+            offset: m.offset,
+            payload,
+        }))
+    }
+}
+
+/// A message of a [`Batch`], in place.
+struct Raw<'a> {
+    partition: i32,
+    offset: i64,
+    payload: &'a [u8],
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Shared {
@@ -121,6 +260,28 @@ impl ClientContext for Context {
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            // Before librdkafka starts fetching them: their messages go to our queue.
+            let messages = self.shared.messages.load(Ordering::Acquire);
+            if !messages.is_null() {
+                let rk = consumer.client().native_ptr();
+                for e in list.elements() {
+                    let Ok(topic) = CString::new(e.topic()) else {
+                        continue;
+                    };
+                    // SAFETY: a live client and queue; the partition queue handle is released
+                    // at once (the forwarding stays with the partition).
+                    unsafe {
+                        let partition =
+                            rdsys::rd_kafka_queue_get_partition(rk, topic.as_ptr(), e.partition());
+                        if !partition.is_null() {
+                            rdsys::rd_kafka_queue_forward(partition, messages);
+                            rdsys::rd_kafka_queue_destroy(partition);
+                        }
+                    }
+                }
+            }
+        }
         if let Rebalance::Revoke(list) = rebalance {
             let mut w = self.shared.watermarks.lock().expect("watermarks lock");
             let commits = w.take_commits();
@@ -160,21 +321,18 @@ impl ConsumerContext for Context {
 pub enum Received {
     /// A message to work on: its ticket must be handed to [`KafkaSource::finish`].
     Work(Delivery),
-    /// `count` messages the caller's `dismiss` turned down, one after the other: finished
-    /// already, never copied.
+    /// `count` messages the caller's `dismiss` turned down, one after the other (at most a
+    /// batch, so that the caller's own checks come round while a backlog streams past):
+    /// finished already, never copied.
     Dismissed { count: u32 },
     /// A message of a partition this consumer does not own (any more): left to its owner.
     NotOwned,
 }
 
-/// Messages dismissed in one call of [`Incoming::next`] at most, so that the caller's own
-/// checks (clocks, signals) still come round while a backlog streams past.
-const DISMISS_RUN: u32 = 1024;
-
 /// The stream of messages of a [`KafkaSource`]; see [`KafkaSource::incoming`].
 pub struct Incoming<'a> {
     source: &'a KafkaSource,
-    stream: MessageStream<'a, Context>,
+    batch: Batch,
     /// What to return first at the next call: met after a run of dismissed messages.
     stashed: Option<Result<Received, KafkaError>>,
     /// Partitions read to their end with nothing new since (only with `report_end`).
@@ -184,7 +342,7 @@ pub struct Incoming<'a> {
 impl Incoming<'_> {
     /// The next message, or the next run of dismissed ones. `dismiss` sees each payload in
     /// place: a message it turns down is marked finished without being copied out of
-    /// librdkafka's buffer (most of the billing traffic), and the messages already waiting
+    /// librdkafka's buffer (most of the billing traffic), and the messages already fetched
     /// are dismissed in the same call. Cancellation safe: it only waits while it holds
     /// nothing.
     ///
@@ -197,57 +355,34 @@ impl Incoming<'_> {
         if let Some(stashed) = self.stashed.take() {
             return stashed;
         }
+        // Rebalances, errors and commit results first, at every call: a batch of work may
+        // take a while to hand out (one message per free transfer slot), and a rebalance
+        // must not wait for it.
+        if let Some(received) = self.serve_events(&mut dismiss) {
+            return received;
+        }
         let mut dismissed = 0;
         loop {
-            let next = if dismissed == 0 {
-                self.stream.next().await
-            } else if dismissed == DISMISS_RUN {
-                return Ok(Received::Dismissed { count: dismissed });
-            } else {
-                // Only what is there already: the run of dismissed messages ends at the first
-                // wait.
-                match self.stream.next().now_or_never() {
-                    Some(next) => next,
-                    None => return Ok(Received::Dismissed { count: dismissed }),
-                }
-            };
-            let received = match next.expect("kafka streams never terminate") {
-                Ok(msg) => {
-                    let (partition, offset) = (msg.partition(), msg.offset());
-                    if !self.at_end.is_empty() {
-                        self.at_end.remove(&partition);
+            let received = match self.batch.pop() {
+                Some(Ok(raw)) => match decide(self.source, &mut self.at_end, raw, &mut dismiss) {
+                    None => {
+                        dismissed += 1;
+                        continue;
                     }
-                    let payload = msg.payload().unwrap_or_default();
-                    let turned_down = dismiss(payload);
-                    let mut watermarks = self
-                        .source
-                        .shared
-                        .watermarks
-                        .lock()
-                        .expect("watermarks lock");
-                    if turned_down {
-                        if watermarks.pass(partition, offset) {
-                            dismissed += 1;
-                            continue;
-                        }
-                        Ok(Received::NotOwned)
-                    } else {
-                        match watermarks.start(partition, offset) {
-                            Some(ticket) => Ok(Received::Work(Delivery {
-                                payload: payload.to_vec(),
-                                partition,
-                                offset,
-                                ticket,
-                            })),
-                            None => Ok(Received::NotOwned),
-                        }
+                    Some(received) => Ok(received),
+                },
+                Some(Err(e)) => Err(self.note_end(e)),
+                None if dismissed > 0 => return Ok(Received::Dismissed { count: dismissed }),
+                None => {
+                    // An assignment is served before its messages are read.
+                    if let Some(received) = self.serve_events(&mut dismiss) {
+                        return received;
                     }
+                    if self.batch.refill(&self.source.messages) == 0 {
+                        self.source.shared.wake.notified().await;
+                    }
+                    continue;
                 }
-                Err(KafkaError::PartitionEOF(p)) => {
-                    self.at_end.insert(p);
-                    Err(KafkaError::PartitionEOF(p))
-                }
-                Err(e) => Err(e),
             };
             if dismissed == 0 {
                 return received;
@@ -255,6 +390,44 @@ impl Incoming<'_> {
             self.stashed = Some(received);
             return Ok(Received::Dismissed { count: dismissed });
         }
+    }
+
+    /// Serves what waits on the consumer's own queue (rdkafka's `poll` runs the rebalance
+    /// callbacks); returns what the caller must see: an error, or a message that came before
+    /// its partition was forwarded.
+    fn serve_events(
+        &mut self,
+        dismiss: &mut impl FnMut(&[u8]) -> bool,
+    ) -> Option<Result<Received, KafkaError>> {
+        // Bounded: each poll takes one event, and events may keep coming.
+        for _ in 0..64 {
+            if self.source.events.len() == 0 {
+                break;
+            }
+            match self.source.consumer.poll(Duration::ZERO) {
+                Some(Ok(msg)) => {
+                    let raw = Raw {
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                        payload: msg.payload().unwrap_or_default(),
+                    };
+                    match decide(self.source, &mut self.at_end, raw, dismiss) {
+                        None => return Some(Ok(Received::Dismissed { count: 1 })),
+                        Some(received) => return Some(Ok(received)),
+                    }
+                }
+                Some(Err(e)) => return Some(Err(self.note_end(e))),
+                None => {}
+            }
+        }
+        None
+    }
+
+    fn note_end(&mut self, e: KafkaError) -> KafkaError {
+        if let KafkaError::PartitionEOF(p) = e {
+            self.at_end.insert(p);
+        }
+        e
     }
 
     /// Every assigned partition has been read to its end, and nothing came since (known only
@@ -271,10 +444,59 @@ impl Incoming<'_> {
     }
 }
 
+/// What becomes of one message: `None` when `dismiss` turned it down (finished at once).
+fn decide(
+    source: &KafkaSource,
+    at_end: &mut BTreeSet<i32>,
+    Raw {
+        partition,
+        offset,
+        payload,
+    }: Raw<'_>,
+    dismiss: &mut impl FnMut(&[u8]) -> bool,
+) -> Option<Received> {
+    if !at_end.is_empty() {
+        at_end.remove(&partition);
+    }
+    let turned_down = dismiss(payload);
+    let mut watermarks = source.shared.watermarks.lock().expect("watermarks lock");
+    if turned_down {
+        return if watermarks.pass(partition, offset) {
+            None
+        } else {
+            Some(Received::NotOwned)
+        };
+    }
+    Some(match watermarks.start(partition, offset) {
+        Some(ticket) => Received::Work(Delivery {
+            payload: payload.to_vec(),
+            partition,
+            offset,
+            ticket,
+        }),
+        None => Received::NotOwned,
+    })
+}
+
 /// The consumer and its watermarks.
 pub struct KafkaSource {
-    consumer: StreamConsumer<Context>,
+    // The queue handles go before the consumer (fields drop in order): librdkafka's instance
+    // must outlive them.
+    /// Where the assigned partitions' messages are forwarded (see the module notes).
+    messages: Queue,
+    /// The consumer's own queue: rebalances, errors, commit results.
+    events: Queue,
+    consumer: BaseConsumer<Context>,
     shared: Arc<Shared>,
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        // No more forwarding to a queue about to go (closing revokes, it does not assign).
+        self.shared
+            .messages
+            .store(ptr::null_mut(), Ordering::Release);
+    }
 }
 
 impl KafkaSource {
@@ -292,8 +514,13 @@ impl KafkaSource {
         let shared = Arc::new(Shared {
             topic: topic.to_owned(),
             watermarks: Mutex::default(),
+            messages: AtomicPtr::new(ptr::null_mut()),
+            wake: Notify::new(),
         });
-        let consumer: StreamConsumer<Context> = base_config(cfg)
+        // librdkafka stops fetching once its queue holds queued.min.messages and, by default,
+        // waits a whole second before fetching again: a consumer that drains 100,000 messages
+        // in half a second then idles for the other half.
+        let consumer: BaseConsumer<Context> = base_config(cfg, &[("fetch.queue.backoff.ms", "10")])
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -305,16 +532,36 @@ impl KafkaSource {
             .create_with_context(Context {
                 shared: shared.clone(),
             })?;
+        let rk = consumer.client().native_ptr();
+        // SAFETY: a live consumer; both handles are released before it (field order).
+        let (messages, events) = unsafe {
+            (
+                Queue(rdsys::rd_kafka_queue_new(rk)),
+                Queue(rdsys::rd_kafka_queue_get_consumer(rk)),
+            )
+        };
+        if messages.0.is_null() || events.0.is_null() {
+            return Err(KafkaError::ClientCreation(
+                "librdkafka gave no consumer queue".into(),
+            ));
+        }
+        messages.wake(&shared);
+        events.wake(&shared);
+        shared.messages.store(messages.0, Ordering::Release);
         consumer.subscribe(&[topic])?;
-        Ok(Self { consumer, shared })
+        Ok(Self {
+            messages,
+            events,
+            consumer,
+            shared,
+        })
     }
 
-    /// The messages of the subscription. Keep one for the life of the consuming loop: each
-    /// creation registers with the consumer's waker list.
+    /// The messages of the subscription, for one consuming loop at a time.
     pub fn incoming(&self) -> Incoming<'_> {
         Incoming {
             source: self,
-            stream: self.consumer.stream(),
+            batch: Batch::new(),
             stashed: None,
             at_end: BTreeSet::new(),
         }
@@ -397,12 +644,12 @@ impl KafkaSource {
     }
 }
 
-fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+/// `defaults`, then the operators' properties (which may override them), then the brokers.
+fn base_config(cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut client = ClientConfig::new();
-    // librdkafka stops fetching once its queue holds queued.min.messages and, by default,
-    // waits a whole second before fetching again: a consumer that drains 100,000 messages
-    // in half a second then idles for the other half. Operators' properties may override.
-    client.set("fetch.queue.backoff.ms", "10");
+    for (k, v) in defaults {
+        client.set(*k, *v);
+    }
     for (k, v) in &cfg.properties {
         client.set(k, v);
     }
@@ -419,7 +666,7 @@ pub struct TopicProducer {
 impl TopicProducer {
     /// An idempotent producer: its own retries add no duplicates.
     pub fn try_new(cfg: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
-        let producer = base_config(cfg)
+        let producer = base_config(cfg, &[])
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .create()?;
@@ -454,7 +701,7 @@ impl TopicProducer {
         topic: &str,
         partitions: i32,
     ) -> Result<(), KafkaError> {
-        let admin: AdminClient<DefaultClientContext> = base_config(cfg).create()?;
+        let admin: AdminClient<DefaultClientContext> = base_config(cfg, &[]).create()?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         for result in admin.create_topics([&new], &AdminOptions::new()).await? {
             match result {
@@ -474,7 +721,7 @@ pub fn read_topic(
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<Vec<u8>>, KafkaError> {
-    let consumer: BaseConsumer = base_config(cfg)
+    let consumer: BaseConsumer = base_config(cfg, &[])
         .set("group.id", "dcflow-topic-reader")
         .set("enable.auto.commit", "false")
         .create()?;

@@ -16,7 +16,7 @@ use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::pipeline::{Admission, Pipeline};
 use crate::replay::Summary;
@@ -90,8 +90,9 @@ pub async fn run_kafka(
                 .await
                 .is_err()
         {
-            if let Err(e) = source.pause() {
-                warn!(error = %e, "cannot pause partitions");
+            match source.pause() {
+                Ok(()) => debug!("every transfer slot busy for {PAUSE_AFTER:?}: fetching paused"),
+                Err(e) => warn!(error = %e, "cannot pause partitions"),
             }
             loop {
                 tokio::select! {
@@ -106,8 +107,12 @@ pub async fn run_kafka(
                     _ = shutdown.cancelled() => break 'consume,
                 }
             }
-            if let Err(e) = source.resume() {
-                warn!(error = %e, "cannot resume partitions");
+            match source.resume() {
+                Ok(()) => debug!(
+                    backlog = backlog.len(),
+                    "a transfer slot is free: fetching resumed"
+                ),
+                Err(e) => warn!(error = %e, "cannot resume partitions"),
             }
         }
         let delivery = match backlog.pop_front() {

@@ -81,6 +81,72 @@ async fn run_copies_every_upload_commits_to_the_end_and_restarts_idle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_transfer_slots_pause_fetching_and_nothing_is_skipped() {
+    let Some(broker) = broker() else { return };
+    let (topic, group) = (unique("billing"), unique("group"));
+    let site = Site::with_kafka(&broker, &topic).await;
+    // One transfer slot; the first three files take about 3 s each, so the partition is
+    // paused (after 2 s) with fetched messages still in hand, and resumed three times.
+    let mut expected = Vec::new();
+    for i in 0..12u32 {
+        let body = data(150_000 + i as usize * 101, i);
+        let rel = format!("pause/f-{i:02}.dat");
+        let door_path = site.upload(&rel, &body).await;
+        if i < 3 {
+            site.sim.add_fault(
+                &door_path,
+                Fault::SlowLink {
+                    bytes_per_second: 50_000,
+                },
+                None,
+            );
+        }
+        site.sim.background(300);
+        expected.push((rel, body));
+    }
+    site.sim.flush_billing();
+    let lines = site.sim.billing_messages();
+    let kafka =
+        format!("topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"");
+    let config = site.write_kafka_config(&kafka, "maxdownloads = 1");
+    let log = site.path("run.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("DCFLOW_LOG", "info,dcflow::run=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the committed offset to reach the end",
+        Duration::from_secs(120),
+        || {
+            let (committed, end) = committed_and_end(&broker, &topic, &group);
+            committed == end
+        },
+    );
+    assert_eq!(stop(child), 0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let pauses = text.matches("fetching paused").count();
+    assert!(
+        pauses >= 2,
+        "the slow files paused fetching ({pauses} times):\n{text}"
+    );
+    assert_eq!(pauses, text.matches("fetching resumed").count(), "{text}");
+    for (rel, body) in &expected {
+        assert_eq!(
+            &std::fs::read(site.download().join(rel)).unwrap(),
+            body,
+            "{rel}"
+        );
+    }
+    assert_eq!(site.records("success.csv").len(), 12, "each file once");
+    assert_eq!(site.sim.pool_gets(), 12, "each file fetched once");
+    let (committed, end) = committed_and_end(&broker, &topic, &group);
+    assert_eq!((committed, end), (lines.len() as i64, lines.len() as i64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_at_the_head_does_not_block_the_rest() {
     let Some(broker) = broker() else { return };
     let site = Site::new().await;
