@@ -703,7 +703,11 @@ impl TopicProducer {
     ) -> Result<(), KafkaError> {
         let admin: AdminClient<DefaultClientContext> = base_config(cfg, &[]).create()?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+        let results = admin.create_topics([&new], &AdminOptions::new()).await;
+        // Destroying a librdkafka client takes about 100 ms (its main thread's timers): not
+        // on the way to consuming.
+        tokio::task::spawn_blocking(move || drop(admin));
+        for result in results? {
             match result {
                 Ok(_) => info!(topic, partitions, "topic created"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
