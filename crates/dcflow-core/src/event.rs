@@ -294,7 +294,7 @@ impl Selector {
             && body.last() == Some(&b'}')
             && memchr::memchr(b'\\', body).is_none()
             && self.finder.find(body).is_none()
-            && std::str::from_utf8(body).is_ok()
+            && simdutf8::basic::from_utf8(body).is_ok()
     }
 }
 
