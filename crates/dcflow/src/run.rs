@@ -3,7 +3,8 @@
 //!
 //! A transfer slot is made free before the next message is pulled; while all slots are
 //! busy the partitions are paused and the consumer keeps polling (heartbeats, rebalances),
-//! so a long transfer neither grows a queue nor drops the consumer out of its group.
+//! so a long transfer neither drops the consumer out of its group nor grows a queue beyond
+//! the batch already taken from librdkafka (at most 1,024 messages, kept in `backlog`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -100,7 +101,7 @@ pub async fn run_kafka(
                     received = incoming.next(dismiss) => match received {
                         Ok(Received::Work(d)) => backlog.push_back(d),
                         Ok(Received::Dismissed { count }) => pipeline.dismissed(count),
-                        Ok(Received::NotOwned) => {}
+                        Ok(Received::NotOwned) | Err(KafkaError::PartitionEOF(_)) => {}
                         Err(e) => warn!(error = %e, "kafka consumer error"),
                     },
                     _ = commit_tick.tick() => commit(&source, CommitMode::Async),
