@@ -11,7 +11,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use dcache_sim::Fault;
@@ -98,8 +98,7 @@ async fn emulator_restarts_mid_run_lose_nothing() {
     let Some(broker) = broker() else { return };
     let (topic, group) = (unique("chaos"), unique("group"));
     let mut site = Site::with_kafka(&broker, &topic).await;
-    let kafka =
-        format!("topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"");
+    let kafka = kafka_keys(&topic, &broker, &group);
     // Enough attempts, with back-off from 1 s, to outlast a few seconds of downtime.
     let config =
         site.write_kafka_config(&kafka, "maxdownloads = 6\nretryseconds = 1\nretrytimes = 8");
@@ -107,6 +106,7 @@ async fn emulator_restarts_mid_run_lose_nothing() {
 
     let mut expected = Vec::new();
     for round in 0..3u32 {
+        let mut slow = Vec::new();
         for i in 0..30usize {
             let n = round as usize * 30 + i;
             let size = match n % 3 {
@@ -125,13 +125,19 @@ async fn emulator_restarts_mid_run_lose_nothing() {
                     },
                     None,
                 );
+                slow.push(door_path);
             }
             expected.push((rel, size, n as u32));
             site.sim.background(3);
         }
         site.sim.flush_billing();
-        // Let transfers start, then restart the emulator with 1.5 s of downtime.
-        tokio::time::sleep(Duration::from_millis(800 + jitter(700))).await;
+        // Once a slow transfer (a second or more) has started, restart the emulator with
+        // 1.5 s of downtime. (A fixed delay missed every transfer on a loaded machine.)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !slow.iter().any(|p| site.sim.faults_fired(p) > 0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100 + jitter(400))).await;
         site.sim.halt();
         tokio::time::sleep(Duration::from_millis(1500)).await;
         site.sim.resume().await.expect("the emulator listens again");

@@ -41,18 +41,10 @@ async fn run_copies_every_upload_commits_to_the_end_and_restarts_idle() {
     site.sim.flush_billing();
     let lines = site.sim.billing_messages();
 
-    let kafka =
-        format!("topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"");
+    let kafka = kafka_keys(&topic, &broker, &group);
     let config = site.write_kafka_config(&kafka, "");
     let child = start_run(&config, &site.path("run1.log"));
-    wait_for(
-        "the committed offset to reach the end",
-        Duration::from_secs(120),
-        || {
-            let (committed, end) = committed_and_end(&broker, &topic, &group);
-            committed == end
-        },
-    );
+    wait_committed_to_end(&broker, &topic, &group);
     assert_eq!(stop(child), 0, "SIGTERM drains and exits 0");
     for (rel, body) in &expected {
         assert_eq!(
@@ -106,8 +98,7 @@ async fn full_transfer_slots_pause_fetching_and_nothing_is_skipped() {
     }
     site.sim.flush_billing();
     let lines = site.sim.billing_messages();
-    let kafka =
-        format!("topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"");
+    let kafka = kafka_keys(&topic, &broker, &group);
     let config = site.write_kafka_config(&kafka, "maxdownloads = 1");
     let log = site.path("run.log");
     let child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
@@ -117,14 +108,7 @@ async fn full_transfer_slots_pause_fetching_and_nothing_is_skipped() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_for(
-        "the committed offset to reach the end",
-        Duration::from_secs(120),
-        || {
-            let (committed, end) = committed_and_end(&broker, &topic, &group);
-            committed == end
-        },
-    );
+    wait_committed_to_end(&broker, &topic, &group);
     assert_eq!(stop(child), 0);
     let text = std::fs::read_to_string(&log).unwrap();
     let pauses = text.matches("fetching paused").count();

@@ -326,6 +326,23 @@ pub fn committed_and_end(broker: &str, topic: &str, group: &str) -> (i64, i64) {
 }
 
 /// Whether `group` committed every partition of `topic` up to its end.
+/// The `[kafka]` keys of a one-topic consumer: topic, broker, group.
+pub fn kafka_keys(topic: &str, broker: &str, group: &str) -> String {
+    format!("topic = \"{topic}\"\nservers = [\"{broker}\"]\nconsumergroup = \"{group}\"")
+}
+
+/// Waits until `group` has committed the whole of `topic`'s only partition.
+pub fn wait_committed_to_end(broker: &str, topic: &str, group: &str) {
+    wait_for(
+        "the committed offset to reach the end",
+        Duration::from_secs(120),
+        || {
+            let (committed, end) = committed_and_end(broker, topic, group);
+            committed == end
+        },
+    );
+}
+
 pub fn caught_up(broker: &str, topic: &str, group: &str, partitions: i32) -> bool {
     committed_and_ends(broker, topic, group, partitions).is_ok_and(|all| {
         all.iter()
