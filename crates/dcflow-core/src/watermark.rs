@@ -120,6 +120,13 @@ impl Watermarks {
         out
     }
 
+    /// The assignment a partition is owned under now, if it is: a new one each time the
+    /// partition is (re)assigned. A message fetched under one assignment must not be taken
+    /// under the next (the new assignment fetches again from the committed offset).
+    pub fn generation(&self, partition: i32) -> Option<u64> {
+        self.partitions.get(&partition).map(|p| p.generation)
+    }
+
     /// Partitions owned now (assigned and not revoked).
     pub fn owned(&self) -> impl Iterator<Item = i32> + '_ {
         self.partitions.keys().copied()
@@ -133,6 +140,20 @@ impl Watermarks {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_assignment_of_a_partition_is_a_new_generation() {
+        let mut w = super::Watermarks::default();
+        assert_eq!(w.generation(3), None);
+        w.assign(3);
+        let first = w.generation(3).unwrap();
+        w.assign(4);
+        assert_eq!(w.generation(3), Some(first), "assigning another partition");
+        w.revoke(3);
+        assert_eq!(w.generation(3), None);
+        w.assign(3);
+        assert_ne!(w.generation(3), Some(first));
+    }
+
     use super::*;
     use rand::seq::SliceRandom;
 

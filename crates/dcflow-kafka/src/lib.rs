@@ -136,6 +136,8 @@ impl Drop for Queue {
 struct Batch {
     messages: Vec<*mut rdsys::rd_kafka_message_t>,
     next: usize,
+    /// Each partition of the batch with the assignment it was fetched under.
+    assignments: Vec<(i32, u64)>,
 }
 
 // SAFETY: librdkafka messages may be read and destroyed from any thread.
@@ -148,11 +150,14 @@ impl Batch {
         Self {
             messages: Vec::with_capacity(Self::SIZE),
             next: 0,
+            assignments: Vec::new(),
         }
     }
 
-    /// Releases the messages and takes what `queue` holds now, without waiting.
-    fn refill(&mut self, queue: &Queue) -> usize {
+    /// Releases the messages and takes what `queue` holds now, without waiting, noting the
+    /// assignment of each partition (librdkafka has just dropped what earlier assignments
+    /// fetched; rebalances run only when this batch's owner polls).
+    fn refill(&mut self, queue: &Queue, watermarks: &Mutex<Watermarks>) -> usize {
         self.release();
         // SAFETY: the buffer has room for SIZE pointers; librdkafka fills `n` of them.
         let n = unsafe {
@@ -160,6 +165,16 @@ impl Batch {
         };
         // SAFETY: the first `n` pointers are initialised (a negative count is an error: none).
         unsafe { self.messages.set_len(n.max(0) as usize) };
+        let watermarks = watermarks.lock().expect("watermarks lock");
+        for &m in &self.messages {
+            // SAFETY: a live message of this batch.
+            let partition = unsafe { (*m).partition };
+            if !self.assignments.iter().any(|&(p, _)| p == partition) {
+                if let Some(generation) = watermarks.generation(partition) {
+                    self.assignments.push((partition, generation));
+                }
+            }
+        }
         self.messages.len()
     }
 
@@ -170,6 +185,7 @@ impl Batch {
         }
         self.messages.clear();
         self.next = 0;
+        self.assignments.clear();
     }
 
     /// The next message, or a consumer error.
@@ -193,10 +209,16 @@ impl Batch {
             // destroyed.
             unsafe { std::slice::from_raw_parts(m.payload as *const u8, m.len) }
         };
+        let assignment = self
+            .assignments
+            .iter()
+            .find(|&&(p, _)| p == m.partition)
+            .map(|&(_, g)| g);
         Some(Ok(Raw {
             partition: m.partition,
             offset: m.offset,
             payload,
+            assignment: Some(assignment),
         }))
     }
 }
@@ -206,6 +228,9 @@ struct Raw<'a> {
     partition: i32,
     offset: i64,
     payload: &'a [u8],
+    /// For a message held in a batch, the assignment it was fetched under (`Some(None)`: its
+    /// partition was not owned then); `None` for one straight from librdkafka's poll.
+    assignment: Option<Option<u64>>,
 }
 
 impl Drop for Batch {
@@ -378,7 +403,11 @@ impl Incoming<'_> {
                     if let Some(received) = self.serve_events(&mut dismiss) {
                         return received;
                     }
-                    if self.batch.refill(&self.source.messages) == 0 {
+                    if self
+                        .batch
+                        .refill(&self.source.messages, &self.source.shared.watermarks)
+                        == 0
+                    {
                         self.source.shared.wake.notified().await;
                     }
                     continue;
@@ -410,6 +439,7 @@ impl Incoming<'_> {
                         partition: msg.partition(),
                         offset: msg.offset(),
                         payload: msg.payload().unwrap_or_default(),
+                        assignment: None,
                     };
                     match decide(self.source, &mut self.at_end, raw, dismiss) {
                         None => return Some(Ok(Received::Dismissed { count: 1 })),
@@ -452,6 +482,7 @@ fn decide(
         partition,
         offset,
         payload,
+        assignment,
     }: Raw<'_>,
     dismiss: &mut impl FnMut(&[u8]) -> bool,
 ) -> Option<Received> {
@@ -460,6 +491,12 @@ fn decide(
     }
     let turned_down = dismiss(payload);
     let mut watermarks = source.shared.watermarks.lock().expect("watermarks lock");
+    // Held in a batch across a rebalance that took the partition away (and maybe gave it
+    // back): the offsets before it may still be in flight under the old assignment, so this
+    // one must not move the new watermark. The new assignment fetches it again.
+    if assignment.is_some_and(|a| a.is_none() || a != watermarks.generation(partition)) {
+        return Some(Received::NotOwned);
+    }
     if turned_down {
         return if watermarks.pass(partition, offset) {
             None
