@@ -127,6 +127,15 @@ impl Watermarks {
         self.partitions.get(&partition).map(|p| p.generation)
     }
 
+    /// The offset after the highest one seen in a partition under its current assignment
+    /// (`None`: nothing seen yet, or not owned).
+    pub fn next_to_read(&self, partition: i32) -> Option<i64> {
+        self.partitions
+            .get(&partition)
+            .and_then(|p| p.highest_seen)
+            .map(|h| h + 1)
+    }
+
     /// Partitions owned now (assigned and not revoked).
     pub fn owned(&self) -> impl Iterator<Item = i32> + '_ {
         self.partitions.keys().copied()
@@ -152,6 +161,21 @@ mod tests {
         assert_eq!(w.generation(3), None);
         w.assign(3);
         assert_ne!(w.generation(3), Some(first));
+    }
+
+    #[test]
+    fn next_to_read_follows_what_was_seen_under_the_current_assignment() {
+        let mut w = super::Watermarks::default();
+        w.assign(0);
+        assert_eq!(w.next_to_read(0), None, "nothing seen yet");
+        w.pass(0, 41);
+        let t = w.start(0, 42).unwrap();
+        assert_eq!(w.next_to_read(0), Some(43), "seen, even if not finished");
+        w.finish(&t);
+        w.revoke(0);
+        assert_eq!(w.next_to_read(0), None);
+        w.assign(0);
+        assert_eq!(w.next_to_read(0), None, "a new assignment starts afresh");
     }
 
     use super::*;

@@ -24,9 +24,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_void, CString};
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::{Ticket, Watermarks};
@@ -45,6 +45,10 @@ use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 pub use rdkafka::error::KafkaError as Error;
+
+/// How long a consumer being dropped waits for librdkafka to leave its group before rdkafka's
+/// own (slower) wait takes over.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// One billing message taken from the topic.
 #[derive(Debug)]
@@ -81,12 +85,16 @@ impl std::fmt::Display for Origin {
 
 struct Shared {
     topic: String,
+    /// The same, for librdkafka's C calls.
+    topic_c: CString,
     watermarks: Mutex<Watermarks>,
     /// The queue assigned partitions are forwarded to ([`KafkaSource::messages`]); null once
     /// the source is being dropped.
     messages: AtomicPtr<rdsys::rd_kafka_queue_t>,
     /// Woken by librdkafka when the message queue or the consumer's queue stops being empty.
     wake: Notify,
+    /// Set when the source is dropped: the consumer is leaving its group.
+    closing: AtomicBool,
 }
 
 /// librdkafka's callback when a queue stops being empty (called on its own threads, with the
@@ -325,7 +333,7 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
                 let mut w = self.shared.watermarks.lock().expect("watermarks lock");
@@ -336,6 +344,16 @@ impl ConsumerContext for Context {
                 info!(?assigned, "partitions assigned");
             }
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) if self.shared.closing.load(Ordering::Acquire) => {
+                // The last revocation of a consumer being dropped: librdkafka now leaves the
+                // group on its own threads. rdkafka's drop polls until that is done, but its
+                // poll sleeps through librdkafka's "closed" notice to the end of a 100 ms
+                // timeout, at every shutdown; waiting here instead ends as soon as it is done.
+                let deadline = Instant::now() + CLOSE_WAIT;
+                while !consumer.closed() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             Rebalance::Revoke(_) => {}
         }
     }
@@ -408,6 +426,9 @@ impl Incoming<'_> {
                         .refill(&self.source.messages, &self.source.shared.watermarks)
                         == 0
                     {
+                        if let Some(p) = self.end_reached() {
+                            return Err(self.note_end(KafkaError::PartitionEOF(p)));
+                        }
                         self.source.shared.wake.notified().await;
                     }
                     continue;
@@ -451,6 +472,45 @@ impl Incoming<'_> {
             }
         }
         None
+    }
+
+    /// With `report_end`, an owned partition not known to be at its end whose every message
+    /// up to the high watermark of the last fetch response has been seen. librdkafka itself
+    /// reports the end only after a fetch that comes back empty, which the broker holds for
+    /// `fetch.wait.max.ms` (500 ms by default): a catch-up run would idle that long for
+    /// nothing. (Messages reach the queue after librdkafka notes the watermark of their
+    /// fetch response, so nothing fetched can be missed. Where the last offsets hold no
+    /// message, as after a transaction marker, librdkafka's own report still comes.)
+    fn end_reached(&self) -> Option<i32> {
+        if !self.source.report_end {
+            return None;
+        }
+        let shared = &self.source.shared;
+        let rk = self.source.consumer.client().native_ptr();
+        let watermarks = shared.watermarks.lock().expect("watermarks lock");
+        let reached = watermarks
+            .owned()
+            .filter(|p| !self.at_end.contains(p))
+            .find(|&p| {
+                let Some(next) = watermarks.next_to_read(p) else {
+                    return false;
+                };
+                let (mut low, mut high) = (-1, -1);
+                // SAFETY: a live client; librdkafka only reads its cached offsets.
+                let err = unsafe {
+                    rdsys::rd_kafka_get_watermark_offsets(
+                        rk,
+                        shared.topic_c.as_ptr(),
+                        p,
+                        &mut low,
+                        &mut high,
+                    )
+                };
+                err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                    && high >= 0
+                    && next >= high
+            });
+        reached
     }
 
     fn note_end(&mut self, e: KafkaError) -> KafkaError {
@@ -525,10 +585,13 @@ pub struct KafkaSource {
     events: Queue,
     consumer: BaseConsumer<Context>,
     shared: Arc<Shared>,
+    /// Whether [`Incoming::next`] reports partition ends.
+    report_end: bool,
 }
 
 impl Drop for KafkaSource {
     fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
         // No more forwarding to a queue about to go (closing revokes, it does not assign).
         self.shared
             .messages
@@ -548,11 +611,15 @@ impl KafkaSource {
         group: &str,
         report_end: bool,
     ) -> Result<Self, KafkaError> {
+        let topic_c = CString::new(topic)
+            .map_err(|_| KafkaError::ClientCreation("a topic name with a NUL byte".into()))?;
         let shared = Arc::new(Shared {
             topic: topic.to_owned(),
+            topic_c,
             watermarks: Mutex::default(),
             messages: AtomicPtr::new(ptr::null_mut()),
             wake: Notify::new(),
+            closing: AtomicBool::new(false),
         });
         // librdkafka stops fetching once its queue holds queued.min.messages and, by default,
         // waits a whole second before fetching again: a consumer that drains 100,000 messages
@@ -591,6 +658,7 @@ impl KafkaSource {
             events,
             consumer,
             shared,
+            report_end,
         })
     }
 

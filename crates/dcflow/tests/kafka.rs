@@ -711,3 +711,60 @@ async fn dispatch_until_caught_up_forwards_every_upload_commits_and_exits() {
     let (committed, end) = committed_and_end(&broker, &topic, &format!("{group}-dispatch"));
     assert_eq!(committed, end, "the billing offset is committed to the end");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_run_ends_at_the_last_message_and_leaves_its_group() {
+    let Some(broker) = broker() else { return };
+    let (topic, group) = (unique("billing"), unique("group"));
+    let site = Site::with_kafka(&broker, &topic).await;
+    for i in 0..5 {
+        site.upload(&format!("end/f-{i}.dat"), &data(2_000 + i, i as u32))
+            .await;
+        site.sim.background(20);
+    }
+    site.sim.flush_billing();
+    // The broker holds a fetch that finds nothing for fetch.wait.max.ms: librdkafka's own
+    // end-of-partition report would come that long after the last message.
+    let kafka = format!(
+        "{}\n[kafka.properties]\n\"fetch.wait.max.ms\" = \"50000\"\n\"socket.timeout.ms\" = \"60000\"",
+        kafka_keys(&topic, &broker, &group)
+    );
+    let config = site.write_kafka_config(&kafka, "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--until-caught-up",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running 30 s on: waiting for a fetch that comes back empty");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(site.records("success.csv").len(), 5);
+    let (committed, end) = committed_and_end(&broker, &topic, &group);
+    assert_eq!(committed, end, "committed to the end");
+
+    // It left the group on the way out: no member stays behind for the session timeout.
+    let admin: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker)
+        .create()
+        .unwrap();
+    let groups = admin
+        .fetch_group_list(Some(&group), Duration::from_secs(10))
+        .unwrap();
+    let members: usize = groups.groups().iter().map(|g| g.members().len()).sum();
+    assert_eq!(members, 0, "members left in the group");
+}
