@@ -228,10 +228,19 @@ impl<'a> Peek<'a> {
 /// JSON escape (`\/` or `\u` could spell the prefix differently). Such a message is dismissed
 /// as [`Glance::Outside`] without parsing, if it is one whole JSON object by its first and last
 /// bytes and valid UTF-8: a truncated or binary message is still parsed and reported as
-/// malformed, since it may be a damaged upload of ours. Everything else gets a [`Peek`].
+/// malformed, since it may be a damaged upload of ours.
+///
+/// Under the prefix, the reads of its files are dismissed the same way, as
+/// [`Glance::NotUpload`]: a message with a `"isWrite":"read"` mover and no `"write"` string
+/// anywhere (every upload signal that names a direction names `"write"`). Each file dcflow
+/// copies is read once, so its billing brings two of these (the door's request and the
+/// pool's transfer) for every upload. Without an escape, `"isWrite":"read"` can only be that
+/// key and value. Everything else gets a [`Peek`].
 pub struct Selector {
     prefix: String,
     finder: memchr::memmem::Finder<'static>,
+    read: memchr::memmem::Finder<'static>,
+    write: memchr::memmem::Finder<'static>,
     also: Vec<&'static str>,
 }
 
@@ -240,6 +249,8 @@ impl Selector {
         Self {
             prefix: prefix.to_owned(),
             finder: memchr::memmem::Finder::new(prefix.as_bytes()).into_owned(),
+            read: memchr::memmem::Finder::new(br#""isWrite":"read""#),
+            write: memchr::memmem::Finder::new(br#""write""#),
             also: Vec::new(),
         }
     }
@@ -256,8 +267,8 @@ impl Selector {
 
     /// Where `raw` stands; `Err` for a message that cannot be read as a billing message.
     pub fn glance(&self, raw: &[u8]) -> Result<Glance, DecodeError> {
-        if self.dismisses(raw) {
-            return Ok(Glance::Outside);
+        if let Some(glance) = self.first_look(raw) {
+            return Ok(glance);
         }
         Ok(Peek::parse(raw)?.glance_also(&self.prefix, &self.also))
     }
@@ -266,8 +277,8 @@ impl Selector {
     /// a [`Peek`] and a decode. A message that does not decode is malformed only when its
     /// type and path make it a candidate; otherwise it is skipped, as by `glance`.
     pub fn sort(&self, raw: &[u8]) -> Result<Sorted, DecodeError> {
-        if self.dismisses(raw) {
-            return Ok(Sorted::Skip(Glance::Outside));
+        if let Some(glance) = self.first_look(raw) {
+            return Ok(Sorted::Skip(glance));
         }
         match BillingMessage::decode(raw) {
             Ok(msg) => {
@@ -289,12 +300,27 @@ impl Selector {
 
     /// True when `raw` certainly announces nothing under the prefix (see the type's notes).
     pub fn dismisses(&self, raw: &[u8]) -> bool {
+        self.first_look(raw).is_some()
+    }
+
+    /// What the bytes alone tell: [`Glance::Outside`] or [`Glance::NotUpload`] (a read) for
+    /// a message dismissed unparsed, `None` for one that must be parsed (see the type's notes).
+    pub fn first_look(&self, raw: &[u8]) -> Option<Glance> {
         let body = raw.trim_ascii();
-        body.first() == Some(&b'{')
+        let plain = body.first() == Some(&b'{')
             && body.last() == Some(&b'}')
-            && memchr::memchr(b'\\', body).is_none()
-            && self.finder.find(body).is_none()
-            && simdutf8::basic::from_utf8(body).is_ok()
+            && memchr::memchr(b'\\', body).is_none();
+        if !plain {
+            return None;
+        }
+        let glance = if self.finder.find(body).is_none() {
+            Glance::Outside
+        } else if self.read.find(body).is_some() && self.write.find(body).is_none() {
+            Glance::NotUpload
+        } else {
+            return None;
+        };
+        simdutf8::basic::from_utf8(body).is_ok().then_some(glance)
     }
 }
 
@@ -737,17 +763,31 @@ mod tests {
         }
         assert!(fixtures.len() >= 16);
         let mut dismissed = std::collections::BTreeMap::new();
+        let mut reads = std::collections::BTreeMap::new();
         for prefix in ["/pnfs/in2p3.fr/data/doma", "/pnfs/other/x"] {
             let selector = Selector::new(prefix);
             for raw in &fixtures {
                 let peek = Peek::parse(raw).unwrap().glance(prefix);
                 let fast = selector.glance(raw).unwrap();
-                if selector.dismisses(raw) {
-                    *dismissed.entry(prefix).or_insert(0) += 1;
-                    assert_ne!(peek, Glance::Candidate, "{prefix}");
-                    assert_eq!(fast, Glance::Outside);
-                } else {
-                    assert_eq!(fast, peek);
+                match selector.first_look(raw) {
+                    Some(Glance::Outside) => {
+                        *dismissed.entry(prefix).or_insert(0) += 1;
+                        assert_ne!(peek, Glance::Candidate, "{prefix}");
+                        assert_eq!(fast, Glance::Outside);
+                    }
+                    Some(glance) => {
+                        // A read under the prefix: a candidate by type and path, and no
+                        // upload once decoded.
+                        *reads.entry(prefix).or_insert(0) += 1;
+                        assert_eq!((glance, fast), (Glance::NotUpload, Glance::NotUpload));
+                        let msg = BillingMessage::decode(raw).unwrap();
+                        assert!(msg.upload().is_err(), "{msg:?}");
+                        assert!(selector.dismisses(raw));
+                    }
+                    None => {
+                        assert!(!selector.dismisses(raw));
+                        assert_eq!(fast, peek);
+                    }
                 }
             }
         }
@@ -761,6 +801,9 @@ mod tests {
                 .unwrap_or(0)
                 <= 3
         );
+        // The door's and the pool's billing of a download.
+        assert_eq!(reads.get("/pnfs/in2p3.fr/data/doma"), Some(&2));
+        assert_eq!(reads.get("/pnfs/other/x"), None);
 
         let selector = Selector::new("/pnfs/in2p3.fr/data/doma");
         let escaped = br#"{"msgType":"transfer","billingPath":"\/pnfs\/in2p3.fr\/data\/doma\/x"}"#;
@@ -778,6 +821,36 @@ mod tests {
         }
         // A whole object about another folder is dismissed, whatever else it holds.
         assert!(selector.dismisses(br#" {"msgType":"transfer","billingPath":"/pnfs/x"} "#));
+        // A read is dismissed only when nothing in it says "write", and only unescaped.
+        let path = r#""billingPath":"/pnfs/in2p3.fr/data/doma/x""#;
+        for (json, read) in [
+            (
+                format!(r#"{{"msgType":"transfer",{path},"isWrite":"read"}}"#),
+                true,
+            ),
+            (
+                format!(r#"{{"msgType":"transfer",{path},"isWrite": "read"}}"#),
+                false,
+            ),
+            (
+                format!(
+                    r#"{{"msgType":"request",{path},"moverInfo":{{"isWrite":"write"}},"x":{{"isWrite":"read"}}}}"#
+                ),
+                false,
+            ),
+            (
+                format!(
+                    r#"{{"msgType":"transfer",{path},"isWrite":"\u0077rite","note":"\"isWrite\":\"read\""}}"#
+                ),
+                false,
+            ),
+        ] {
+            assert_eq!(
+                selector.first_look(json.as_bytes()).is_some(),
+                read,
+                "{json}"
+            );
+        }
     }
 
     #[test]

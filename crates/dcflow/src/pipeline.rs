@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -151,6 +151,8 @@ pub struct Pipeline {
     catalogs: HashMap<PathBuf, Catalog>,
     producers: HashMap<String, TopicProducer>,
     selector: Selector,
+    /// Reads dismissed by [`Pipeline::dismisses`] and not yet counted.
+    dismissed_reads: AtomicU32,
     engine: Engine,
     success: RecordFile,
     failed: RecordFile,
@@ -259,6 +261,7 @@ impl Pipeline {
         }
         Ok(Self {
             selector: Selector::new(mapper.prefix()).also(&msg_types),
+            dismissed_reads: AtomicU32::new(0),
             other_kinds,
             state,
             catalogs,
@@ -313,17 +316,27 @@ impl Pipeline {
         self.failed.path()
     }
 
-    /// The cheap first look ([`Selector::dismisses`]) is true for a message that cannot
-    /// concern the handled folder; the others go to [`Pipeline::admit`]. Count the dismissed
-    /// ones with [`Pipeline::dismissed`].
-    pub fn selector(&self) -> &Selector {
-        &self.selector
+    /// The cheap first look ([`Selector::first_look`]): true for a message that cannot
+    /// concern the handled folder, or that reads a file in it; the others go to
+    /// [`Pipeline::admit`]. Count the dismissed ones with [`Pipeline::dismissed`].
+    pub fn dismisses(&self, raw: &[u8]) -> bool {
+        match self.selector.first_look(raw) {
+            Some(Glance::NotUpload) => {
+                self.dismissed_reads.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(_) => true,
+            None => false,
+        }
     }
 
-    /// `count` messages were dismissed by the first look: counted as outside the folder.
+    /// `count` messages were dismissed by [`Pipeline::dismisses`]: counted as reads (not
+    /// uploads) or as outside the folder.
     pub fn dismissed(&self, count: u32) {
+        let reads = self.dismissed_reads.swap(0, Ordering::Relaxed).min(count);
         self.stats.events.inc_by(count.into());
-        self.stats.outside_folder.inc_by(count.into());
+        self.stats.not_upload.inc_by(reads.into());
+        self.stats.outside_folder.inc_by((count - reads).into());
     }
 
     /// Decodes and selects one raw message. Returns a task to run, or `None` when the message

@@ -63,7 +63,7 @@ pub async fn run_kafka(
     let mut idle = std::pin::pin!(tokio::time::sleep(COMMIT_EVERY));
     let mut unchecked = CHECK_EVERY;
     let mut incoming = source.incoming();
-    let dismiss = |raw: &[u8]| pipeline.selector().dismisses(raw);
+    let dismiss = |raw: &[u8]| pipeline.dismisses(raw);
 
     'consume: loop {
         unchecked += 1;

@@ -58,3 +58,33 @@ async fn a_merged_message_waits_for_the_copy_it_joined() {
         Admission::Skip
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_the_folder_are_dismissed_unparsed_and_counted_as_not_uploads() {
+    let site = Site::new().await;
+    site.upload("r/f.dat", &data(1_000, 2)).await;
+    let upload = site.sim.billing_messages()[0].clone();
+    let config = Config::load(&site.write_config(&site.proxy_auth(), ""), &Env::default()).unwrap();
+    let pipeline = Pipeline::try_new(&config).unwrap();
+    // dcflow's own copy of the file, as dCache bills it: the pool's transfer, a read.
+    let read = upload.replace(r#""isWrite":"write""#, r#""isWrite":"read""#);
+    assert_ne!(read, upload);
+    let elsewhere = upload.replace(&site.sim.namespace_path("/"), "/pnfs/another.org/");
+    assert_ne!(elsewhere, upload);
+    assert!(pipeline.dismisses(read.as_bytes()));
+    assert!(pipeline.dismisses(elsewhere.as_bytes()));
+    assert!(
+        !pipeline.dismisses(upload.as_bytes()),
+        "an upload is parsed"
+    );
+    pipeline.dismissed(2);
+    let stats = &pipeline.stats;
+    assert_eq!(
+        (
+            stats.events.get(),
+            stats.not_upload.get(),
+            stats.outside_folder.get()
+        ),
+        (2, 1, 1)
+    );
+}
