@@ -26,9 +26,11 @@ pub fn prepare_parent(
         std::fs::create_dir_all(root)
             .map_err(TransferError::io("cannot create download folder", root))?;
     }
-    let canonical_root = root
-        .canonicalize()
-        .map_err(TransferError::io("cannot resolve download folder", root))?;
+    // Resolved only when a symlink is met (a few syscalls per file otherwise).
+    let canonical_root = || {
+        root.canonicalize()
+            .map_err(TransferError::io("cannot resolve download folder", root))
+    };
     let escapes = |why| {
         TransferError::PathEscapes(PathEscapes {
             path: rel.join("/"),
@@ -44,7 +46,7 @@ pub fn prepare_parent(
                 let target = current
                     .canonicalize()
                     .map_err(|_| escapes("a dangling symlink on the way"))?;
-                if !target.starts_with(&canonical_root) || !target.is_dir() {
+                if !target.starts_with(canonical_root()?) || !target.is_dir() {
                     return Err(escapes(
                         "a symlinked directory pointing outside the download folder",
                     ));
