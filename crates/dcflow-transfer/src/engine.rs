@@ -47,6 +47,8 @@ pub struct EngineSettings {
     pub retry: RetryPolicy,
     pub permissions: Permissions,
     pub download_folder: PathBuf,
+    /// Where [`Engine::api`] may send the bearer token: the door and the frontend, https only.
+    pub api_origins: Vec<url::Origin>,
 }
 
 impl EngineSettings {
@@ -59,6 +61,11 @@ impl EngineSettings {
             retry: c.dcache.retry,
             permissions: c.local.permissions,
             download_folder: c.local.download_folder.clone(),
+            api_origins: std::iter::once(&c.dcache.url)
+                .chain(c.sse.as_ref().map(|s| &s.url))
+                .filter(|u| u.scheme() == "https")
+                .map(Url::origin)
+                .collect(),
         }
     }
 }
@@ -143,19 +150,26 @@ impl Engine {
         &self.settings
     }
 
-    /// Copies one file with retries. Every attempt is bounded by `timeout`.
+    /// Copies one file with retries. Every attempt is bounded by `timeout`; the wait for
+    /// another copier of the same final path (see [`fsutil::FinalLock`]) is not.
     pub async fn copy(&self, job: &Job<'_>) -> Result<Copied, Failed> {
         let start = Instant::now();
         let max = self.settings.retry.attempts().get();
         let mut attempt = 0;
+        let mut lock: Option<fsutil::FinalLock> = None;
         loop {
             attempt += 1;
-            info!(attempt, source = %job.source, "COPY_START attempt {attempt}/{max}");
-            let result = tokio::time::timeout(self.settings.timeout, self.attempt(job))
-                .await
-                .unwrap_or(Err(TransferError::TimedOut {
-                    seconds: self.settings.timeout.as_secs(),
-                }));
+            let result = match self.lock_destination(job, &mut lock).await {
+                Err(e) => Err(e),
+                Ok((parent, lock)) => {
+                    info!(attempt, source = %job.source, "COPY_START attempt {attempt}/{max}");
+                    tokio::time::timeout(self.settings.timeout, self.attempt(job, &parent, lock))
+                        .await
+                        .unwrap_or(Err(TransferError::TimedOut {
+                            seconds: self.settings.timeout.as_secs(),
+                        }))
+                }
+            };
             match result {
                 Ok(mut copied) => {
                     copied.attempts = attempt;
@@ -181,17 +195,38 @@ impl Engine {
         }
     }
 
-    async fn attempt(&self, job: &Job<'_>) -> Result<Copied, TransferError> {
+    /// The destination's folder (created as needed) and the cross-process lock on its final
+    /// path, taken once for all attempts.
+    async fn lock_destination<'l>(
+        &self,
+        job: &Job<'_>,
+        lock: &'l mut Option<fsutil::FinalLock>,
+    ) -> Result<(PathBuf, &'l fsutil::FinalLock), TransferError> {
         let s = &self.settings;
         let parent = fsutil::prepare_parent(&s.download_folder, job.rel, s.permissions.dir_mode)?;
+        if lock.is_none() {
+            let name = job.rel.last().expect("non-empty rel");
+            *lock = Some(fsutil::FinalLock::acquire(&parent, name).await?);
+        }
+        Ok((parent, lock.as_ref().expect("just set")))
+    }
+
+    async fn attempt(
+        &self,
+        job: &Job<'_>,
+        parent: &Path,
+        lock: &fsutil::FinalLock,
+    ) -> Result<Copied, TransferError> {
+        let s = &self.settings;
         if let Some(done) = self.already_present(job).await? {
             return Ok(done);
         }
         // The temporary file first: a folder that cannot be written fails before anything is
-        // fetched (and the guard removes the file if the request fails).
+        // fetched (and the guard removes the file if the request fails). A new name for each
+        // attempt, created exclusively: no other writer can ever share it.
         let name = job.rel.last().expect("non-empty rel");
-        let part = parent.join(fsutil::part_name(name));
-        let file = fsutil::create_part(&part, s.permissions.file_mode)?;
+        let (part, file) = fsutil::create_part(parent, name, s.permissions.file_mode)?;
+        lock.holding(&part);
         let guard = fsutil::PartGuard::new(part.clone());
         let resp = self.send(Method::GET, job.source).await?;
         let content_length = resp.content_length();
@@ -369,6 +404,10 @@ impl Engine {
         .map_err(TransferError::io("cannot read existing", job.destination))?;
         match compare(&local, &remote) {
             Ok(matched) if !matched.is_empty() => {
+                // A predecessor that crashed after its rename may not have made it durable.
+                if let Some(dir) = job.destination.parent() {
+                    fsutil::sync_dir(dir)?;
+                }
                 info!(destination = %job.destination.display(), "COPY_OVER already present with the same size and checksum: nothing to copy");
                 Ok(Some(Copied {
                     size: meta.len(),
@@ -386,10 +425,16 @@ impl Engine {
     }
 
     /// A request to another service of the same dCache (the frontend's storage events), with
-    /// the engine's TLS identity (the proxy) and, when configured, the bearer token. No
-    /// redirects are followed.
+    /// the engine's TLS identity (the proxy) and, when configured, the bearer token, which is
+    /// sent only over https to the door's and the frontend's origins (a channel URL comes
+    /// from a `Location` header or the state file: it could name any host). No redirects are
+    /// followed.
     pub fn api(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        let trusted = url.scheme() == "https" && self.settings.api_origins.contains(&url.origin());
         let mut req = self.client.request(method, url);
+        if !trusted {
+            return req;
+        }
         if let Some(token) = &self.creds.token {
             if let Ok(mut value) =
                 HeaderValue::from_str(&format!("Bearer {}", token.get().expose()))
@@ -399,6 +444,51 @@ impl Engine {
             }
         }
         req
+    }
+
+    /// Whether the file at `local` is still a copy of dCache's file at `source`: its size and
+    /// a checksum that dCache gives (HEAD with `Want-Digest`), compared with the file's bytes
+    /// as they are now. For `delete-source`, which must not trust a record of an earlier copy.
+    pub async fn check_local(
+        &self,
+        source: &Url,
+        local: &Path,
+    ) -> Result<LocalCopy, TransferError> {
+        let meta = match std::fs::symlink_metadata(local) {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Ok(LocalCopy::Differs("it is not a regular file".into())),
+            Err(e) => return Ok(LocalCopy::Differs(format!("it cannot be read: {e}"))),
+        };
+        let (size, remote) = match self.head(source).await {
+            Ok(found) => found,
+            Err(TransferError::NotFound { .. }) => return Ok(LocalCopy::SourceGone),
+            Err(e) => return Err(e),
+        };
+        if let Some(size) = size.filter(|&s| s != meta.len()) {
+            return Ok(LocalCopy::Differs(format!(
+                "{} bytes here, {size} in dCache",
+                meta.len()
+            )));
+        }
+        if remote.is_empty() {
+            return Ok(LocalCopy::Differs(
+                "dCache gave no checksum to compare it with".into(),
+            ));
+        }
+        let (path, algos) = (local.to_owned(), self.settings.checksums.clone());
+        let computed = tokio::task::spawn_blocking(move || hash_file(&path, &algos))
+            .await
+            .map_err(|e| TransferError::Io {
+                what: "hashing",
+                path: local.to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(TransferError::io("cannot read", local))?;
+        Ok(match compare(&computed, &remote) {
+            Ok(matched) if !matched.is_empty() => LocalCopy::Matches(matched),
+            Ok(_) => LocalCopy::Differs("no checksum in common with dCache's".into()),
+            Err((here, there)) => LocalCopy::Differs(format!("{here} here, {there} in dCache")),
+        })
     }
 
     /// One DELETE of the source at the door. `Ok(false)` when dCache no longer has it (a
@@ -579,6 +669,17 @@ impl Engine {
             }
         }
     }
+}
+
+/// What [`Engine::check_local`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalCopy {
+    /// Same size and checksum as dCache's file.
+    Matches(Vec<Checksum>),
+    /// Not (or no longer) a copy of dCache's file: why.
+    Differs(String),
+    /// dCache no longer has the file.
+    SourceGone,
 }
 
 /// A URL for messages: no query (a pool URL's one-time `dcache-http-uuid`), no credentials.

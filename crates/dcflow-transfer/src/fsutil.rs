@@ -25,6 +25,9 @@ pub fn prepare_parent(
     if !root.is_dir() {
         std::fs::create_dir_all(root)
             .map_err(TransferError::io("cannot create download folder", root))?;
+        if let Some(up) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(up)?;
+        }
     }
     // Resolved only when a symlink is met (a few syscalls per file otherwise).
     let canonical_root = || {
@@ -65,6 +68,9 @@ pub fn prepare_parent(
                     // Explicit chmod: mkdir's mode is masked by umask and may drop setgid.
                     std::fs::set_permissions(&current, std::fs::Permissions::from_mode(dir_mode))
                         .map_err(TransferError::io("cannot set permissions on", &current))?;
+                    // The new folder's entry in its parent: durable before a file that is
+                    // recorded as copied can depend on it.
+                    sync_dir(current.parent().unwrap_or(root))?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(TransferError::io("cannot create directory", &current)(e)),
@@ -75,33 +81,189 @@ pub fn prepare_parent(
     Ok(current)
 }
 
-/// The temporary name beside `final_name`: hidden, deterministic (a crashed attempt's leftover
-/// is overwritten by the next attempt at the same file), and short enough for NAME_MAX.
+/// A fresh temporary name beside `final_name` for one attempt: hidden, unique (64 random
+/// bits, so that two copiers of one file, or a dCache file that happens to be called
+/// `.x.dcflow-part`, never share it), and short enough for NAME_MAX.
 pub fn part_name(final_name: &str) -> String {
-    let candidate = format!(".{final_name}.dcflow-part");
+    let nonce: u64 = rand::random();
+    let candidate = format!(".{final_name}.{nonce:016x}.dcflow-part");
     if candidate.len() <= 255 {
         candidate
     } else {
-        format!(
-            ".dcflow-{:08x}.part",
-            adler2::adler32_slice(final_name.as_bytes())
-        )
+        format!(".dcflow-{nonce:016x}.part")
     }
 }
 
-/// Creates (truncating) the temporary file with the file mode applied.
-pub fn create_part(path: &Path, file_mode: u32) -> Result<File, TransferError> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(file_mode)
-        .open(path)
-        .map_err(TransferError::io("cannot create temporary file", path))?;
-    file.set_permissions(std::fs::Permissions::from_mode(file_mode))
-        .map_err(TransferError::io("cannot set permissions on", path))?;
-    Ok(file)
+/// Whether `name` is a temporary name that [`part_name`] could have given `final_name`.
+fn is_part_of(name: &str, final_name: &str) -> bool {
+    let hex16 = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Some(nonce) = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_prefix(final_name))
+        .and_then(|n| n.strip_prefix('.'))
+        .and_then(|n| n.strip_suffix(".dcflow-part"))
+    {
+        return hex16(nonce);
+    }
+    name.strip_prefix(".dcflow-")
+        .and_then(|n| n.strip_suffix(".part"))
+        .is_some_and(hex16)
+}
+
+/// Creates the temporary file exclusively (`O_EXCL`: never an existing file, never through
+/// a link) with the file mode applied; a name already taken gets a new nonce.
+pub fn create_part(
+    parent: &Path,
+    final_name: &str,
+    file_mode: u32,
+) -> Result<(PathBuf, File), TransferError> {
+    let mut tries = 0;
+    loop {
+        let path = parent.join(part_name(final_name));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(file_mode)
+            .open(&path)
+        {
+            Ok(file) => {
+                file.set_permissions(std::fs::Permissions::from_mode(file_mode))
+                    .map_err(TransferError::io("cannot set permissions on", &path))?;
+                return Ok((path, file));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 3 => tries += 1,
+            Err(e) => return Err(TransferError::io("cannot create temporary file", path)(e)),
+        }
+    }
+}
+
+/// The cross-process lock on one final path: a hidden lock file beside it, `flock`ed, so that
+/// two copiers of one file (a `run` and a `replay`, or the old and new owner after a Kafka
+/// rebalance, on one host or on several that share the file system) take turns, and the
+/// second finds the first one's verified copy instead of copying again.
+///
+/// The file holds the temporary name of the attempt under way: a copier killed mid-transfer
+/// leaves it behind, and the next holder removes that temporary file. The lock file is
+/// removed when released (unlinked before it is unlocked; a waiter that then locks the
+/// unlinked file notices and opens the path again).
+pub struct FinalLock {
+    /// `None` when the lock path is taken by something that is not dcflow's lock file (a
+    /// dCache file of that name): it is then left alone and the copy goes on unlocked.
+    file: Option<File>,
+    path: PathBuf,
+}
+
+/// How often a copier waiting for another one's lock tries again.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl FinalLock {
+    /// Waits until no other copier holds `parent/final_name`.
+    pub async fn acquire(parent: &Path, final_name: &str) -> Result<Self, TransferError> {
+        let candidate = format!(".{final_name}.dcflow-lock");
+        let name = if candidate.len() <= 255 {
+            candidate
+        } else {
+            use md5::{Digest, Md5};
+            let digest: [u8; 16] = Md5::digest(final_name.as_bytes()).into();
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            format!(".dcflow-{hex}.lock")
+        };
+        let path = parent.join(name);
+        let mut waited = false;
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .mode(0o600)
+                .open(&path)
+                .map_err(TransferError::io("cannot open the lock file", &path))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if !waited {
+                        waited = true;
+                        tracing::info!(lock = %path.display(), "another copier of this file is at work: waiting for it");
+                    }
+                    drop(file);
+                    tokio::time::sleep(LOCK_POLL).await;
+                    continue;
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(TransferError::io("cannot lock", &path)(e))
+                }
+            }
+            // The holder before us may have unlinked the file after we opened it.
+            use std::os::unix::fs::MetadataExt;
+            let ours = file
+                .metadata()
+                .map_err(TransferError::io("cannot inspect", &path))?;
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {}
+                _ => continue,
+            }
+            let mut content = String::new();
+            let readable = {
+                use std::io::Read;
+                (&file).read_to_string(&mut content).is_ok() && content.len() <= 255
+            };
+            let held = content.trim_end();
+            if !readable || (!held.is_empty() && !is_part_of(held, final_name)) {
+                tracing::warn!(path = %path.display(), "a file that is not dcflow's lock has the lock file's name: copying without the cross-process lock");
+                return Ok(Self { file: None, path });
+            }
+            if !held.is_empty() {
+                // A copier that died mid-attempt: its temporary file is garbage.
+                match std::fs::remove_file(parent.join(held)) {
+                    Ok(()) => tracing::info!(
+                        part = held,
+                        "removed the temporary file of an interrupted copy"
+                    ),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(part = held, error = %e, "cannot remove the temporary file of an interrupted copy")
+                    }
+                }
+            }
+            return Ok(Self {
+                file: Some(file),
+                path,
+            });
+        }
+    }
+
+    /// Notes the temporary file of the attempt under way (removed by the next holder if this
+    /// process dies before it is renamed or removed).
+    pub fn holding(&self, part: &Path) {
+        let Some(file) = &self.file else { return };
+        let name = part
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        use std::os::unix::fs::FileExt;
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.write_all_at(name.as_bytes(), 0));
+    }
+}
+
+impl Drop for FinalLock {
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(file); // unlocks
+        }
+    }
+}
+
+/// fsync of a directory: makes the entries created, renamed or removed in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), TransferError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(TransferError::io("cannot fsync directory", dir))
 }
 
 /// Removes the temporary file unless disarmed: an abandoned or failed attempt leaves nothing.
@@ -285,8 +447,70 @@ mod tests {
     }
 
     #[test]
-    fn part_names_fit() {
-        assert_eq!(part_name("f.fits"), ".f.fits.dcflow-part");
+    fn part_names_fit_and_are_never_shared() {
+        let name = part_name("f.fits");
+        assert!(is_part_of(&name, "f.fits"), "{name}");
+        assert_ne!(part_name("f.fits"), part_name("f.fits"), "one per attempt");
         assert!(part_name(&"x".repeat(250)).len() < 30);
+        // Long names: their temporary name was the adler32 of the name, and `…1221` and
+        // `…2112` have one adler32.
+        let (a, b) = (
+            format!("{}1221", "x".repeat(250)),
+            format!("{}2112", "x".repeat(250)),
+        );
+        assert_eq!(
+            adler2::adler32_slice(a.as_bytes()),
+            adler2::adler32_slice(b.as_bytes())
+        );
+        assert_ne!(part_name(&a), part_name(&b));
+        // A dCache file called `.x.dcflow-part` is not x's temporary file.
+        assert_ne!(part_name("x"), ".x.dcflow-part");
+        assert!(!is_part_of(".x.dcflow-part", "x"));
+    }
+
+    #[test]
+    fn temporary_files_are_created_exclusively() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, _fa) = create_part(tmp.path(), "f", 0o640).unwrap();
+        let (b, _fb) = create_part(tmp.path(), "f", 0o640).unwrap();
+        assert_ne!(
+            a, b,
+            "two attempts at one file never write into one temporary file"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_final_path_lock_excludes_a_second_holder_and_cleans_up_after_a_dead_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = FinalLock::acquire(tmp.path(), "f").await.unwrap();
+        let second = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            FinalLock::acquire(tmp.path(), "f"),
+        )
+        .await;
+        assert!(
+            second.is_err(),
+            "a second copier waits while the first holds the lock"
+        );
+        // The first dies mid-attempt: its lock file names its temporary file.
+        let (part, _f) = create_part(tmp.path(), "f", 0o640).unwrap();
+        let mut first = first;
+        first.holding(&part);
+        // Its death: the file is closed (and so unlocked) without the unlink.
+        drop(first.file.take());
+        drop(first);
+        let lock_path = tmp.path().join(".f.dcflow-lock");
+        assert!(lock_path.exists());
+        let third = FinalLock::acquire(tmp.path(), "f").await.unwrap();
+        assert!(
+            !part.exists(),
+            "the dead copier's temporary file is removed"
+        );
+        drop(third);
+        assert!(!lock_path.exists(), "a released lock leaves no file");
+        // A dCache file that has the lock file's name is not written into or removed.
+        std::fs::write(&lock_path, "real data").unwrap();
+        drop(FinalLock::acquire(tmp.path(), "f").await.unwrap());
+        assert_eq!(std::fs::read_to_string(&lock_path).unwrap(), "real data");
     }
 }

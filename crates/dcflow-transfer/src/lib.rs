@@ -18,5 +18,5 @@ pub mod fsutil;
 
 pub use checksum::Checksum;
 pub use credentials::{CredentialError, Credentials};
-pub use engine::{Copied, Engine, EngineSettings, Failed, Job};
+pub use engine::{Copied, Engine, EngineSettings, Failed, Job, LocalCopy};
 pub use error::TransferError;

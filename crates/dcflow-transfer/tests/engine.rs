@@ -453,3 +453,96 @@ async fn a_file_without_checksum_fails_unless_size_only_is_allowed() {
     assert_eq!(std::fs::read(s.download().join("n/f")).unwrap(), body);
     s.assert_no_part_files();
 }
+
+/// Issue 14, item 2: a dCache file named `.x.dcflow-part` was `x`'s temporary path, and two
+/// long names whose adler32 collide shared one temporary file. Copied at the same time over a slow link,
+/// each must land with its own bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_named_like_each_others_temporary_files_each_land_with_their_own_bytes() {
+    use dcache_sim::Fault;
+    let s = Setup::new().await;
+    // Two names over 240 bytes with one adler32 (`…1221` and `…2112`), and `x` beside a file
+    // called `.x.dcflow-part`. Sizes so that the file whose temporary path another one
+    // shared finishes last.
+    let long = "x".repeat(240);
+    let names = [
+        "x".to_owned(),
+        ".x.dcflow-part".to_owned(),
+        format!("{long}1221"),
+        format!("{long}2112"),
+    ];
+    let sizes = [700_000, 600_000, 600_000, 650_000];
+    let mut bodies = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let body = data(sizes[i], 40 + i as u8);
+        let door = format!("/d/{n}");
+        s.upload(&door, &body).await;
+        s.sim.add_fault(
+            &door,
+            Fault::SlowLink {
+                bytes_per_second: 1_000_000,
+            },
+            None,
+        );
+        bodies.push((door, body));
+    }
+    let cfg = s.config(Auth::Token, "");
+    let engine = s.engine(&cfg);
+    let copies = bodies
+        .iter()
+        .map(|(door, body)| s.copy(&engine, &cfg, door, Some(body.len() as u64)));
+    for result in futures_util::future::join_all(copies).await {
+        result.unwrap();
+    }
+    for (n, (_, body)) in names.iter().zip(&bodies) {
+        let got = std::fs::read(s.download().join("d").join(n)).unwrap();
+        assert!(got == *body, "{n} holds other bytes than its own");
+    }
+    let mut left: Vec<String> = walk(&s.download())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut want = names.to_vec();
+    want.sort();
+    assert_eq!(left, want, "only the four files, no temporary or lock file");
+}
+
+/// Issue 14, item 1, inside one process: two engines (as a `run` and a `replay`) copy one file
+/// at the same time; the second waits for the first and finds its verified copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_copying_one_file_take_turns_and_publish_it_whole() {
+    use dcache_sim::Fault;
+    let s = Setup::new().await;
+    let body = data(3_000_000, 9);
+    s.upload("/d/big", &body).await;
+    s.sim.add_fault(
+        "/d/big",
+        Fault::SlowLink {
+            bytes_per_second: 3_000_000,
+        },
+        None,
+    );
+    let cfg = s.config(Auth::Token, "");
+    let (one, two) = (s.engine(&cfg), s.engine(&cfg));
+    let first = s.copy(&one, &cfg, "/d/big", Some(body.len() as u64));
+    let second = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        s.copy(&two, &cfg, "/d/big", Some(body.len() as u64)).await
+    };
+    let (a, b) = tokio::join!(first, second);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(std::fs::read(s.download().join("d/big")).unwrap() == body);
+    assert!(!a.already_present);
+    assert!(
+        b.already_present,
+        "the second copier found the first one's copy"
+    );
+    assert_eq!(s.sim.pool_gets(), 1, "one transfer");
+    s.assert_no_part_files();
+    let left: Vec<_> = walk(&s.download())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("dcflow-lock"))
+        .collect();
+    assert!(left.is_empty(), "lock files left: {left:?}");
+}
