@@ -374,6 +374,14 @@ impl Upload {
             .as_deref()
             .is_some_and(|t| t != self.billing_path)
     }
+
+    /// True for a message written before the file was committed at its billing path: the
+    /// pool's transfer (and the door's request) of an upload-directory flow. The SRM
+    /// `putDone` request is written once the commit is done: when the earlier message's copy
+    /// ran out of 404 retries, the `putDone` is the one that can work.
+    pub fn precedes_commit(&self) -> bool {
+        self.awaits_commit() && self.signal != UploadSignal::SrmPutDone
+    }
 }
 
 /// Why a decoded message does not start a copy.
@@ -565,6 +573,11 @@ mod tests {
         let srm = fixture("request-srm-putdone.json").upload().unwrap();
         assert_eq!(srm.signal, UploadSignal::SrmPutDone);
         assert!(srm.awaits_commit());
+        assert!(
+            !srm.precedes_commit(),
+            "putDone comes once the file is committed"
+        );
+        assert!(!up.precedes_commit());
         assert_eq!(srm.billing_path, "/pnfs/in2p3.fr/data/doma/run042.root");
 
         let not = |n: &str| fixture(n).upload().unwrap_err();

@@ -100,7 +100,16 @@ impl Record {
 #[derive(Debug)]
 pub struct RecordFile {
     path: PathBuf,
-    file: Mutex<File>,
+    file: Mutex<Appender>,
+}
+
+#[derive(Debug)]
+struct Appender {
+    file: File,
+    /// The file's length after the last whole line: a failed write is cut back to it.
+    len: u64,
+    /// Lines appended since the last [`RecordFile::sync`].
+    unsynced: bool,
 }
 
 impl RecordFile {
@@ -118,10 +127,16 @@ impl RecordFile {
             })?;
         if file.metadata()?.len() == 0 {
             (&file).write_all(&csv_line(&HEADER.map(String::from)))?;
+            file.sync_data()?;
         }
+        let len = file.metadata()?.len();
         Ok(Self {
             path: path.to_owned(),
-            file: Mutex::new(file),
+            file: Mutex::new(Appender {
+                file,
+                len,
+                unsynced: false,
+            }),
         })
     }
 
@@ -129,11 +144,41 @@ impl RecordFile {
         &self.path
     }
 
-    /// Appends one line in a single write.
+    /// Appends one line in a single write. A write that fails (a full disk) leaves no part of
+    /// the line behind. The line is durable once [`RecordFile::sync`] has returned.
     pub fn append(&self, record: &Record) -> io::Result<()> {
         let line = csv_line(&record.fields());
-        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        (&*file).write_all(&line)
+        let mut a = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        match (&a.file).write_all(&line) {
+            Ok(()) => {
+                a.len += line.len() as u64;
+                a.unsynced = true;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = a.file.set_len(a.len);
+                Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot write to {}: {e}", self.path.display()),
+                ))
+            }
+        }
+    }
+
+    /// Makes every line appended so far durable (fdatasync; nothing to do when none was).
+    /// Sources call it before they acknowledge the events those lines record.
+    pub fn sync(&self) -> io::Result<()> {
+        let mut a = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if a.unsynced {
+            a.file.sync_data().map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot fsync {}: {e}", self.path.display()),
+                )
+            })?;
+            a.unsynced = false;
+        }
+        Ok(())
     }
 
     /// All records of a file, header skipped.

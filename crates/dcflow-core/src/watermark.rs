@@ -104,20 +104,33 @@ impl Watermarks {
         }
     }
 
-    /// Positions that advanced since the last call, as (partition, next offset to read): what
-    /// to commit now.
-    pub fn take_commits(&mut self) -> Vec<(i32, i64)> {
-        let mut out = Vec::new();
-        for (&partition, p) in &mut self.partitions {
-            if let Some(pos) = p.committable() {
-                if p.committed.is_none_or(|c| pos > c) {
-                    p.committed = Some(pos);
-                    out.push((partition, pos));
-                }
-            }
-        }
+    /// Positions that advanced past the last confirmed commit, as (partition, next offset to
+    /// read): what to commit now. Nothing is marked here: a position stays pending until
+    /// [`Watermarks::confirm`] says the broker (or the state file) has it, so a commit that
+    /// failed, or an asynchronous one whose answer never came, is sent again.
+    pub fn pending_commits(&self) -> Vec<(i32, i64)> {
+        let mut out: Vec<(i32, i64)> = self
+            .partitions
+            .iter()
+            .filter_map(|(&partition, p)| {
+                let pos = p.committable()?;
+                p.committed
+                    .is_none_or(|c| pos > c)
+                    .then_some((partition, pos))
+            })
+            .collect();
         out.sort_unstable();
         out
+    }
+
+    /// A commit of `offset` for `partition` succeeded. Confirmations of a partition no longer
+    /// owned, or older than one already confirmed, change nothing.
+    pub fn confirm(&mut self, partition: i32, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            if p.committed.is_none_or(|c| offset > c) {
+                p.committed = Some(offset);
+            }
+        }
     }
 
     /// The assignment a partition is owned under now, if it is: a new one each time the
@@ -181,25 +194,58 @@ mod tests {
     use super::*;
     use rand::seq::SliceRandom;
 
+    /// Issue 14, item 12: a position was marked committed when it was handed out, before the
+    /// (asynchronous) commit succeeded; a failed commit was then never sent again, not even by
+    /// the final synchronous one.
+    #[test]
+    fn a_commit_that_was_not_confirmed_is_sent_again() {
+        let mut w = Watermarks::default();
+        w.assign(0);
+        let t = w.start(0, 5).unwrap();
+        w.finish(&t);
+        assert_eq!(w.pending_commits(), vec![(0, 6)]);
+        // The commit failed (or its answer never came): the next one sends it again.
+        assert_eq!(w.pending_commits(), vec![(0, 6)], "still pending");
+        w.confirm(0, 6);
+        assert_eq!(w.pending_commits(), vec![], "confirmed");
+        w.confirm(0, 3);
+        let t = w.start(0, 6).unwrap();
+        w.finish(&t);
+        assert_eq!(
+            w.pending_commits(),
+            vec![(0, 7)],
+            "an older confirmation changes nothing"
+        );
+    }
+
+    /// Commits as a source makes them: pending, then confirmed at once.
+    fn take_commits(w: &mut Watermarks) -> Vec<(i32, i64)> {
+        let out = w.pending_commits();
+        for &(p, o) in &out {
+            w.confirm(p, o);
+        }
+        out
+    }
+
     #[test]
     fn commits_only_a_contiguous_prefix() {
         let mut w = Watermarks::default();
         w.assign(0);
         let t: Vec<Ticket> = (10..15).map(|o| w.start(0, o).unwrap()).collect();
         assert!(
-            w.take_commits().iter().all(|&(_, pos)| pos == 10),
+            take_commits(&mut w).iter().all(|&(_, pos)| pos == 10),
             "nothing finished yet"
         );
         w.finish(&t[2]);
         w.finish(&t[1]);
-        assert_eq!(w.take_commits(), vec![], "10 still in flight");
+        assert_eq!(take_commits(&mut w), vec![], "10 still in flight");
         w.finish(&t[0]);
-        assert_eq!(w.take_commits(), vec![(0, 13)]);
+        assert_eq!(take_commits(&mut w), vec![(0, 13)]);
         w.finish(&t[4]);
-        assert_eq!(w.take_commits(), vec![], "13 still in flight");
+        assert_eq!(take_commits(&mut w), vec![], "13 still in flight");
         w.finish(&t[3]);
-        assert_eq!(w.take_commits(), vec![(0, 15)]);
-        assert_eq!(w.take_commits(), vec![], "no repeat");
+        assert_eq!(take_commits(&mut w), vec![(0, 15)]);
+        assert_eq!(take_commits(&mut w), vec![], "no repeat");
     }
 
     #[test]
@@ -208,13 +254,13 @@ mod tests {
         w.assign(0);
         assert!(w.pass(0, 0));
         assert!(w.pass(0, 1));
-        assert_eq!(w.take_commits(), vec![(0, 2)]);
+        assert_eq!(take_commits(&mut w), vec![(0, 2)]);
         let held = w.start(0, 2).unwrap();
         assert!(w.pass(0, 3));
         assert!(w.pass(0, 4));
-        assert_eq!(w.take_commits(), vec![], "2 still in flight");
+        assert_eq!(take_commits(&mut w), vec![], "2 still in flight");
         w.finish(&held);
-        assert_eq!(w.take_commits(), vec![(0, 5)]);
+        assert_eq!(take_commits(&mut w), vec![(0, 5)]);
         assert!(!w.pass(7, 0), "not our partition");
         assert_eq!(w.in_flight(), 0);
     }
@@ -226,9 +272,9 @@ mod tests {
         let a = w.start(3, 100).unwrap();
         let b = w.start(3, 250).unwrap();
         w.finish(&b);
-        assert_eq!(w.take_commits(), vec![(3, 100)]);
+        assert_eq!(take_commits(&mut w), vec![(3, 100)]);
         w.finish(&a);
-        assert_eq!(w.take_commits(), vec![(3, 251)]);
+        assert_eq!(take_commits(&mut w), vec![(3, 251)]);
     }
 
     #[test]
@@ -245,9 +291,9 @@ mod tests {
             !w.finish(&old),
             "a ticket of the previous assignment is ignored"
         );
-        assert_eq!(w.take_commits(), vec![(1, 5)]);
+        assert_eq!(take_commits(&mut w), vec![(1, 5)]);
         assert!(w.finish(&new));
-        assert_eq!(w.take_commits(), vec![(1, 6)]);
+        assert_eq!(take_commits(&mut w), vec![(1, 6)]);
     }
 
     #[test]
@@ -263,7 +309,7 @@ mod tests {
             for t in &tickets {
                 w.finish(t);
                 finished.insert(t.offset);
-                for (_, pos) in w.take_commits() {
+                for (_, pos) in take_commits(&mut w) {
                     assert!(
                         (0..pos).all(|o| finished.contains(&o)),
                         "committed {pos} past unfinished work"

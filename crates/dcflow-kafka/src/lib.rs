@@ -95,6 +95,51 @@ struct Shared {
     wake: Notify,
     /// Set when the source is dropped: the consumer is leaving its group.
     closing: AtomicBool,
+    /// Run before any offset is committed (the periodic commits, the one before a
+    /// revocation, the final one): makes the records of the finished work durable. An error
+    /// holds the commit back.
+    before_commit: std::sync::OnceLock<BeforeCommit>,
+}
+
+/// Why [`KafkaSource::commit`] committed nothing.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The hook could not make the records durable: nothing is committed.
+    NotDurable(String),
+    Kafka(KafkaError),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotDurable(e) => write!(f, "not committed, the records are not durable: {e}"),
+            Self::Kafka(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for CommitError {}
+
+impl From<KafkaError> for CommitError {
+    fn from(e: KafkaError) -> Self {
+        Self::Kafka(e)
+    }
+}
+
+/// See [`KafkaSource::set_before_commit`].
+pub type BeforeCommit = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+impl Shared {
+    /// The positions to commit now, once the hook has made their records durable.
+    fn ready_commits(&self, w: &Watermarks) -> Result<Vec<(i32, i64)>, String> {
+        let commits = w.pending_commits();
+        if !commits.is_empty() {
+            if let Some(hook) = self.before_commit.get() {
+                hook()?;
+            }
+        }
+        Ok(commits)
+    }
 }
 
 /// librdkafka's callback when a queue stops being empty (called on its own threads, with the
@@ -292,6 +337,25 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {
+                let mut w = self.shared.watermarks.lock().expect("watermarks lock");
+                for e in offsets.elements_for_topic(&self.shared.topic) {
+                    if let Offset::Offset(o) = e.offset() {
+                        w.confirm(e.partition(), o);
+                    }
+                }
+            }
+            // Not confirmed: the position stays pending and the next commit sends it again.
+            Err(e) => warn!(error = %e, "offset commit failed; it is sent again at the next tick"),
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             // Before librdkafka starts fetching them: their messages go to our queue.
@@ -317,12 +381,19 @@ impl ConsumerContext for Context {
         }
         if let Rebalance::Revoke(list) = rebalance {
             let mut w = self.shared.watermarks.lock().expect("watermarks lock");
-            let commits = w.take_commits();
+            let commits = match self.shared.ready_commits(&w) {
+                Ok(commits) => commits,
+                Err(e) => {
+                    warn!(error = %e, "no commit before revocation: the records are not durable; these offsets will be redelivered");
+                    Vec::new()
+                }
+            };
             if !commits.is_empty() {
-                if let Err(e) =
-                    consumer.commit(&self.shared.commit_list(&commits), CommitMode::Sync)
-                {
-                    warn!(error = %e, "commit before revocation failed: these offsets will be redelivered");
+                match consumer.commit(&self.shared.commit_list(&commits), CommitMode::Sync) {
+                    Ok(()) => commits.iter().for_each(|&(p, o)| w.confirm(p, o)),
+                    Err(e) => {
+                        warn!(error = %e, "commit before revocation failed: these offsets will be redelivered")
+                    }
                 }
             }
             let revoked: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
@@ -620,6 +691,7 @@ impl KafkaSource {
             messages: AtomicPtr::new(ptr::null_mut()),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
+            before_commit: std::sync::OnceLock::new(),
         });
         // librdkafka stops fetching once its queue holds queued.min.messages and, by default,
         // waits a whole second before fetching again: a consumer that drains 100,000 messages
@@ -681,20 +753,36 @@ impl KafkaSource {
             .finish(ticket);
     }
 
-    /// Commits every position that advanced; returns them.
-    pub fn commit(&self, mode: CommitMode) -> Result<Vec<(i32, i64)>, KafkaError> {
+    /// Commits every position that advanced past the last confirmed commit; returns them.
+    /// A synchronous commit is confirmed at once, an asynchronous one when librdkafka reports
+    /// it done (until then, and after a failure, the next call sends it again).
+    pub fn commit(&self, mode: CommitMode) -> Result<Vec<(i32, i64)>, CommitError> {
+        // The positions first, then the hook: every record of the work they cover was written
+        // before that work was finished, so the hook's fsync covers it.
         let commits = self
             .shared
             .watermarks
             .lock()
             .expect("watermarks lock")
-            .take_commits();
+            .pending_commits();
         if !commits.is_empty() {
+            if let Some(hook) = self.shared.before_commit.get() {
+                hook().map_err(CommitError::NotDurable)?;
+            }
             self.consumer
                 .commit(&self.shared.commit_list(&commits), mode)?;
+            if matches!(mode, CommitMode::Sync) {
+                let mut w = self.shared.watermarks.lock().expect("watermarks lock");
+                commits.iter().for_each(|&(p, o)| w.confirm(p, o));
+            }
             debug!(?commits, "offsets committed");
         }
         Ok(commits)
+    }
+
+    /// `hook` runs before every commit (see `Shared::before_commit`); set once.
+    pub fn set_before_commit(&self, hook: BeforeCommit) {
+        let _ = self.shared.before_commit.set(hook);
     }
 
     /// Partitions assigned to this consumer now, as the rebalance callbacks left them.

@@ -444,6 +444,14 @@ fn route(req: &Request<Incoming>, pipeline: &crate::pipeline::Pipeline) -> Respo
             pipeline.stats.encode(),
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if pipeline.halted().is_some() => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!(
+                "not ready: stopped, an outcome could not be recorded: {}\n",
+                pipeline.halted().unwrap_or_default()
+            ),
+        ),
         "/readyz" if pipeline.activity.is_ready() => {
             reply(StatusCode::OK, "text/plain", "ready\n".into())
         }

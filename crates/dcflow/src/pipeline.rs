@@ -55,7 +55,7 @@ impl FileOutcome {
 #[derive(Debug, Clone)]
 enum Seen {
     /// Being copied; the receiver completes when that copy ends.
-    InFlight(watch::Receiver<()>),
+    InFlight(watch::Receiver<bool>),
     Done,
     Failed,
 }
@@ -66,8 +66,11 @@ const REMEMBER_FINISHED: usize = 1_000_000;
 
 /// Uploads in flight (always kept) and the most recently finished ones (bounded), so that a
 /// daemon running for months does not grow with every file it ever copied.
-/// Events are merged per kind and pnfsid: a remove of a file is not its upload.
-type SeenKey = (EventKind, PnfsId);
+/// Events are merged per kind and pnfsid: a remove of a file is not its upload. A message that
+/// names a path the file appears at only after its commit (dCache #5285) is apart from one
+/// that names the committed file: when the first one's 404 retries run out, the later SRM
+/// `putDone` or door message, the one that can work, still gets its own run.
+type SeenKey = (EventKind, PnfsId, bool);
 
 struct SeenMap {
     map: HashMap<SeenKey, Seen>,
@@ -88,7 +91,7 @@ impl SeenMap {
         self.map.get(key)
     }
 
-    fn start(&mut self, key: &SeenKey, running: watch::Receiver<()>) {
+    fn start(&mut self, key: &SeenKey, running: watch::Receiver<bool>) {
         self.map.insert(key.clone(), Seen::InFlight(running));
     }
 
@@ -110,6 +113,8 @@ impl SeenMap {
 pub enum Admission {
     /// Copy it.
     Run(Box<Task>),
+    /// Its failure could not be recorded: it must not be acknowledged (the pipeline halts).
+    Unrecorded,
     /// The same upload (same pnfsid) is being copied: acknowledge this message only once that
     /// copy ended (`Merged::wait`), never before, or a crash could lose the file.
     Merged(Merged),
@@ -118,15 +123,23 @@ pub enum Admission {
 }
 
 /// A message merged into the copy of the same upload.
-pub struct Merged(watch::Receiver<()>);
+pub struct Merged(watch::Receiver<bool>);
 
 impl Merged {
-    /// Returns when the copy it was merged into has ended (copied, or failed and recorded).
-    pub async fn wait(mut self) {
+    /// Returns when the copy it was merged into has ended: true when its outcome is recorded
+    /// (copied, or failed and recorded), false when the record could not be written (the
+    /// message must then not be acknowledged).
+    pub async fn wait(mut self) -> bool {
         // The sender is dropped when the copy ends: changed() then returns an error.
         while self.0.changed().await.is_ok() {}
+        let recorded = *self.0.borrow();
+        recorded
     }
 }
+
+/// The outcome of an event could not be recorded (a full disk): it must not be acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unrecorded;
 
 /// Event fields rules and steps use, besides the upload's own.
 #[derive(Debug, Clone, Default)]
@@ -157,9 +170,13 @@ pub struct Pipeline {
     success: RecordFile,
     failed: RecordFile,
     permits: Arc<Semaphore>,
+    max_downloads: usize,
     seen: Mutex<SeenMap>,
     destinations: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     dead_letters: Option<TopicProducer>,
+    /// Cancelled when an outcome cannot be recorded: the sources stop taking events.
+    halt: tokio_util::sync::CancellationToken,
+    halt_reason: Mutex<Option<String>>,
     pub stats: Stats,
     /// Copies in flight and recent results, for the status page.
     pub activity: Activity,
@@ -192,6 +209,9 @@ struct Subject {
     signal: &'static str,
     /// The file may not be visible at its billing path yet (dCache #5285).
     awaits_commit: bool,
+    /// Written before the commit (not the SRM `putDone` that follows it): kept apart from
+    /// the messages of the same file that follow the commit, see [`SeenKey`].
+    precedes_commit: bool,
     pnfsid: PnfsId,
     billing_path: String,
     size: Option<u64>,
@@ -206,8 +226,8 @@ pub struct Task {
     /// The billing message, for the dead-letter topic.
     raw: Vec<u8>,
     origin: String,
-    /// Dropped when the copy ends: wakes the messages merged into it.
-    _ended: watch::Sender<()>,
+    /// Set to "recorded" and dropped when the copy ends: wakes the messages merged into it.
+    ended: watch::Sender<bool>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -275,9 +295,12 @@ impl Pipeline {
             success: RecordFile::open(&config.local.success_file)?,
             failed: RecordFile::open(&config.local.failed_file)?,
             permits: Arc::new(Semaphore::new(config.dcache.max_downloads.get())),
+            max_downloads: config.dcache.max_downloads.get(),
             seen: Mutex::new(SeenMap::new(REMEMBER_FINISHED)),
             destinations: Mutex::default(),
             dead_letters,
+            halt: Default::default(),
+            halt_reason: Mutex::default(),
             stats: Stats::default(),
             activity: Activity::default(),
         })
@@ -291,6 +314,11 @@ impl Pipeline {
     /// Billing path → source URL and destination.
     pub fn mapper(&self) -> &PathMapper {
         &self.mapper
+    }
+
+    /// `maxdownloads`: transfer slots in all.
+    pub fn max_downloads(&self) -> usize {
+        self.max_downloads
     }
 
     /// Transfer slots free now.
@@ -307,6 +335,43 @@ impl Pipeline {
                 .await
                 .expect("semaphore never closed"),
         );
+    }
+
+    /// Cancelled once an outcome could not be recorded: the sources stop consuming, and
+    /// nothing after the unrecorded event is acknowledged.
+    pub fn halt_token(&self) -> tokio_util::sync::CancellationToken {
+        self.halt.clone()
+    }
+
+    /// Why the pipeline halted, if it did.
+    pub fn halted(&self) -> Option<String> {
+        self.halt_reason.lock().expect("halt lock").clone()
+    }
+
+    fn halt_for(&self, why: String) {
+        error!(
+            "RECORD_FAILED {why}: no further events are taken, and none is acknowledged past \
+             this one (it is delivered again after a restart)"
+        );
+        self.halt_reason
+            .lock()
+            .expect("halt lock")
+            .get_or_insert(why);
+        self.activity.set_ready(false);
+        self.halt.cancel();
+    }
+
+    /// Makes every record written so far durable; sources call it before they acknowledge
+    /// events (a Kafka commit, the SSE state file). An error halts the pipeline.
+    pub fn sync_records(&self) -> Result<(), String> {
+        self.success
+            .sync()
+            .and_then(|()| self.failed.sync())
+            .map_err(|e| {
+                let why = e.to_string();
+                self.halt_for(why.clone());
+                why
+            })
     }
 
     pub fn success_file(&self) -> &Path {
@@ -364,6 +429,7 @@ impl Pipeline {
                 kind: EventKind::Upload,
                 signal: u.signal.as_str(),
                 awaits_commit: u.awaits_commit(),
+                precedes_commit: u.precedes_commit(),
                 pnfsid: u.pnfsid,
                 billing_path: u.billing_path,
                 size: u.size,
@@ -400,8 +466,10 @@ impl Pipeline {
                     error: escape.to_string(),
                     ..Default::default()
                 };
-                self.fail(record, raw, &origin.to_string()).await;
-                return Admission::Skip;
+                return match self.fail(record, raw, &origin.to_string()).await {
+                    Ok(()) => Admission::Skip,
+                    Err(Unrecorded) => Admission::Unrecorded,
+                };
             }
         };
         let facts = Facts {
@@ -429,7 +497,7 @@ impl Pipeline {
         }
         let ended = {
             let mut seen = self.seen.lock().expect("seen lock");
-            let key = (upload.kind, upload.pnfsid.clone());
+            let key = (upload.kind, upload.pnfsid.clone(), upload.precedes_commit);
             match seen.get(&key).cloned() {
                 Some(Seen::InFlight(copy_running)) => {
                     Stats::inc(&self.stats.duplicates);
@@ -445,7 +513,7 @@ impl Pipeline {
                     return Admission::Skip;
                 }
                 _ => {
-                    let (ended, copy_running) = watch::channel(());
+                    let (ended, copy_running) = watch::channel(false);
                     seen.start(&key, copy_running);
                     ended
                 }
@@ -480,18 +548,19 @@ impl Pipeline {
             facts,
             raw: raw.to_vec(),
             origin: origin.to_string(),
-            _ended: ended,
+            ended,
             _permit: permit,
         }))
     }
 
-    /// Copies one admitted file and records the outcome.
-    pub async fn run(self: &Arc<Self>, task: Box<Task>) -> FileOutcome {
+    /// Copies one admitted file and records the outcome. `Err` when the outcome could not be
+    /// recorded: the event must then not be acknowledged.
+    pub async fn run(self: &Arc<Self>, task: Box<Task>) -> Result<FileOutcome, Unrecorded> {
         let span = tracing::info_span!("file", pnfsid = %task.upload.pnfsid);
         self.run_inner(task).instrument(span).await
     }
 
-    async fn run_inner(&self, task: Box<Task>) -> FileOutcome {
+    async fn run_inner(&self, task: Box<Task>) -> Result<FileOutcome, Unrecorded> {
         let Task {
             upload,
             mapped,
@@ -499,10 +568,10 @@ impl Pipeline {
             facts,
             raw,
             origin,
-            _ended,
+            ended,
             _permit,
         } = *task;
-        let mut outcome: Option<FileOutcome> = None;
+        let mut outcome: Result<Option<FileOutcome>, Unrecorded> = Ok(None);
         for i in workflows {
             let wf = &self.workflows[i];
             let span = tracing::info_span!("workflow", workflow = %wf.name);
@@ -510,15 +579,21 @@ impl Pipeline {
                 .run_workflow(wf, &upload, &mapped, &facts, &raw, &origin)
                 .instrument(span)
                 .await;
-            outcome = Some(outcome.map_or(o, |prev| prev.and(o)));
+            outcome = match (outcome, o) {
+                (Ok(prev), Ok(o)) => Ok(Some(prev.map_or(o, |p| p.and(o)))),
+                _ => Err(Unrecorded),
+            };
         }
-        let outcome = outcome.unwrap_or(FileOutcome::Done);
-        let state = if outcome == FileOutcome::Failed {
-            Seen::Failed
-        } else {
-            Seen::Done
+        let outcome = outcome.map(|o| o.unwrap_or(FileOutcome::Done));
+        let state = match outcome {
+            Ok(FileOutcome::Failed) | Err(Unrecorded) => Seen::Failed,
+            Ok(_) => Seen::Done,
         };
-        self.mark(&(upload.kind, upload.pnfsid.clone()), state);
+        self.mark(
+            &(upload.kind, upload.pnfsid.clone(), upload.precedes_commit),
+            state,
+        );
+        ended.send_replace(outcome.is_ok());
         outcome
     }
 
@@ -532,7 +607,7 @@ impl Pipeline {
         facts: &Facts,
         raw: &[u8],
         origin: &str,
-    ) -> FileOutcome {
+    ) -> Result<FileOutcome, Unrecorded> {
         let mut ctx = StepContext::default();
         ctx.set("path", &upload.billing_path);
         ctx.set("rel", mapped.rel.join("/"));
@@ -577,7 +652,7 @@ impl Pipeline {
                         "WORKFLOW_DONE {} already, for {}: nothing to do",
                         wf.name, upload.billing_path
                     );
-                    return FileOutcome::AlreadyPresent;
+                    return Ok(FileOutcome::AlreadyPresent);
                 }
                 Ok(p) if p.done > 0 => {
                     info!(
@@ -627,6 +702,30 @@ impl Pipeline {
                     0,
                 )),
                 Step::DeleteSource => retrying(&label, wf.attempts, &self.retry, || async {
+                    // The copy is checked again now, not trusted from a record: a workflow
+                    // resumed at this step, or a local file changed since, keeps its source.
+                    let local = ctx.values.get("local_path").map(PathBuf::from).ok_or_else(|| {
+                        StepError::fatal("no local copy in this workflow: the source is kept")
+                    })?;
+                    match self.engine.check_local(&mapped.source_url, &local).await {
+                        Ok(dcflow_transfer::LocalCopy::Matches(_)) => {}
+                        Ok(dcflow_transfer::LocalCopy::SourceGone) => {
+                            info!(source = %mapped.source_url, "DELETE_SOURCE {} already gone", mapped.source_url);
+                            return Ok(());
+                        }
+                        Ok(dcflow_transfer::LocalCopy::Differs(why)) => {
+                            return Err(StepError::fatal(format!(
+                                "the local copy {} does not match dCache's file ({why}): the source is kept",
+                                local.display()
+                            )))
+                        }
+                        Err(e) => {
+                            return Err(StepError {
+                                message: format!("checking the local copy before deleting: {e}"),
+                                retryable: e.is_retryable(),
+                            })
+                        }
+                    }
                     match self.engine.delete(&mapped.source_url).await {
                         Ok(true) => {
                             info!(source = %mapped.source_url, "DELETE_SOURCE {} deleted from dCache", mapped.source_url);
@@ -648,8 +747,9 @@ impl Pipeline {
                 Step::Unpack {
                     destination,
                     format,
+                    limits,
                 } => self
-                    .unpack_step(&mut ctx, destination.as_ref(), *format)
+                    .unpack_step(&mut ctx, destination.as_ref(), *format, *limits)
                     .await
                     .map_err(|e| (e, 1)),
                 Step::Produce { topic, key } => {
@@ -784,14 +884,15 @@ impl Pipeline {
                         seconds: record.seconds,
                         error: record.error.clone(),
                     });
-                    self.fail(record, raw, origin).await;
-                    return FileOutcome::Failed;
+                    self.fail(record, raw, origin).await?;
+                    return Ok(FileOutcome::Failed);
                 }
             }
         }
         record.time = Some(OffsetDateTime::now_utc());
         if let Err(e) = self.success.append(&record) {
-            error!(error = %e, "cannot write success record");
+            self.halt_for(format!("cannot write the success record: {e}"));
+            return Err(Unrecorded);
         }
         if self.explicit_workflows {
             info!("WORKFLOW_DONE {} for {}", wf.name, upload.billing_path);
@@ -809,7 +910,7 @@ impl Pipeline {
             seconds: started.elapsed().as_secs_f64(),
             error: String::new(),
         });
-        outcome
+        Ok(outcome)
     }
 
     /// Unpacks the copied archive into its destination (by default the archive's path plus
@@ -819,6 +920,7 @@ impl Pipeline {
         ctx: &mut StepContext,
         template: Option<&Template>,
         format: dcflow_core::workflow::ArchiveFormat,
+        limits: dcflow_core::workflow::UnpackLimits,
     ) -> Result<(), String> {
         let archive = PathBuf::from(
             ctx.values
@@ -846,7 +948,7 @@ impl Pipeline {
         let modes = self.engine.settings().permissions;
         let (a, d) = (archive.clone(), destination.clone());
         let result = tokio::task::spawn_blocking(move || {
-            crate::unpack::unpack(&a, format, &d, modes.dir_mode, modes.file_mode)
+            crate::unpack::unpack(&a, format, &d, modes.dir_mode, modes.file_mode, limits)
         })
         .await
         .map_err(|e| format!("unpacking: {e}"))?;
@@ -930,6 +1032,37 @@ impl Pipeline {
         ctx.set("local_path", destination.display().to_string());
         let lock = self.destination_lock(&destination);
         let guard = lock.lock().await;
+        // Two dCache files mapped to one destination (a template such as "{name}"): the
+        // second would silently replace the first one's copy, and with delete-source both
+        // sources would go while one copy survives.
+        if let Some(state) = &self.state {
+            match state
+                .claim(&destination, &upload.billing_path, upload.pnfsid.as_str())
+                .await
+            {
+                Ok(None) => {}
+                Ok(Some(other)) => {
+                    drop(guard);
+                    self.release_destination(&destination, lock);
+                    return Err((
+                        format!(
+                            "destination {} already holds the copy of {other}: {} is not copied over it (does the destination template map two files to one path?)",
+                            destination.display(),
+                            upload.billing_path
+                        ),
+                        0,
+                    ));
+                }
+                Err(e) => {
+                    drop(guard);
+                    self.release_destination(&destination, lock);
+                    return Err((
+                        format!("cannot claim the destination in the state file: {e:#}"),
+                        0,
+                    ));
+                }
+            }
+        }
         // A workflow that deletes its sources, delivered again: the file is at its final path
         // (only verified files are ever renamed there) and dCache no longer has it.
         if deletes_source && !upload.awaits_commit {
@@ -1034,22 +1167,31 @@ impl Pipeline {
 
     /// A storage event (SSE) that cannot be used: counted, logged and recorded as a failure,
     /// like a malformed billing message.
-    pub async fn reject_malformed_event(&self, raw: &[u8], origin: &str, reason: &str) {
+    pub async fn reject_malformed_event(
+        &self,
+        raw: &[u8],
+        origin: &str,
+        reason: &str,
+    ) -> Result<(), Unrecorded> {
         Stats::inc(&self.stats.malformed);
         warn!(
             origin,
             reason, "malformed storage event skipped ({origin}): {reason}"
         );
         let record = Record::malformed_input("storage event", origin, &reason, raw);
-        self.fail(record, raw, origin).await;
+        self.fail(record, raw, origin).await
     }
 
     async fn reject_malformed(&self, raw: &[u8], origin: &str, e: DecodeError) -> Admission {
         Stats::inc(&self.stats.malformed);
         warn!(origin, error = %e, "malformed billing message skipped ({origin}): {e}");
-        self.fail(Record::malformed(origin, &e, raw), raw, origin)
-            .await;
-        Admission::Skip
+        match self
+            .fail(Record::malformed(origin, &e, raw), raw, origin)
+            .await
+        {
+            Ok(()) => Admission::Skip,
+            Err(Unrecorded) => Admission::Unrecorded,
+        }
     }
 
     fn mark(&self, key: &SeenKey, state: Seen) {
@@ -1076,6 +1218,7 @@ impl Pipeline {
                 "pool"
             },
             awaits_commit: false,
+            precedes_commit: false,
             pnfsid: msg.pnfsid()?.clone(),
             billing_path: msg.billing_path.clone().filter(|p| p.starts_with('/'))?,
             size: msg.file_size.or(msg.hit_file_size),
@@ -1084,19 +1227,23 @@ impl Pipeline {
 
     /// Records a failure: a row of the failure CSV and, where configured, a message on the
     /// dead-letter topic (awaited, so that the event is acknowledged only once it is there).
-    async fn fail(&self, mut record: Record, raw: &[u8], origin: &str) {
+    /// `Err` when the failure row could not be written (the pipeline then halts): the event
+    /// must not be acknowledged.
+    async fn fail(&self, mut record: Record, raw: &[u8], origin: &str) -> Result<(), Unrecorded> {
         record.time.get_or_insert_with(OffsetDateTime::now_utc);
         if let Err(e) = self.failed.append(&record) {
-            error!(error = %e, "cannot write failure record");
+            self.halt_for(format!("cannot write the failure record: {e}"));
+            return Err(Unrecorded);
         }
         let Some(dead_letters) = &self.dead_letters else {
-            return;
+            return Ok(());
         };
         let letter = dead_letter(&record, raw, origin);
         let key = (!record.pnfsid.is_empty()).then_some(record.pnfsid.as_str());
         if let Err(e) = dead_letters.send(key, &letter).await {
             error!(error = %e, topic = dead_letters.topic(), "cannot publish the dead letter (the failure CSV has it)");
         }
+        Ok(())
     }
 
     fn destination_lock(&self, dest: &Path) -> Arc<tokio::sync::Mutex<()>> {
@@ -1145,10 +1292,11 @@ mod tests {
             (
                 EventKind::Upload,
                 PnfsId::parse(&format!("{n:036X}")).unwrap(),
+                false,
             )
         };
         let mut seen = SeenMap::new(3);
-        let (_running, rx) = watch::channel(());
+        let (_running, rx) = watch::channel(false);
         seen.start(&id(0), rx);
         for n in 1..=5 {
             seen.finish(&id(n), Seen::Done);

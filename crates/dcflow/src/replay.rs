@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinSet;
 
-use crate::pipeline::{Admission, FileOutcome, Pipeline, Stats};
+use crate::pipeline::{Admission, FileOutcome, Pipeline, Stats, Unrecorded};
 
 /// The end of a replay.
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +62,7 @@ impl std::fmt::Display for Summary {
 /// starts, so the producer of messages waits while all slots are busy.
 pub struct Batch {
     pipeline: Arc<Pipeline>,
-    tasks: JoinSet<FileOutcome>,
+    tasks: JoinSet<Result<FileOutcome, Unrecorded>>,
 }
 
 impl Batch {
@@ -80,16 +80,28 @@ impl Batch {
             self.tasks.spawn(async move { p.run(task).await });
         }
         while let Some(done) = self.tasks.try_join_next() {
-            done.context("copy task panicked")?;
+            let _recorded_or_halted = done.context("copy task panicked")?;
         }
-        Ok(())
+        self.halted()
+    }
+
+    /// An error once an outcome could not be recorded.
+    fn halted(&self) -> Result<()> {
+        match self.pipeline.halted() {
+            Some(why) => anyhow::bail!("stopped: an outcome could not be recorded ({why})"),
+            None => Ok(()),
+        }
     }
 
     /// Waits for every copy, then sums up.
     pub async fn finish(mut self) -> Result<Summary> {
         while let Some(done) = self.tasks.join_next().await {
-            done.context("copy task panicked")?;
+            let _recorded_or_halted = done.context("copy task panicked")?;
         }
+        self.halted()?;
+        self.pipeline
+            .sync_records()
+            .map_err(|e| anyhow::anyhow!("the records are not durable: {e}"))?;
         Ok(Summary::of(&self.pipeline.stats))
     }
 }

@@ -44,6 +44,19 @@ pub async fn run_kafka(
         KafkaSource::try_new(cfg, topic, &cfg.consumer_group, until_caught_up)
             .context("creating the Kafka consumer")?,
     );
+    // An offset is committed only once the records of the work it covers are durable.
+    let records = pipeline.clone();
+    source.set_before_commit(Box::new(move || records.sync_records()));
+    // A record that cannot be written stops consuming, as a stop signal does.
+    let shutdown = shutdown.child_token();
+    let halted = pipeline.halt_token();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = halted.cancelled() => stop.cancel(),
+            _ = stop.cancelled() => {}
+        }
+    });
     info!(topic, group = %cfg.consumer_group, servers = %cfg.servers.join(","), "consuming");
     *pipeline.activity.source.lock().expect("activity lock") = format!(
         "Kafka topic {topic}, group {}, brokers {}",
@@ -152,21 +165,26 @@ pub async fn run_kafka(
             },
         };
         match pipeline.admit(&delivery.payload, &delivery.origin()).await {
+            // An event whose outcome could not be recorded is never finished: its offset, and
+            // every later one of its partition, stays uncommitted.
             Admission::Run(task) => {
                 let (p, s) = (pipeline.clone(), source.clone());
                 tasks.spawn(async move {
-                    p.run(task).await;
-                    s.finish(&delivery.ticket);
+                    if p.run(task).await.is_ok() {
+                        s.finish(&delivery.ticket);
+                    }
                 });
             }
             Admission::Merged(merged) => {
                 let s = source.clone();
                 tasks.spawn(async move {
-                    merged.wait().await;
-                    s.finish(&delivery.ticket);
+                    if merged.wait().await {
+                        s.finish(&delivery.ticket);
+                    }
                 });
             }
             Admission::Skip => source.finish(&delivery.ticket),
+            Admission::Unrecorded => {}
         }
     }
 
@@ -187,6 +205,12 @@ pub async fn run_kafka(
     match source.commit(CommitMode::Sync) {
         Ok(c) => info!(committed = ?c, "final commit"),
         Err(e) => warn!(error = %e, "final commit failed: the last messages will be redelivered"),
+    }
+    if let Some(why) = pipeline.halted() {
+        anyhow::bail!(
+            "stopped because an outcome could not be recorded ({why}); nothing after it was \
+             committed: free the space (or fix the record folder) and start again"
+        );
     }
     Ok(Summary::of(&pipeline.stats))
 }

@@ -40,6 +40,12 @@ impl StateStore {
                  done_at  TEXT NOT NULL,
                  context  TEXT NOT NULL,
                  PRIMARY KEY (pnfsid, workflow, step)
+             );
+             CREATE TABLE IF NOT EXISTS destinations (
+                 local_path   TEXT PRIMARY KEY,
+                 billing_path TEXT NOT NULL,
+                 pnfsid       TEXT NOT NULL,
+                 claimed_at   TEXT NOT NULL
              );",
         )?;
         Ok(Self {
@@ -97,6 +103,50 @@ impl StateStore {
                 params![row.0, row.1, row.2, row.3, row.4],
             )?;
             Ok(())
+        })
+        .await?
+    }
+}
+
+impl StateStore {
+    /// Claims `local_path` for the file at `billing_path` before it is copied there. `Ok(None)`:
+    /// it is ours (new, or already this path's: a re-upload replaces its own copy); `Some(other)`:
+    /// another dCache file's copy is there (two sources mapped to one destination by a
+    /// template), and copying would overwrite it. A claim whose file is gone from the
+    /// destination is given up, so an operator who removes the file lets the other in.
+    pub async fn claim(
+        &self,
+        local_path: &Path,
+        billing_path: &str,
+        pnfsid: &str,
+    ) -> Result<Option<String>> {
+        let conn = self.conn.clone();
+        let local = local_path.to_owned();
+        let (billing, pnfsid) = (billing_path.to_owned(), pnfsid.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().expect("state lock");
+            // One claim at a time, across processes too (`run` beside `replay`).
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let key = local.to_string_lossy().into_owned();
+            let holder: Option<String> = tx
+                .query_row(
+                    "SELECT billing_path FROM destinations WHERE local_path = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(other) = holder.filter(|h| h != &billing) {
+                if std::fs::symlink_metadata(&local).is_ok() {
+                    return Ok(Some(other));
+                }
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO destinations (local_path, billing_path, pnfsid, claimed_at)
+                 VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                params![key, billing, pnfsid],
+            )?;
+            tx.commit()?;
+            Ok(None)
         })
         .await?
     }

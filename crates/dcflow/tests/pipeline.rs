@@ -45,11 +45,14 @@ async fn a_merged_message_waits_for_the_copy_it_joined() {
         !waiting.is_finished(),
         "released while the copy was still running"
     );
-    copy.await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("released when the copy ended")
-        .unwrap();
+    copy.await.unwrap().expect("recorded");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("released when the copy ended")
+            .unwrap(),
+        "the merged message learns that the outcome is recorded"
+    );
     assert!(site.download().join("m/slow.dat").exists());
 
     // After the copy, the same upload again is simply skipped.
