@@ -32,6 +32,8 @@ pub enum Fault {
     /// `/upload/`, and the file answers 404 at its billing path until `seconds` after the
     /// upload (dCache issue #5285).
     UploadDir { seconds: u64 },
+    /// Door PROPFIND answers this status (a listing that fails).
+    ListStatus { code: u16 },
 }
 
 impl Fault {
@@ -45,6 +47,7 @@ impl Fault {
             | Fault::SlowLink { .. } => Stage::Pool,
             Fault::WrongDigest => Stage::Digest,
             Fault::UploadDir { .. } => Stage::Upload,
+            Fault::ListStatus { .. } => Stage::List,
         }
     }
 }
@@ -55,6 +58,7 @@ pub enum Stage {
     Pool,
     Digest,
     Upload,
+    List,
 }
 
 /// A fault on a path, for a number of requests (`times`) or for ever.

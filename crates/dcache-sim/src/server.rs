@@ -117,6 +117,8 @@ struct State {
     pool_auth_headers: Mutex<Vec<String>>,
     pool_gets: AtomicU64,
     door_gets: AtomicU64,
+    /// When each door HEAD that a `Hang` fault holds arrived.
+    hung_heads: Mutex<Vec<Instant>>,
     frontend: crate::frontend::Frontend,
 }
 
@@ -190,6 +192,7 @@ impl Sim {
             pool_auth_headers: Mutex::default(),
             pool_gets: AtomicU64::new(0),
             door_gets: AtomicU64::new(0),
+            hung_heads: Mutex::default(),
             frontend: Default::default(),
         });
         *state.frontend.base.lock().expect("lock") = door_url.clone();
@@ -299,6 +302,11 @@ impl Sim {
     pub fn pool_gets(&self) -> u64 {
         self.state.pool_gets.load(Ordering::Relaxed)
     }
+    /// When each door HEAD held by a `Hang` fault arrived, in order.
+    pub fn hung_head_starts(&self) -> Vec<Instant> {
+        self.state.hung_heads.lock().expect("lock").clone()
+    }
+
     pub fn door_gets(&self) -> u64 {
         self.state.door_gets.load(Ordering::Relaxed)
     }
@@ -556,6 +564,9 @@ async fn door_read(
         }
         Some(Fault::Reset) => return Err(std::io::Error::other("injected connection reset")),
         Some(Fault::Hang) => {
+            if !is_get {
+                state.hung_heads.lock().expect("lock").push(Instant::now());
+            }
             tokio::time::sleep(Duration::from_secs(3600)).await;
             return Err(std::io::Error::other("hang ended"));
         }
@@ -1269,17 +1280,24 @@ async fn propfind(
         .get("Depth")
         .and_then(|d| d.to_str().ok())
         .unwrap_or("1");
+    if let Some(Fault::ListStatus { code }) = state.faults.take(path, Stage::List) {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Ok(full(status, format!("injected {code}\n")));
+    }
     let on_disk = state.storage.join(path.trim_start_matches('/'));
     let Ok(meta) = tokio::fs::metadata(&on_disk).await else {
         return Ok(full(StatusCode::NOT_FOUND, "Not Found\n"));
     };
+    // A visible file's pnfsid: dCache's door gives it in the ETag (milton's
+    // `"<uniqueId>_<modification date hash>"`, the unique id being the pnfsid).
     let visible = |p: &str| {
         state
             .files
             .lock()
             .expect("lock")
             .get(p)
-            .is_some_and(|m| Instant::now() >= m.visible_at)
+            .filter(|m| Instant::now() >= m.visible_at)
+            .map(|m| m.pnfsid.clone())
     };
     let encode = |p: &str| {
         p.split('/')
@@ -1287,12 +1305,16 @@ async fn propfind(
             .collect::<Vec<_>>()
             .join("/")
     };
-    let entry = |p: &str, dir: bool, size: u64| {
+    let entry = |p: &str, dir: bool, size: u64, pnfsid: Option<String>| {
         let kind = if dir { "<d:collection/>" } else { "" };
         let length = if dir {
             String::new()
         } else {
             format!("<d:getcontentlength>{size}</d:getcontentlength>")
+        };
+        let length = match pnfsid {
+            Some(id) => format!("{length}<d:getetag>\"{id}_0\"</d:getetag>"),
+            None => length,
         };
         format!(
             "<d:response><d:href>{}</d:href><d:propstat><d:prop><d:resourcetype>{kind}</d:resourcetype>{length}</d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response>",
@@ -1306,7 +1328,7 @@ async fn propfind(
     } else {
         path.to_owned()
     };
-    body.push_str(&entry(&self_path, meta.is_dir(), meta.len()));
+    body.push_str(&entry(&self_path, meta.is_dir(), meta.len(), visible(path)));
     if meta.is_dir() && depth != "0" {
         let mut rd = tokio::fs::read_dir(&on_disk).await?;
         while let Some(e) = rd.next_entry().await? {
@@ -1317,9 +1339,9 @@ async fn propfind(
             let child = format!("{}/{name}", path.trim_end_matches('/'));
             let m = e.metadata().await?;
             if m.is_dir() {
-                body.push_str(&entry(&format!("{child}/"), true, 0));
-            } else if visible(&child) {
-                body.push_str(&entry(&child, false, m.len()));
+                body.push_str(&entry(&format!("{child}/"), true, 0, None));
+            } else if let Some(id) = visible(&child) {
+                body.push_str(&entry(&child, false, m.len(), Some(id)));
             }
         }
     }
