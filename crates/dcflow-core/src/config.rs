@@ -429,6 +429,10 @@ impl Config {
                     &mut errs,
                 );
                 let url = s.required_string("url").and_then(|u| match Url::parse(&u) {
+                    Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                        s.fail("url", CREDENTIALS_IN_URL);
+                        None
+                    }
                     Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
                     Ok(_) => {
                         s.fail("url", "must be an https URL of dCache's frontend");
@@ -483,7 +487,11 @@ impl Config {
                     SseConfig {
                         url,
                         paths: if paths.is_empty() {
-                            vec![prefix]
+                            vec![if prefix.is_empty() {
+                                "/".to_owned()
+                            } else {
+                                prefix
+                            }]
                         } else {
                             paths
                         },
@@ -784,7 +792,12 @@ fn dcache_section(mut s: Section<'_>) -> Option<DcacheConfig> {
     }
     let url = s
         .required_string("url")
+        .map(|raw| redact_userinfo(&raw))
         .and_then(|raw| match Url::parse(&raw) {
+            Ok(_) if raw.contains("***@") => {
+                s.fail("url", CREDENTIALS_IN_URL);
+                None
+            }
             Ok(u) if u.scheme() != "https" => {
                 s.fail(
                     "url",
@@ -812,7 +825,8 @@ fn dcache_section(mut s: Section<'_>) -> Option<DcacheConfig> {
         });
     let pool = s
         .required_string("pool")
-        .and_then(|p| namespace_path(&mut s, "pool", &p, false));
+        // "/" is a door whose root is the namespace root (dCache's default): stored as "".
+        .and_then(|p| namespace_path(&mut s, "pool", &p, true));
     let folder = match s.string("folder") {
         Some(f) if f.is_empty() => Some(String::new()),
         Some(f) => namespace_path(&mut s, "folder", &f, true),
@@ -987,6 +1001,24 @@ fn local_section(mut s: Section<'_>, env: &Env) -> Option<LocalConfig> {
     })
 }
 
+const CREDENTIALS_IN_URL: &str = "must not hold a user name or password (they would reach logs, \
+     records and webhooks): authenticate with [local] token or proxy";
+
+/// `raw` with a `user:password@` part, if any, replaced by `***@`: configuration errors
+/// quote the URL, and a password must not reach them.
+fn redact_userinfo(raw: &str) -> String {
+    let Some(start) = raw.find("://").map(|i| i + 3) else {
+        return raw.to_owned();
+    };
+    let authority_end = raw[start..]
+        .find(['/', '?', '#'])
+        .map_or(raw.len(), |i| start + i);
+    match raw[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]),
+        None => raw.to_owned(),
+    }
+}
+
 /// WLCG Bearer Token Discovery: `$BEARER_TOKEN`, `$BEARER_TOKEN_FILE`,
 /// `$XDG_RUNTIME_DIR/bt_u<uid>`, `/tmp/bt_u<uid>`.
 fn wlcg_token_discovery(env: &Env) -> Vec<TokenCandidate> {
@@ -1044,6 +1076,31 @@ successfultaskfile = "success.csv"
             vars: BTreeMap::new(),
             uid: 1234,
         }
+    }
+
+    /// Issue 14, item 12: a door URL with `user:pass@` was accepted, then logged and written
+    /// to records and webhook contexts.
+    #[test]
+    fn credentials_in_a_url_are_refused_without_being_quoted() {
+        for url in [
+            "https://jdoe:s3cret-pw@door.example.org:2880/lsst",
+            "https://s3cret-pw@door.example.org:2880/lsst",
+            "ftp://jdoe:s3cret-pw@door.example.org/lsst",
+        ] {
+            let text = ORIGINAL.replace("https://door.example.org:2880/lsst", url);
+            assert!(text.contains(url), "the fixture has the door URL");
+            let err = Config::from_toml(&text, &env()).unwrap_err().to_string();
+            assert!(
+                err.contains("dcache.url: must not hold a user name or password"),
+                "{err}"
+            );
+            assert!(!err.contains("s3cret-pw"), "the password is quoted: {err}");
+        }
+        assert_eq!(
+            redact_userinfo("https://u:p@h/x@y"),
+            "https://***@h/x@y",
+            "an @ in the path is not a user"
+        );
     }
 
     #[test]

@@ -345,6 +345,7 @@ pub enum Step {
         /// Relative to `[local] downloadfolder`; by default the copy's path with `.d` added.
         destination: Option<Template>,
         format: ArchiveFormat,
+        limits: UnpackLimits,
     },
     /// A JSON message (event, context, workflow) to a Kafka topic of the `[kafka]` brokers.
     Produce { topic: String, key: Template },
@@ -362,6 +363,28 @@ impl Step {
             Self::Unpack { .. } => "unpack",
             Self::Produce { .. } => "produce",
             Self::Catalog { .. } => "catalog",
+        }
+    }
+}
+
+/// What an archive may unpack to: past any of these, the step fails and leaves nothing (an
+/// archive bomb would otherwise fill the destination file system).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// `maxbytes`: bytes of all unpacked files (default 1 TB).
+    pub max_bytes: u64,
+    /// `maxfiles`: entries (files, folders, links; default 100,000).
+    pub max_entries: u64,
+    /// `maxratio`: unpacked bytes per byte of archive (default 100).
+    pub max_ratio: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1_000_000_000_000,
+            max_entries: 100_000,
+            max_ratio: 100,
         }
     }
 }
@@ -583,7 +606,14 @@ fn parse_steps(
             Some("delete-source") => vec!["type"],
             Some("exec") => vec!["type", "argv", "env", "timeout", "retrycodes"],
             Some("webhook") => vec!["type", "url", "format", "headers", "tokenfile", "timeout"],
-            Some("unpack") => vec!["type", "destination", "format"],
+            Some("unpack") => vec![
+                "type",
+                "destination",
+                "format",
+                "maxbytes",
+                "maxfiles",
+                "maxratio",
+            ],
             Some("produce") => vec!["type", "topic", "key"],
             Some("catalog") => vec!["type", "database"],
             // An unknown or missing type is the one problem reported.
@@ -719,9 +749,16 @@ fn parse_steps(
                         ArchiveFormat::Auto
                     }
                 };
+                let d = UnpackLimits::default();
+                let limits = UnpackLimits {
+                    max_bytes: p.int("maxbytes", d.max_bytes, 1, u64::MAX >> 1),
+                    max_entries: p.int("maxfiles", d.max_entries, 1, u64::MAX >> 1),
+                    max_ratio: p.int("maxratio", d.max_ratio, 1, 1_000_000),
+                };
                 Some(Step::Unpack {
                     destination,
                     format,
+                    limits,
                 })
             }
             Some("produce") => {

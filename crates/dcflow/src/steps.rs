@@ -107,6 +107,19 @@ where
     }
 }
 
+/// Environment variables that hold secrets and that `exec` children do not inherit (a step's
+/// own `env` may still set them): `BEARER_TOKEN`, names ending in `_TOKEN`, and names with
+/// `SECRET`, `PASSWORD` or `PASSWD` in them. Paths (`BEARER_TOKEN_FILE`, `X509_USER_PROXY`)
+/// are passed on.
+pub fn is_secret_variable(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    upper == "BEARER_TOKEN"
+        || upper.ends_with("_TOKEN")
+        || ["SECRET", "PASSWORD", "PASSWD"]
+            .iter()
+            .any(|w| upper.contains(w))
+}
+
 /// What is kept of a program's output for the log.
 const OUTPUT_LIMIT: usize = 16 * 1024;
 
@@ -127,6 +140,21 @@ pub async fn exec(
     let (program, rest) = args
         .split_first()
         .ok_or_else(|| StepError::fatal("empty argv"))?;
+    // A file name such as `-rf` must not become an option: an argument that starts with `-`
+    // only because of what was substituted into it is refused, unless a literal `--` (the
+    // end of options) comes before it.
+    let mut options_ended = false;
+    for (i, (template, arg)) in argv.iter().zip(&args).enumerate().skip(1) {
+        if template.as_str() == "--" {
+            options_ended = true;
+        }
+        if !options_ended && arg.starts_with('-') && !template.as_str().starts_with('-') {
+            return Err(StepError::fatal(format!(
+                "argument {i} ({arg:?}) starts with '-' because of the file name, and {program:?} \
+                 would take it as an option: put \"--\" before it in argv (or a prefix such as \"./\")"
+            )));
+        }
+    }
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(rest)
         .stdin(Stdio::null())
@@ -141,6 +169,12 @@ pub async fn exec(
             libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
             Ok(())
         });
+    }
+    // dcflow's own secrets stay with dcflow: a token in the environment is not passed on.
+    for (k, _) in std::env::vars_os() {
+        if is_secret_variable(&k.to_string_lossy()) {
+            cmd.env_remove(&k);
+        }
     }
     for (k, v) in env {
         cmd.env(k, ctx.render(v)?);

@@ -7,13 +7,21 @@
 //! refused, and every file is created only after its parent directory, resolved on disk, is
 //! checked to lie inside the tree. A refused entry fails the whole step and removes the
 //! temporary directory: nothing is published.
+//!
+//! Limits (`maxbytes`, `maxfiles`, `maxratio`) stop an archive bomb before it fills the file
+//! system. The temporary directory has a new name for each attempt and is created exclusively:
+//! two unpackers of one archive never share it, and a folder that only looks like one (a
+//! dCache folder of that name) is never removed. Every folder of the tree is fsynced before
+//! the tree is renamed into place.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use dcflow_core::workflow::ArchiveFormat;
+use std::cell::{Cell, RefCell};
+
+use dcflow_core::workflow::{ArchiveFormat, UnpackLimits};
 
 /// Why an archive was not unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +39,8 @@ pub enum UnpackError {
     UnknownFormat(String),
     #[error("not a readable zip archive: {0}")]
     Zip(String),
+    #[error("{0}: not unpacked (an archive bomb?); raise the step's limit if it is expected")]
+    Limit(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UnpackError {
@@ -54,6 +64,7 @@ pub fn unpack(
     destination: &Path,
     dir_mode: u32,
     file_mode: u32,
+    limits: UnpackLimits,
 ) -> Result<Unpacked, UnpackError> {
     if destination.is_dir() {
         return Ok(Unpacked {
@@ -73,21 +84,50 @@ pub fn unpack(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = parent.join(format!(".{dest_name}.dcflow-unpack"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(format!("removing {}", tmp.display())))?;
-    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(dir_mode)
-        .create(&tmp)
-        .map_err(io(format!("creating {}", tmp.display())))?;
+        .create(parent)
+        .map_err(io(format!("creating {}", parent.display())))?;
+    // A new name each time, created exclusively (mkdir fails on an existing one).
+    let tmp = loop {
+        let nonce: u64 = rand::random();
+        let tmp = parent.join(format!(".{dest_name}.{nonce:016x}.dcflow-unpack"));
+        match std::fs::DirBuilder::new().mode(dir_mode).create(&tmp) {
+            Ok(()) => break tmp,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(format!("creating {}", tmp.display()))(e)),
+        }
+    };
+    let archive_len = std::fs::metadata(archive)
+        .map_err(io("opening the archive"))?
+        .len();
+    let root = match tmp.canonicalize() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&tmp);
+            return Err(io("resolving the unpack folder")(e));
+        }
+    };
     let tree = Tree {
-        root: tmp
-            .canonicalize()
-            .map_err(io("resolving the unpack folder"))?,
+        dirs: RefCell::new(vec![root.clone()]),
+        root,
         dir_mode,
         file_mode,
+        entries: Cell::new(0),
+        bytes: Cell::new(0),
+        max_entries: limits.max_entries,
+        max_bytes: limits
+            .max_bytes
+            .min(archive_len.max(1).saturating_mul(limits.max_ratio)),
+        why_max_bytes: if limits.max_bytes <= archive_len.max(1).saturating_mul(limits.max_ratio) {
+            format!("more than maxbytes = {}", limits.max_bytes)
+        } else {
+            format!(
+                "more than maxratio = {} times the archive's {archive_len} bytes",
+                limits.max_ratio
+            )
+        },
     };
     let result = match format {
         ArchiveFormat::Tar => tree.tar(File::open(archive).map_err(io("opening the archive"))?),
@@ -98,6 +138,12 @@ pub fn unpack(
         ArchiveFormat::Auto => unreachable!("resolved above"),
     };
     let publish = result.and_then(|done| {
+        // Every folder's entries, then the rename: a published tree is a durable one.
+        for dir in tree.dirs.borrow().iter() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(format!("syncing {}", dir.display())))?;
+        }
         std::fs::rename(&tmp, destination)
             .map_err(io(format!("publishing {}", destination.display())))?;
         File::open(parent)
@@ -115,9 +161,28 @@ struct Tree {
     root: PathBuf,
     dir_mode: u32,
     file_mode: u32,
+    /// Folders of the tree (fsynced before it is published).
+    dirs: RefCell<Vec<PathBuf>>,
+    entries: Cell<u64>,
+    bytes: Cell<u64>,
+    max_entries: u64,
+    max_bytes: u64,
+    why_max_bytes: String,
 }
 
 impl Tree {
+    /// One more entry: an error past `maxfiles`.
+    fn count(&self) -> Result<(), UnpackError> {
+        self.entries.set(self.entries.get() + 1);
+        if self.entries.get() > self.max_entries {
+            return Err(UnpackError::Limit(format!(
+                "more than maxfiles = {} entries",
+                self.max_entries
+            )));
+        }
+        Ok(())
+    }
+
     fn tar(&self, reader: impl Read) -> Result<Unpacked, UnpackError> {
         let mut archive = tar::Archive::new(reader);
         let mut done = Unpacked::default();
@@ -126,6 +191,12 @@ impl Tree {
             let raw = entry.path_bytes().into_owned();
             let shown = String::from_utf8_lossy(&raw).into_owned();
             let rel = checked(&shown)?;
+            if !matches!(
+                entry.header().entry_type(),
+                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+            ) {
+                self.count()?;
+            }
             match entry.header().entry_type() {
                 tar::EntryType::Directory => {
                     self.dir(&rel, &shown)?;
@@ -171,6 +242,7 @@ impl Tree {
                 .map_err(|e| UnpackError::Zip(e.to_string()))?;
             let shown = entry.name().to_owned();
             let rel = checked(&shown)?;
+            self.count()?;
             if entry.is_dir() {
                 self.dir(&rel, &shown)?;
             } else if entry.is_symlink() {
@@ -204,6 +276,17 @@ impl Tree {
                 why: "its folder leads outside the unpack folder through a link",
             });
         }
+        let mut dirs = self.dirs.borrow_mut();
+        let mut d = resolved.as_path();
+        // This folder and those created on the way to it.
+        while d.starts_with(&self.root) && !dirs.iter().any(|k| k == d) {
+            dirs.push(d.to_owned());
+            match d.parent() {
+                Some(up) => d = up,
+                None => break,
+            }
+        }
+        drop(dirs);
         Ok(resolved)
     }
 
@@ -230,7 +313,13 @@ impl Tree {
                     source: e,
                 },
             })?;
-        let n = std::io::copy(data, &mut out).map_err(io(format!("writing {}", path.display())))?;
+        let room = self.max_bytes.saturating_sub(self.bytes.get());
+        let n = std::io::copy(&mut (&mut *data).take(room.saturating_add(1)), &mut out)
+            .map_err(io(format!("writing {}", path.display())))?;
+        if n > room {
+            return Err(UnpackError::Limit(self.why_max_bytes.clone()));
+        }
+        self.bytes.set(self.bytes.get() + n);
         out.flush()
             .and_then(|_| out.sync_all())
             .map_err(io(format!("syncing {}", path.display())))?;
