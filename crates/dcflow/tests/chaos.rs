@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dcache_sim::Fault;
+use dcflow_core::RecordFile;
 
 /// What a chaos run ended with.
 #[derive(Debug)]
@@ -351,4 +352,195 @@ async fn a_destination_without_write_permission_fails_cleanly_without_retrying()
         0,
         "nothing was fetched to be thrown away"
     );
+}
+
+/// Issue 14, item 1: two copiers of one file. A `dcflow replay` copies a slow 1 GiB upload;
+/// when it is three quarters through, a second `dcflow replay` of the same message starts.
+/// With one fixed temporary name opened with truncate, the second cut the first one's file
+/// back to nothing while the first went on writing at its offset, and the first then published
+/// a file with a hole as "checksum ok". Now the second waits for the first (the final path's
+/// lock), and each attempt writes its own exclusively created temporary file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_of_one_slow_upload_publish_it_whole() {
+    const SIZE: usize = 1 << 30;
+    let site = Site::new().await;
+    // Not zeros: a hole in the file must show.
+    let block = data(1 << 20, 77);
+    let mut body = Vec::with_capacity(SIZE);
+    while body.len() < SIZE {
+        body.extend_from_slice(&block);
+    }
+    let door = site.upload("big/frame-1GiB.raw", &body).await;
+    site.sim.add_fault(
+        &door,
+        Fault::SlowLink {
+            bytes_per_second: 96 << 20,
+        },
+        None,
+    );
+    let config = site.write_config(&site.proxy_auth(), "timeout = 300\nstalltimeout = 60");
+    let spawn_replay = || {
+        Command::new(env!("CARGO_BIN_EXE_dcflow"))
+            .args([
+                "replay",
+                "--config",
+                config.to_str().unwrap(),
+                site.billing().to_str().unwrap(),
+            ])
+            .env("DCFLOW_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let final_path = site.download().join("big/frame-1GiB.raw");
+    let first = spawn_replay();
+    // Three quarters of the first copy written.
+    wait_for(
+        "the first copy to be three quarters through",
+        Duration::from_secs(120),
+        || {
+            files_below(&site.download().join("big")).iter().any(|p| {
+                p.to_string_lossy().contains("dcflow-part")
+                    && std::fs::metadata(p).is_ok_and(|m| m.len() >= (SIZE as u64) * 3 / 4)
+            })
+        },
+    );
+    let second = spawn_replay();
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    // What the first one published, read at once.
+    let published = std::fs::read(&final_path).unwrap();
+    let intact = published == body;
+    let second = second.wait_with_output().unwrap();
+    assert!(
+        intact,
+        "the first replay published a file that differs from dCache's ({} bytes)",
+        published.len()
+    );
+    drop(published);
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    assert!(
+        std::fs::read(&final_path).unwrap() == body,
+        "after the second replay"
+    );
+    let stray: Vec<_> = files_below(&site.download())
+        .into_iter()
+        .filter(|p| p != &final_path)
+        .collect();
+    assert!(stray.is_empty(), "temporary or lock files left: {stray:?}");
+    assert_eq!(
+        site.sim.pool_gets(),
+        1,
+        "the second replay found the first one's copy"
+    );
+}
+
+/// Issue 14, item 3: a record that could not be written was only logged, and the event's
+/// offset was committed all the same: with a full disk every file failed at once and every
+/// event was committed with no trace. Now the run stops with a clear error, nothing past the
+/// unrecorded events is committed, and the next run (space back) records them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_cannot_be_written_stop_the_run_before_anything_unrecorded_is_committed() {
+    let Some(broker) = broker() else { return };
+    let topic = unique("records-full");
+    let site = Site::with_kafka(&broker, &topic).await;
+    let records = site.path("records");
+    let Some(disk) = Tmpfs::mount(&records, "512k") else {
+        return;
+    };
+    let group = unique("records-full-group");
+    let config = site.write_kafka_config(&kafka_keys(&topic, &broker, &group), "");
+    let text_config = std::fs::read_to_string(&config).unwrap();
+    let text_config = text_config
+        .replace(
+            site.path("failed.csv").to_str().unwrap(),
+            records.join("failed.csv").to_str().unwrap(),
+        )
+        .replace(
+            site.path("success.csv").to_str().unwrap(),
+            records.join("success.csv").to_str().unwrap(),
+        );
+    std::fs::write(&config, text_config).unwrap();
+    let read = |name: &str| RecordFile::read_all(&records.join(name)).unwrap_or_default();
+
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    let mut expected = Vec::new();
+    for i in 0..3usize {
+        let rel = format!("before/f-{i}.dat");
+        site.upload(&rel, &data(10_000 + i, 1 + i as u32)).await;
+        expected.push(rel);
+    }
+    wait_for("the first rows", Duration::from_secs(60), || {
+        read("success.csv").len() == 3
+    });
+    wait_committed_to_end(&broker, &topic, &group);
+    let (recorded_end, _) = committed_and_end(&broker, &topic, &group);
+
+    // The record folder fills up. Rows of the next files are longer than a page, so none
+    // fits in what is left of the last page of the file.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(records.join("filler")).unwrap();
+        let block = vec![1u8; 4096];
+        while filler.write_all(&block).is_ok() {}
+    }
+    let deep = [
+        "d".repeat(250),
+        "e".repeat(250),
+        "f".repeat(250),
+        "g".repeat(250),
+    ]
+    .join("/");
+    for i in 0..3usize {
+        let rel = format!("{deep}/after-{i}-{}.dat", "h".repeat(200));
+        site.upload(&rel, &data(5_000 + i, 20 + i as u32)).await;
+        expected.push(rel);
+    }
+    // The run stops by itself, saying why.
+    let mut child = child;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "dcflow run went on consuming with records it cannot write:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "{logged}");
+    assert!(logged.contains("could not be recorded"), "{logged}");
+    assert!(logged.contains("No space left on device"), "{logged}");
+    let (committed, end) = committed_and_end(&broker, &topic, &group);
+    assert!(end > recorded_end);
+    assert_eq!(
+        committed, recorded_end,
+        "events whose outcome has no record were committed"
+    );
+
+    // Space comes back: the next run records every file (present already, or copied).
+    disk.resize("64m");
+    std::fs::remove_file(records.join("filler")).unwrap();
+    let out = dcflow(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--until-caught-up",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rows = read("success.csv");
+    for rel in &expected {
+        assert!(
+            rows.iter().any(|r| r.billing_path.ends_with(rel.as_str())),
+            "{rel} has no success row"
+        );
+    }
+    wait_committed_to_end(&broker, &topic, &group);
 }

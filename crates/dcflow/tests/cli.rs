@@ -401,3 +401,91 @@ fn demo_runs_the_whole_flow_on_the_mock_cluster() {
         10
     );
 }
+
+/// Issue 14, item 9: folders created on the way to a file were never fsynced into their
+/// parents, and "already present" reported success without the folder fsync that a crashed
+/// predecessor may have skipped. Traced with strace: every folder dcflow creates is followed
+/// by an fsync of its parent, and a second replay (nothing to copy) fsyncs the file's folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_folders_and_already_present_files_are_made_durable() {
+    let site = Site::new().await;
+    let body = data(20_000, 3);
+    site.upload("deep/a/b/c.dat", &body).await;
+    let config = site.write_config(&site.proxy_auth(), "");
+    let billing = site.billing();
+    let args = [
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        billing.to_str().unwrap(),
+    ];
+    let trace = site.path("first.trace");
+    let Some(out) = dcflow_traced(&args, &trace) else {
+        return;
+    };
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let file = site.download().join("deep/a/b/c.dat");
+    assert_eq!(std::fs::read(&file).unwrap(), body);
+    let t = Trace::read(&trace);
+    let below: Vec<_> = t
+        .created
+        .iter()
+        .filter(|(_, d)| d.starts_with(site.download()))
+        .collect();
+    assert!(below.len() >= 4, "download, deep, a, b created: {below:?}");
+    for (n, dir) in below {
+        let parent = dir.parent().unwrap();
+        assert!(
+            t.fsynced_after(parent, *n),
+            "{} created but {} never fsynced after it",
+            dir.display(),
+            parent.display()
+        );
+    }
+    let trace = site.path("second.trace");
+    let out = dcflow_traced(&args, &trace).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let t = Trace::read(&trace);
+    assert!(
+        t.fsynced_after(file.parent().unwrap(), 0),
+        "an already-present file's folder was not fsynced"
+    );
+}
+
+/// Issue 14, item 6: in an upload-directory (SRM) flow the pool's message precedes the commit;
+/// when its copy ran out of 404 retries, the file was marked failed and the later SRM
+/// `putDone`, the message that names the committed file, was skipped as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_putdone_after_its_twin_ran_out_of_retries_still_copies_the_file() {
+    let site = Site::new().await;
+    let door = format!("{FOLDER}/srm/run042.root");
+    site.sim
+        .add_fault(&door, Fault::UploadDir { seconds: 1 }, None);
+    let body = data(70_000, 8);
+    site.upload("srm/run042.root", &body).await;
+    wait_for(
+        "the putDone message",
+        std::time::Duration::from_secs(30),
+        || {
+            site.sim.flush_billing();
+            std::fs::read_to_string(site.billing()).is_ok_and(|b| b.contains("putDone"))
+        },
+    );
+    // Every attempt of the first message's copy (retrytimes = 3) finds nothing.
+    site.sim
+        .add_fault(&door, Fault::Status { code: 404 }, Some(3));
+    let config = site.write_config(&site.proxy_auth(), "");
+    let out = site.replay(&config);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        std::fs::read(site.download().join("srm/run042.root"))
+            .ok()
+            .as_deref(),
+        Some(body.as_slice()),
+        "the putDone message did not get its copy:\n{stderr}"
+    );
+    assert_eq!(site.records("success.csv").len(), 1, "{stderr}");
+    // The pool message's copy failed for real (after its retries): that stays on record.
+    assert_eq!(site.records("failed.csv").len(), 1, "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+}

@@ -268,3 +268,202 @@ async fn hostile_storage_events_are_recorded_or_ignored_and_good_files_land() {
         "no hostile name became a subscription:\n{log_text}"
     );
 }
+
+/// The SSE configuration with `extra` appended (workflows, `[dcache]` keys are not here).
+fn sse_config_with(site: &Site, auth: &str, dcache: &str, extra: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(site.sim.stored_file(FOLDER)).unwrap();
+    let path = site.write_config(auth, dcache);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(extra);
+    text.push_str(&format!("\n[sse]\nurl = \"{}\"\n", site.sim.door_url));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Issue 14, item 4: SSE events carry no pnfsid, and the stand-in was a hash of the path and
+/// the size: a re-upload of a path with new content of the same size was taken for the file
+/// already copied (and, under workflows, the state file said every step was done), for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reupload_of_a_path_with_the_same_size_is_copied_again() {
+    let site = Site::new().await;
+    let workflow = "\n[[workflow]]\nname = \"keep\"\n[[workflow.step]]\ntype = \"copy\"\n";
+    let config = sse_config_with(&site, &site.proxy_auth(), "retryseconds = 0", workflow);
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
+    let first = vec![("r/frame.fits".to_owned(), data(50_000, 1))];
+    site.upload(&first[0].0, &first[0].1).await;
+    wait_for("the first upload", &log, || all_landed(&site, &first));
+    let second = vec![("r/frame.fits".to_owned(), data(50_000, 2))];
+    assert_ne!(first[0].1, second[0].1);
+    site.upload(&second[0].0, &second[0].1).await;
+    wait_for("the re-upload", &log, || all_landed(&site, &second));
+    assert_eq!(stop(child), 0);
+    let rows = site.records("success.csv");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_ne!(rows[0].pnfsid, rows[1].pnfsid, "two files, two pnfsids");
+    assert!(site.records("failed.csv").is_empty());
+}
+
+/// Issue 14, item 5: a PROPFIND that failed during a resynchronisation was skipped
+/// (`continue`) while later event ids were saved: the files whose events were lost were never
+/// fetched. Now the resynchronisation is retried until it finishes, and the saved id waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resynchronisation_whose_listing_fails_is_retried_until_it_finishes() {
+    use dcache_sim::Fault;
+    let site = Site::new().await;
+    site.sim.frontend().set_backlog(0);
+    let config = sse_config(&site);
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
+    let mut files = vec![("y/first.dat".to_owned(), data(8_000, 1))];
+    site.upload(&files[0].0, &files[0].1).await;
+    wait_for("the first file", &log, || all_landed(&site, &files));
+    // Events are lost while the stream is down, and the next listings of the folder fail.
+    site.sim.add_fault(
+        &format!("{FOLDER}/y/"),
+        Fault::ListStatus { code: 500 },
+        Some(3),
+    );
+    site.sim.add_fault(
+        &format!("{FOLDER}/y"),
+        Fault::ListStatus { code: 500 },
+        Some(3),
+    );
+    site.sim.frontend().disconnect();
+    for i in 0..3 {
+        let f = (format!("y/missed-{i}.dat"), data(6_000 + i, 10 + i as u32));
+        site.upload(&f.0, &f.1).await;
+        files.push(f);
+    }
+    wait_for("the missed files", &log, || all_landed(&site, &files));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("resynchronisation did not finish") || text.contains("incomplete"),
+        "{text}"
+    );
+    assert_eq!(stop(child), 0);
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.path("dcflow-sse.json")).unwrap()).unwrap();
+    assert!(saved.get("resync_pending").is_none(), "{saved}");
+}
+
+/// Issue 14, item 7: each close-write event started a HEAD at once, before any transfer slot
+/// was taken, and the HEAD had no timeout: a burst of events against a door that hangs opened
+/// a connection per event, and a hung HEAD held the saved event id for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_events_against_a_hanging_door_is_bounded_and_times_out() {
+    use dcache_sim::Fault;
+    let site = Site::new().await;
+    // maxdownloads = 2; HEADs hang (twice per file) until stalltimeout = 2 s gives up on them.
+    let config = sse_config_with(
+        &site,
+        &site.proxy_auth(),
+        "retryseconds = 0\nmaxdownloads = 2\nstalltimeout = 2",
+        "",
+    );
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
+    let mut files = Vec::new();
+    for i in 0..30 {
+        let f = (format!("z/f{i:02}.dat"), data(2_000 + i, 40 + i as u32));
+        site.sim
+            .add_fault(&format!("{FOLDER}/{}", f.0), Fault::Hang, Some(1));
+        files.push(f);
+    }
+    for f in &files {
+        site.upload(&f.0, &f.1).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !all_landed(&site, &files) {
+        assert!(
+            Instant::now() < deadline,
+            "not every file landed:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A hung HEAD holds its slot until dcflow gives up on it, 2 s or more later: with two
+    // slots, no window shorter than that can see a third hung HEAD arrive.
+    let starts = site.sim.hung_head_starts();
+    assert!(
+        starts.len() >= files.len() / 2,
+        "{} hung HEADs",
+        starts.len()
+    );
+    let window = Duration::from_millis(1500);
+    let most = starts
+        .iter()
+        .map(|&t| starts.iter().filter(|&&u| u >= t && u < t + window).count())
+        .max()
+        .unwrap_or(0);
+    let t0 = starts[0];
+    let offsets: Vec<u128> = starts.iter().map(|t| (*t - t0).as_millis()).collect();
+    assert!(
+        most <= 2,
+        "{most} hung HEADs within {window:?} with maxdownloads = 2: at {offsets:?} ms"
+    );
+    // The saved id passes the last file's event (with a HEAD that never ends, it stayed at
+    // the first file's for good).
+    wait_for("the saved event id", &log, || {
+        std::fs::read(site.path("dcflow-sse.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["last_event_id"].as_u64())
+            .is_some_and(|id| id >= files.len() as u64)
+    });
+    assert_eq!(stop(child), 0);
+}
+
+/// Issue 14, item 8: the bearer token was added to every request to the frontend, whose
+/// channel URL comes from a `Location` header or the state file, with no check of scheme or
+/// origin. A state file naming a channel elsewhere got the token sent there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_goes_only_to_the_configured_frontend() {
+    use std::io::{Read, Write};
+    let site = Site::new().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let elsewhere = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 8192];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            record
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+            let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    let token = format!("token = \"{}\"", site.sim.token_file.display());
+    let config = sse_config_with(&site, &token, "retryseconds = 0", "");
+    std::fs::write(
+        site.path("dcflow-sse.json"),
+        format!(
+            r#"{{"channel": "http://{elsewhere}/api/v1/events/channels/x", "last_event_id": 3}}"#
+        ),
+    )
+    .unwrap();
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
+    let files = vec![("t/a.dat".to_owned(), data(4_000, 3))];
+    site.upload(&files[0].0, &files[0].1).await;
+    wait_for("the file", &log, || all_landed(&site, &files));
+    assert_eq!(stop(child), 0);
+    let got = seen.lock().unwrap().clone();
+    assert!(
+        !got.to_ascii_lowercase().contains("authorization"),
+        "the token went to {elsewhere}:\n{got}"
+    );
+    assert!(
+        !got.contains(&site.sim.token),
+        "the token went to {elsewhere}"
+    );
+}

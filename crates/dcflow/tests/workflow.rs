@@ -828,3 +828,280 @@ timeout = 120
         body
     );
 }
+
+/// Issue 14, item 10: unpack had no size, entry-count or ratio limit (a tar.gz bomb filled the
+/// destination), and a folder named like its temporary folder was removed with everything in
+/// it. Now the bomb is a clean failure that leaves nothing, and a folder of that name that
+/// dcflow did not create is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpack_refuses_a_bomb_and_removes_no_folder_it_did_not_create() {
+    let site = Site::new().await;
+    let archives = site.path("archives");
+    std::fs::create_dir_all(&archives).unwrap();
+    // 64 MiB of zeros in about 64 KiB, and 300 small entries.
+    let script = r#"
+import io, sys, tarfile, os
+d = sys.argv[1]
+with tarfile.open(os.path.join(d, "bomb.tar.gz"), "w:gz") as t:
+    info = tarfile.TarInfo("zeros.bin"); info.size = 64 << 20
+    class Zeros(io.RawIOBase):
+        def __init__(s): s.left = info.size
+        def readable(s): return True
+        def readinto(s, b):
+            n = min(len(b), s.left); b[:n] = bytes(n); s.left -= n; return n
+    t.addfile(info, io.BufferedReader(Zeros()))
+with tarfile.open(os.path.join(d, "many.tar.gz"), "w:gz") as t:
+    for i in range(300):
+        info = tarfile.TarInfo(f"f{i}.txt"); data = b"%d\n" % i; info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+with tarfile.open(os.path.join(d, "fine.tar.gz"), "w:gz") as t:
+    info = tarfile.TarInfo("in/side.txt"); data = b"fine\n"; info.size = len(data)
+    t.addfile(info, io.BytesIO(data))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, archives.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for name in ["bomb.tar.gz", "many.tar.gz", "fine.tar.gz"] {
+        site.upload(
+            &format!("arc/{name}"),
+            &std::fs::read(archives.join(name)).unwrap(),
+        )
+        .await;
+    }
+    // A folder that looks like the old temporary folder of fine.tar.gz.d (a dCache folder
+    // copied earlier, say): it must survive.
+    let lookalike = site.download().join("arc/.fine.tar.gz.d.dcflow-unpack");
+    std::fs::create_dir_all(&lookalike).unwrap();
+    std::fs::write(lookalike.join("precious.txt"), "keep me").unwrap();
+    let workflows = r#"
+[[workflow]]
+name = "unpack"
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "unpack"
+maxfiles = 200
+"#;
+    let config = site.write_workflow_config("", workflows);
+    let out = replay(&config, &site.billing());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let failed = site.records("failed.csv");
+    let why = |name: &str| {
+        failed
+            .iter()
+            .find(|r| r.billing_path.ends_with(name))
+            .map(|r| r.error.clone())
+            .unwrap_or_else(|| panic!("no failure row for {name}: {failed:?}"))
+    };
+    assert!(
+        why("bomb.tar.gz").contains("maxratio"),
+        "{}",
+        why("bomb.tar.gz")
+    );
+    assert!(
+        why("many.tar.gz").contains("maxfiles"),
+        "{}",
+        why("many.tar.gz")
+    );
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert_eq!(
+        std::fs::read_to_string(site.download().join("arc/fine.tar.gz.d/in/side.txt")).unwrap(),
+        "fine\n"
+    );
+    assert!(!site.download().join("arc/bomb.tar.gz.d").exists());
+    assert!(!site.download().join("arc/many.tar.gz.d").exists());
+    assert_eq!(
+        std::fs::read_to_string(lookalike.join("precious.txt")).unwrap(),
+        "keep me",
+        "a folder dcflow did not create was removed"
+    );
+    let stray: Vec<_> = files_below(&site.download())
+        .into_iter()
+        .filter(|p| {
+            let s = p.to_string_lossy();
+            (s.contains("dcflow-unpack") && !s.contains("precious")) || s.contains("zeros.bin")
+        })
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+}
+
+/// Issue 14, item 11: with `destination = "{name}"`, `/a/x` and `/b/x` map to one local path;
+/// the second copy replaced the first, and with delete-source both sources were deleted while
+/// one copy survived (reproduced against a real dCache 12). Resuming at delete-source trusted
+/// the state row without looking at the local file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sources_for_one_destination_collide_and_delete_source_checks_the_copy_again() {
+    let site = Site::new().await;
+    let (a, b) = (data(30_000, 1), data(30_000, 2));
+    let door_a = site.upload("a/x", &a).await;
+    let door_b = site.upload("b/x", &b).await;
+    let workflows = r#"
+[[workflow]]
+name = "flat"
+[[workflow.step]]
+type = "copy"
+destination = "flat/{name}"
+[[workflow.step]]
+type = "delete-source"
+"#;
+    let events = snapshot(&site, "events.jsonl");
+    let config = site.write_workflow_config("", workflows);
+    let out = replay(&config, &events);
+    let stderr = text(&out.stderr);
+    let local = std::fs::read(site.download().join("flat/x")).unwrap();
+    let (kept, deleted) = if local == a {
+        (&door_b, &door_a)
+    } else {
+        assert!(local == b, "the copy is neither source");
+        (&door_a, &door_b)
+    };
+    assert!(
+        !site.sim.stored_file(deleted).exists(),
+        "the copied source is freed"
+    );
+    assert!(
+        site.sim.stored_file(kept).exists(),
+        "both sources were deleted while one copy survives:\n{stderr}"
+    );
+    let failed = site.records("failed.csv");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0].error.contains("already holds the copy of"),
+        "{}",
+        failed[0].error
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+
+    // Resuming at delete-source: the copy is done and recorded, a later step fails once;
+    // meanwhile the local copy is changed. The resumed workflow must not delete the source.
+    let site = Site::new().await;
+    let body = data(40_000, 3);
+    let door = site.upload("r/y", &body).await;
+    let gate = site.path("gate");
+    let workflows = format!(
+        r#"
+[[workflow]]
+name = "gated"
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "exec"
+argv = ["test", "-e", "{gate}"]
+[[workflow.step]]
+type = "delete-source"
+"#,
+        gate = gate.display()
+    );
+    let events = snapshot(&site, "events.jsonl");
+    let config = site.write_workflow_config("", &workflows);
+    let out = replay(&config, &events);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let copy = site.download().join("r/y");
+    assert_eq!(std::fs::read(&copy).unwrap(), body);
+    let mut changed = body.clone();
+    changed[100] ^= 0xff;
+    std::fs::write(&copy, &changed).unwrap();
+    std::fs::write(&gate, "").unwrap();
+    let out = replay(&config, &events);
+    let stderr = text(&out.stderr);
+    assert!(
+        site.sim.stored_file(&door).exists(),
+        "the source was deleted although the local copy no longer matches:\n{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let failed = site.records("failed.csv");
+    assert!(
+        failed
+            .last()
+            .unwrap()
+            .error
+            .contains("does not match dCache's file"),
+        "{failed:?}"
+    );
+}
+
+/// Issue 14, item 12: `exec` children inherited the whole environment (`BEARER_TOKEN`
+/// included), and a file name starting with `-` reached the program where it reads options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_children_get_no_token_and_a_dash_name_is_not_an_option() {
+    let site = Site::new().await;
+    site.upload("e/ok.dat", &data(1_000, 1)).await;
+    site.upload("e/-rf", &data(1_000, 2)).await;
+    let (script, calls) = argv_recorder(&site);
+    let env_dump = site.path("env.txt");
+    let workflows = format!(
+        r#"
+[[workflow]]
+name = "env"
+[workflow.match]
+paths = ["**/ok.dat"]
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "exec"
+argv = ["/bin/sh", "-c", "env > \"$0\"", "{env_dump}"]
+
+[[workflow]]
+name = "dash"
+[workflow.match]
+paths = ["**/-rf"]
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "exec"
+argv = ["python3", "{script}", "{calls}", "--", "{{name}}"]
+[[workflow.step]]
+type = "exec"
+argv = ["python3", "{script}", "{calls}", "{{name}}"]
+"#,
+        env_dump = env_dump.display(),
+        script = script.display(),
+        calls = calls.display(),
+    );
+    let config = site.write_workflow_config("", &workflows);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args([
+            "replay",
+            "--config",
+            config.to_str().unwrap(),
+            site.billing().to_str().unwrap(),
+        ])
+        // dcflow's own token (WLCG discovery): it authenticates at the door with it.
+        .env("BEARER_TOKEN", &site.sim.token)
+        .env("SITE_API_TOKEN", "secret-api-value")
+        .env("DCFLOW_LOG", "info")
+        .env_remove("X509_USER_PROXY")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    let env = std::fs::read_to_string(&env_dump).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert!(
+        !env.contains(&site.sim.token),
+        "BEARER_TOKEN reached the program"
+    );
+    assert!(
+        !env.contains("secret-api-value"),
+        "SITE_API_TOKEN reached the program"
+    );
+    assert!(env.contains("PATH="), "the rest of the environment is kept");
+    let recorded = std::fs::read_to_string(&calls).unwrap_or_default();
+    assert!(
+        recorded.lines().any(|l| l == r#"["--", "-rf"]"#),
+        "after a literal --, the name is passed: {recorded}"
+    );
+    assert!(
+        !recorded.lines().any(|l| l == r#"["-rf"]"#),
+        "-rf was handed over where options are read: {recorded}"
+    );
+    let failed = site.records("failed.csv");
+    assert_eq!(failed.len(), 1, "{failed:?}\n{stderr}");
+    assert!(
+        failed[0].error.contains("starts with '-'"),
+        "{}",
+        failed[0].error
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+}

@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use dcache_sim::{Sim, SimConfig};
-use dcflow_core::RecordFile;
+pub use dcflow_core::RecordFile;
 
 pub const FOLDER: &str = "/lsst/user/j/jdoe";
 
@@ -404,4 +404,381 @@ pub fn jitter(n: u64) -> u64 {
         .unwrap()
         .subsec_nanos() as u64;
     (nanos / 1000) % n
+}
+
+/// `dcflow ARGS` under strace (every process, file system calls and fsyncs, descriptors shown
+/// as paths); the trace goes to `trace`. `None` (the test says SKIPPED) without strace, except
+/// under CI, where that is a failure.
+pub fn dcflow_traced(args: &[&str], trace: &Path) -> Option<Output> {
+    if Command::new("strace").arg("-V").output().is_err() {
+        if std::env::var_os("CI").is_some() {
+            panic!("strace is missing: .ci/run installs it");
+        }
+        eprintln!("SKIPPED: strace is not installed");
+        return None;
+    }
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-e", "trace=%file,fsync,fdatasync", "-o"])
+        .arg(trace)
+        .arg(env!("CARGO_BIN_EXE_dcflow"))
+        .args(args)
+        .env_remove("X509_USER_PROXY")
+        .env_remove("BEARER_TOKEN")
+        .env("DCFLOW_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Some(out)
+}
+
+/// What a trace of [`dcflow_traced`] shows: the directories created (in order) and the paths
+/// fsynced (in order), each with its line number.
+pub struct Trace {
+    pub created: Vec<(usize, PathBuf)>,
+    pub fsynced: Vec<(usize, PathBuf)>,
+}
+
+impl Trace {
+    pub fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut created = Vec::new();
+        let mut fsynced = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let ok = line.trim_end().ends_with("= 0");
+            if !ok {
+                continue;
+            }
+            if let Some(i) = line.find("mkdir(").or_else(|| line.find("mkdirat(")) {
+                if let Some(q) = line[i..].find('"') {
+                    let rest = &line[i + q + 1..];
+                    if let Some(end) = rest.find('"') {
+                        created.push((n, PathBuf::from(&rest[..end])));
+                    }
+                }
+            }
+            for call in ["fsync(", "fdatasync("] {
+                if let Some(i) = line.find(call) {
+                    let rest = &line[i + call.len()..];
+                    if let (Some(a), Some(b)) = (rest.find('<'), rest.find(">)")) {
+                        fsynced.push((n, PathBuf::from(&rest[a + 1..b])));
+                    }
+                }
+            }
+        }
+        Self { created, fsynced }
+    }
+
+    /// Whether `dir` was fsynced after line `after`.
+    pub fn fsynced_after(&self, dir: &Path, after: usize) -> bool {
+        self.fsynced.iter().any(|(n, p)| *n > after && p == dir)
+    }
+}
+
+/// The real dCache of the tests (`scripts/dcache.sh start` prints these variables). Without it
+/// a test says SKIPPED and passes, except under CI, where a missing dCache is a failure.
+pub struct RealDcache {
+    pub door: String,
+    pub frontend: String,
+    pub ca: PathBuf,
+    pub capath: PathBuf,
+    pub usercert: PathBuf,
+    pub userkey: PathBuf,
+    pub topic: String,
+}
+
+/// The admin user of the test instance (`etc/dcache.kpwd`).
+pub const DCACHE_ADMIN: &str = "admin:dickerelch";
+
+pub fn real_dcache() -> Option<RealDcache> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (var("DCFLOW_DCACHE_DOOR"), var("DCFLOW_DCACHE_CA")) {
+        (Some(door), Some(ca)) => Some(RealDcache {
+            door,
+            frontend: var("DCFLOW_DCACHE_FRONTEND")
+                .unwrap_or_else(|| "https://localhost:3881".into()),
+            ca: ca.into(),
+            capath: var("DCFLOW_DCACHE_CAPATH").unwrap_or_default().into(),
+            usercert: var("DCFLOW_DCACHE_USERCERT").unwrap_or_default().into(),
+            userkey: var("DCFLOW_DCACHE_USERKEY").unwrap_or_default().into(),
+            topic: var("DCFLOW_DCACHE_TOPIC").unwrap_or_else(|| "billing".into()),
+        }),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("DCFLOW_DCACHE_DOOR is not set: .ci/run must start dCache (scripts/dcache.sh start)")
+        }
+        _ => {
+            eprintln!("SKIPPED: no real dCache; start one with `eval \"$(KAFKA=$DCFLOW_KAFKA scripts/dcache.sh start)\"`");
+            None
+        }
+    }
+}
+
+impl RealDcache {
+    /// curl with the instance's CA and the admin user.
+    fn curl(&self) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--fail", "--retry", "3", "--cacert"])
+            .arg(&self.ca)
+            .args(["-u", DCACHE_ADMIN]);
+        c
+    }
+
+    /// PUT through the redirecting door (307 to a pool mover, followed).
+    pub fn upload(&self, path: &str, file: &Path) {
+        let out = self
+            .curl()
+            .args(["-L", "-o", "/dev/null", "-T"])
+            .arg(file)
+            .arg(self.url(path))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "PUT {path}: {}", text(&out.stderr));
+    }
+
+    pub fn delete(&self, path: &str) {
+        let out = self
+            .curl()
+            .args(["-X", "DELETE", "-o", "/dev/null"])
+            .arg(self.url(path))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "DELETE {path}: {}", text(&out.stderr));
+    }
+
+    /// Whether the door has the file (HEAD).
+    pub fn exists(&self, path: &str) -> bool {
+        let out = self
+            .curl()
+            .args(["-I", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(self.url(path))
+            .output()
+            .unwrap();
+        text(&out.stdout).trim() == "200"
+    }
+
+    /// The pnfsid of a file, from the door's ETag (`"<pnfsid>_<number>"`).
+    pub fn pnfsid(&self, path: &str) -> String {
+        let out = self
+            .curl()
+            .args(["-I"])
+            .arg(self.url(path))
+            .output()
+            .unwrap();
+        let head = text(&out.stdout);
+        let etag = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("ETag: ")
+                    .or_else(|| l.strip_prefix("etag: "))
+            })
+            .unwrap_or_else(|| panic!("no ETag for {path}: {head}"));
+        etag.trim()
+            .trim_matches('"')
+            .split('_')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// The door URL of a namespace path, each segment percent-encoded.
+    pub fn url(&self, path: &str) -> String {
+        let segs: Vec<String> = path
+            .split('/')
+            .map(|s| {
+                percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            })
+            .collect();
+        format!("{}{}", self.door, segs.join("/"))
+    }
+
+    /// A macaroon that the door issues for `path` (dCache's own bearer token).
+    pub fn macaroon(&self, path: &str, activities: &str) -> String {
+        let out = self
+            .curl()
+            .args([
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/macaroon-request",
+                "-d",
+            ])
+            .arg(format!(
+                r#"{{"caveats":["activity:{activities}"],"validity":"PT1H"}}"#
+            ))
+            .arg(format!("{}/", self.url(path).trim_end_matches('/')))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "macaroon request: {}",
+            text(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["macaroon"].as_str().expect("a macaroon").to_owned()
+    }
+
+    /// A PEM with the instance's user certificate and its key (an X.509 client certificate,
+    /// as `[local] proxy` takes it), mode 0600.
+    pub fn cert_and_key(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("usercert-and-key.pem");
+        let mut pem = std::fs::read(&self.usercert).unwrap();
+        pem.extend(std::fs::read(&self.userkey).unwrap());
+        std::fs::write(&path, pem).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    /// An RFC 3820 proxy (proxyCertInfo, inherit-all) signed by the user certificate, made
+    /// with openssl as grid tools do: proxy certificate, its key, the user certificate.
+    pub fn proxy(&self, dir: &Path) -> PathBuf {
+        let subject = Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-nameopt", "compat", "-in"])
+            .arg(&self.usercert)
+            .output()
+            .unwrap();
+        let subject = text(&subject.stdout)
+            .trim()
+            .trim_start_matches("subject=")
+            .to_owned();
+        let serial = std::process::id();
+        let ext = dir.join("proxy.cnf");
+        std::fs::write(
+            &ext,
+            "[p]\nkeyUsage=critical,digitalSignature,keyEncipherment\nproxyCertInfo=critical,language:id-ppl-inheritAll\n",
+        )
+        .unwrap();
+        let (key, csr, cert) = (
+            dir.join("proxy.key"),
+            dir.join("proxy.csr"),
+            dir.join("proxy.crt"),
+        );
+        let run = |args: &[&std::ffi::OsStr]| {
+            let out = Command::new("openssl").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                text(&out.stderr)
+            );
+        };
+        let subj = format!("{subject}/CN={serial}");
+        run(&[
+            "req".as_ref(),
+            "-new".as_ref(),
+            "-newkey".as_ref(),
+            "rsa:2048".as_ref(),
+            "-nodes".as_ref(),
+            "-keyout".as_ref(),
+            key.as_os_str(),
+            "-subj".as_ref(),
+            subj.as_ref(),
+            "-out".as_ref(),
+            csr.as_os_str(),
+        ]);
+        let serial = serial.to_string();
+        run(&[
+            "x509".as_ref(),
+            "-req".as_ref(),
+            "-in".as_ref(),
+            csr.as_os_str(),
+            "-CA".as_ref(),
+            self.usercert.as_os_str(),
+            "-CAkey".as_ref(),
+            self.userkey.as_os_str(),
+            "-set_serial".as_ref(),
+            serial.as_ref(),
+            "-days".as_ref(),
+            "1".as_ref(),
+            "-extfile".as_ref(),
+            ext.as_os_str(),
+            "-extensions".as_ref(),
+            "p".as_ref(),
+            "-out".as_ref(),
+            cert.as_os_str(),
+        ]);
+        let path = dir.join("x509up");
+        let mut pem = std::fs::read(&cert).unwrap();
+        pem.extend(std::fs::read(&key).unwrap());
+        pem.extend(std::fs::read(&self.usercert).unwrap());
+        std::fs::write(&path, pem).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    /// A dcflow configuration for this instance: the door's root is the namespace root
+    /// (`pool = "/"`), files under `folder`, `auth` lines for `[local]`, `extra` appended.
+    pub fn config(
+        &self,
+        dir: &Path,
+        folder: &str,
+        auth: &str,
+        kafka: Option<&str>,
+        extra: &str,
+    ) -> PathBuf {
+        let kafka = kafka.map(|k| format!("[kafka]\n{k}\n")).unwrap_or_default();
+        let text = format!(
+            r#"{kafka}[dcache]
+url = "{door}"
+pool = "/"
+folder = "{folder}"
+retryseconds = 1
+retrytimes = 5
+maxdownloads = 4
+timeout = 300
+stalltimeout = 60
+[local]
+{auth}
+capath = "{capath}"
+downloadfolder = "{download}"
+permissions = '2750'
+failedtasksfile = "{failed}"
+successfultaskfile = "{success}"
+{extra}
+"#,
+            door = self.door,
+            capath = self.capath.display(),
+            download = dir.join("download").display(),
+            failed = dir.join("failed.csv").display(),
+            success = dir.join("success.csv").display(),
+        );
+        let path = dir.join("dcflow.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// Every message of `topic` so far whose text contains `needle` (billing messages of one
+/// test's folder), read from the start by a throw-away consumer.
+pub fn topic_messages(broker: &str, topic: &str, needle: &str) -> Vec<Vec<u8>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let (_, end) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next = 0;
+    while next < end && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            next = m.offset() + 1;
+            if let Some(p) = m.payload() {
+                if p.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    out.push(p.to_vec());
+                }
+            }
+        }
+    }
+    out
 }
