@@ -133,6 +133,30 @@ mod tests {
         PathMapper::new(&c.dcache, c.local.download_folder)
     }
 
+    /// Issue 15: a door whose root is the namespace root (dCache's default layout) is
+    /// `pool = "/"`; check-config refused it ("must not be /").
+    #[test]
+    fn a_pool_at_the_namespace_root_maps_too() {
+        let text = "[dcache]\nurl='https://localhost:2885'\npool='/'\nfolder='/public/run'\n[local]\ndownloadfolder='/sps/in'\n";
+        let c = Config::from_toml(text, &Env::default()).unwrap();
+        let m = PathMapper::new(&c.dcache, c.local.download_folder);
+        assert_eq!(m.prefix(), "/public/run");
+        let got = m.map("/public/run/a b/f.fits").unwrap().unwrap();
+        assert_eq!(
+            got.source_url.as_str(),
+            "https://localhost:2885/public/run/a%20b/f.fits"
+        );
+        assert_eq!(got.destination, PathBuf::from("/sps/in/a b/f.fits"));
+        assert_eq!(m.map("/public/running/f").unwrap(), None);
+        let whole =
+            "[dcache]\nurl='https://localhost:2885'\npool='/'\n[local]\ndownloadfolder='/sps/in'\n";
+        let c = Config::from_toml(whole, &Env::default()).unwrap();
+        let m = PathMapper::new(&c.dcache, c.local.download_folder);
+        let got = m.map("/x/y").unwrap().unwrap();
+        assert_eq!(got.source_url.as_str(), "https://localhost:2885/x/y");
+        assert_eq!(got.rel, vec!["x", "y"]);
+    }
+
     #[test]
     fn maps_as_the_design_says() {
         let m = mapper("/lsst/user/j/jdoe");
