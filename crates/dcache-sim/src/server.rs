@@ -66,6 +66,9 @@ pub struct SimConfig {
     pub pool_port: u16,
     /// Also publish billing messages to Kafka, as dCache does.
     pub kafka: Option<SimKafka>,
+    /// Bill downloads (the pool's read `transfer` and the door's `request`), as dCache does
+    /// (default). Off for tests that count the messages they published themselves.
+    pub bill_reads: bool,
 }
 
 /// dCache's Kafka billing output.
@@ -91,6 +94,7 @@ impl SimConfig {
             door_port: 0,
             pool_port: 0,
             kafka: None,
+            bill_reads: true,
         }
     }
 }
@@ -109,7 +113,8 @@ struct State {
     storage: PathBuf,
     files: Mutex<HashMap<String, FileMeta>>,
     uploading: Mutex<HashSet<String>>,
-    uuids: Mutex<HashMap<String, String>>,
+    /// One-time pool uuid → (door path, who asked, from where): the pool bills the read.
+    uuids: Mutex<HashMap<String, (String, Identity, SocketAddr)>>,
     faults: Faults,
     billing: BillingLog,
     tokens: HashSet<String>,
@@ -415,6 +420,7 @@ fn door_path(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// Who the client is: the end-entity DN of its certificate chain, or the token's subject.
+#[derive(Clone)]
 enum Identity {
     Cert(String),
     Token,
@@ -619,9 +625,18 @@ async fn door_read(
         .uuids
         .lock()
         .expect("lock")
-        .insert(uuid.clone(), path.clone());
+        .insert(uuid.clone(), (path.clone(), identity.clone(), peer));
+    // As dCache 12.0.1 redirects: the one-time uuid and the door it came from.
+    let door_ref: String = url_escape(
+        state
+            .frontend
+            .base
+            .lock()
+            .expect("lock")
+            .trim_end_matches('/'),
+    );
     let mut location = format!(
-        "{}{}?dcache-http-uuid={uuid}",
+        "{}{}?dcache-http-uuid={uuid}&dcache-http-ref={door_ref}",
         state.pool_origin,
         req.uri().path()
     );
@@ -670,12 +685,12 @@ async fn pool(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body
     };
     // One-time: removed on first use.
     let known = state.uuids.lock().expect("lock").remove(&uuid);
-    if known.as_deref() != Some(path.as_str()) {
+    let Some((_, identity, peer)) = known.filter(|(p, _, _)| p == &path) else {
         return Ok(full(
             StatusCode::NOT_FOUND,
             "Request is no longer valid. Please resubmit to door.\n",
         ));
-    }
+    };
     state.pool_gets.fetch_add(1, Ordering::Relaxed);
     let meta = state.files.lock().expect("lock").get(&path).cloned();
     let Some(meta) = meta else {
@@ -694,7 +709,37 @@ async fn pool(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body
             r = r.header("Digest", d);
         }
     }
-    let body = StreamBody::new(file_stream(file, fault).map(|r| r.map(Frame::data)));
+    // Once the whole body is sent, dCache bills the read: the pool's `transfer` (isWrite
+    // "read") and the door's `request` (without moverInfo), as dCache 12.0.1 publishes them.
+    // (At the last byte: with a Content-Length, hyper does not poll the body to its end.)
+    let started = Instant::now();
+    let size = meta.size;
+    let state_bills_reads = state.cfg.bill_reads;
+    let bill = move || {
+        let ns_path = format!("{}{}", state.cfg.root, path);
+        let (pool_msg, _) = pool_transfer(&meta, &ns_path, &ns_path, started.elapsed(), "read");
+        state.billing.emit(&pool_msg);
+        let door = door_request(&state, &identity, peer, &path, Some(&meta), 0, "", None);
+        state.billing.emit(&door);
+    };
+    let mut bill = Some(bill).filter(|_| state_bills_reads);
+    if size == 0 {
+        if let Some(b) = bill.take() {
+            b();
+        }
+    }
+    let mut sent = 0u64;
+    let billed = file_stream(file, fault).inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            sent += c.len() as u64;
+            if sent >= size {
+                if let Some(b) = bill.take() {
+                    b();
+                }
+            }
+        }
+    });
+    let body = StreamBody::new(billed.map(|r| r.map(Frame::data)));
     Ok(r.body(body.boxed_unsync()).expect("response"))
 }
 
@@ -854,7 +899,7 @@ async fn put(
     let billing_path = format!("{}{}", state.cfg.root, path);
     match upload_dir {
         None => {
-            let mover = pool_transfer(&meta, &billing_path, &billing_path, elapsed);
+            let mover = pool_transfer(&meta, &billing_path, &billing_path, elapsed, "write");
             let door_msg = door_request(
                 &state,
                 &identity,
@@ -890,7 +935,8 @@ async fn put(
                 rand::random::<u8>() % 16,
                 uuid::Uuid::new_v4()
             );
-            let (pool_msg, _) = pool_transfer(&meta, &billing_path, &transfer_path, elapsed);
+            let (pool_msg, _) =
+                pool_transfer(&meta, &billing_path, &transfer_path, elapsed, "write");
             state.billing.emit(&pool_msg);
             let state2 = state.clone();
             let (ns_dir, name) = (ns_dir.clone(), name.to_owned());
@@ -994,7 +1040,9 @@ fn principal(identity: &Identity, peer: SocketAddr) -> (u32, Vec<String>, Option
                 format!("Origin[{ip}]"),
                 "OidcSubjectPrincipal[jdoe@https://sim.example.org]".into(),
             ],
-            None,
+            // Without a DN, dCache's owner is the user name (DoorRequestInfoMessage;
+            // dCache 12.0.1 wrote "owner":"admin" for a macaroon of admin).
+            Some("jdoe".into()),
         ),
     }
 }
@@ -1036,11 +1084,17 @@ fn pool_transfer(
     billing_path: &str,
     transfer_path: &str,
     elapsed: Duration,
+    direction: &str,
 ) -> (Msg, Msg) {
     let ms = elapsed.as_millis().max(1) as u64;
     let bandwidth = meta.size as f64 / elapsed.as_secs_f64().max(1e-3);
     let session = format!("pool:{POOL_CELL}@{POOL_DOMAIN}:{}", session_id());
     let protocol = serde_json::json!({"protocol":"Https","versionMajor":1,"versionMinor":1,"transferTag":"","port":53412,"host":"127.0.0.1"});
+    let (bw, idle, active) = if direction == "read" {
+        ("meanReadBandwidth", "readIdle", "readActive")
+    } else {
+        ("meanWriteBandwidth", "writeIdle", "writeActive")
+    };
     let common = |m: Msg| {
         m.put("version", "1.0")
             .put("msgType", "transfer")
@@ -1049,15 +1103,15 @@ fn pool_transfer(
             .put("cellName", POOL_CELL)
             .put("cellType", "pool")
             .put("cellDomain", POOL_DOMAIN)
-            .put_double("meanWriteBandwidth", bandwidth)
-            .put("writeIdle", "PT0.004S")
-            .put("writeActive", format!("PT{}.{:03}S", ms / 1000, ms % 1000))
+            .put_double(bw, bandwidth)
+            .put(idle, "PT0.004S")
+            .put(active, format!("PT{}.{:03}S", ms / 1000, ms % 1000))
             .put("localEndpoint", "127.0.0.1:24125")
             .put("status", serde_json::json!({"code": 0, "msg": ""}))
             .put("session", &session)
             .put("transferSize", meta.size)
             .put("transferTime", ms)
-            .put("isWrite", "write")
+            .put("isWrite", direction)
             .put("protocolInfo", &protocol)
             .put("isP2p", false)
             .put("transferPath", transfer_path)
@@ -1351,6 +1405,11 @@ async fn propfind(
         .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
         .body(full(StatusCode::OK, body).into_body())
         .expect("response"))
+}
+
+/// A query value, percent-encoded as dCache writes `dcache-http-ref`.
+fn url_escape(v: &str) -> String {
+    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// Path segments as the door writes them in hrefs.

@@ -29,7 +29,8 @@ async fn run_copies_every_upload_commits_to_the_end_and_restarts_idle() {
     let (topic, group) = (unique("billing"), unique("group"));
     // The emulator publishes to Kafka itself, as dCache does: uploads amid background
     // billing traffic (reads, p2p copies, stores, hits, removes).
-    let site = Site::with_kafka(&broker, &topic).await;
+    // It counts the messages it published: dcflow's own downloads are not billed here.
+    let site = Site::with_kafka_counted(&broker, &topic).await;
     let mut expected = Vec::new();
     for i in 0..40 {
         let body = data(1000 + i * 7919, i as u32);
@@ -76,7 +77,8 @@ async fn run_copies_every_upload_commits_to_the_end_and_restarts_idle() {
 async fn full_transfer_slots_pause_fetching_and_nothing_is_skipped() {
     let Some(broker) = broker() else { return };
     let (topic, group) = (unique("billing"), unique("group"));
-    let site = Site::with_kafka(&broker, &topic).await;
+    // It counts the messages it published: dcflow's own downloads are not billed here.
+    let site = Site::with_kafka_counted(&broker, &topic).await;
     // One transfer slot; the first three files take about 3 s each, so the partition is
     // paused (after 2 s) with fetched messages still in hand, and resumed three times.
     let mut expected = Vec::new();
@@ -716,7 +718,8 @@ async fn dispatch_until_caught_up_forwards_every_upload_commits_and_exits() {
 async fn a_catch_up_run_ends_at_the_last_message_and_leaves_its_group() {
     let Some(broker) = broker() else { return };
     let (topic, group) = (unique("billing"), unique("group"));
-    let site = Site::with_kafka(&broker, &topic).await;
+    // It counts the messages it published: dcflow's own downloads are not billed here.
+    let site = Site::with_kafka_counted(&broker, &topic).await;
     for i in 0..5 {
         site.upload(&format!("end/f-{i}.dat"), &data(2_000 + i, i as u32))
             .await;

@@ -249,7 +249,8 @@ argv = ["/bin/sh", "-c", "echo \"$1\" >> \"$0\"", "{removed}", "{{path}}"]
 }
 
 /// The SSE source against the real frontend: a channel, inotify subscriptions (a directory
-/// created during the run included), files copied as they are closed.
+/// created during the run included), files copied as they are closed, a file from before the
+/// start found by the first resynchronisation, and a restart that resumes the saved channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_follows_the_real_frontend_into_new_directories() {
     let (Some(_broker), Some(dcache)) = (broker(), real_dcache()) else {
@@ -305,6 +306,44 @@ async fn sse_follows_the_real_frontend_into_new_directories() {
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    // Uploads while dcflow is stopped: the restart resumes the saved channel with
+    // Last-Event-ID, and dCache replays what followed.
+    let state_file = dir.path().join("dcflow-sse.json");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    let channel = saved["channel"]
+        .as_str()
+        .expect("a saved channel")
+        .to_owned();
+    let mut files = files;
+    for i in 0..2 {
+        let f = (
+            format!("newdir/while-down-{i}.dat"),
+            data(30_000 + i, 610 + i as u32),
+        );
+        put(&dcache, dir.path(), &format!("{folder}/{}", f.0), &f.1);
+        files.push(f);
+    }
+    let log2 = dir.path().join("run2.log");
+    let child = start_run(&config, &log2);
+    wait_for(
+        "the files uploaded while stopped",
+        Duration::from_secs(120),
+        || files.iter().all(|(rel, body)| landed(&download, rel, body)),
+    );
+    assert_eq!(
+        stop(child),
+        0,
+        "{}",
+        std::fs::read_to_string(&log2).unwrap_or_default()
+    );
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    assert_eq!(
+        saved["channel"].as_str(),
+        Some(channel.as_str()),
+        "the same channel, resumed"
+    );
     let rows = RecordFile::read_all(&dir.path().join("success.csv")).unwrap();
     assert_eq!(rows.len(), files.len() + 1, "{rows:#?}");
     // dCache's own pnfsid (from the door's ETag), not a stand-in.
@@ -313,4 +352,427 @@ async fn sse_follows_the_real_frontend_into_new_directories() {
         let row = rows.iter().find(|r| r.billing_path == path).expect("a row");
         assert_eq!(row.pnfsid, dcache.pnfsid(&path), "{path}");
     }
+}
+
+/// A JSON value's shape: each key path (nested objects joined with `.`) and its JSON type.
+fn shape(
+    prefix: &str,
+    v: &serde_json::Value,
+    out: &mut std::collections::BTreeMap<String, &'static str>,
+) {
+    use serde_json::Value as V;
+    if let V::Object(m) = v {
+        for (k, v) in m {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            out.insert(
+                key.clone(),
+                match v {
+                    V::Null => "null",
+                    V::Bool(_) => "bool",
+                    V::Number(n) if n.is_f64() => "float",
+                    V::Number(_) => "integer",
+                    V::String(_) => "string",
+                    V::Array(_) => "array",
+                    V::Object(_) => "object",
+                },
+            );
+            shape(&key, v, out);
+        }
+    }
+}
+
+/// The formats dcflow reads, checked on one message; what does not hold, by key.
+fn format_problems(m: &serde_json::Value) -> Vec<String> {
+    let mut bad = Vec::new();
+    let date_ok = |s: &str| {
+        let b = s.as_bytes();
+        b.len() >= 20
+            && b[4] == b'-'
+            && b[7] == b'-'
+            && b[10] == b'T'
+            && b[13] == b':'
+            && (s.ends_with('Z') || s[19..].contains('+') || s[19..].contains('-'))
+    };
+    let mut check = |key: &str, ok: bool, v: &serde_json::Value| {
+        if !ok {
+            bad.push(format!("{key} = {v}"));
+        }
+    };
+    for key in ["date", "moverInfo.date"] {
+        let v = key.split('.').fold(m, |v, k| &v[k]);
+        if let Some(s) = v.as_str() {
+            check(key, date_ok(s), v);
+        }
+    }
+    if let Some(p) = m["pnfsid"].as_str() {
+        let ok = p.len() == 36
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+        check("pnfsid", ok, &m["pnfsid"]);
+    }
+    if let Some(s) = m["storageInfo"].as_str() {
+        check(
+            "storageInfo",
+            s.contains(':') && s.contains('@'),
+            &m["storageInfo"],
+        );
+    }
+    if let Some(subject) = m["subject"].as_array() {
+        for p in subject {
+            let ok = p
+                .as_str()
+                .is_some_and(|s| s.ends_with(']') && s.contains('['));
+            check("subject[]", ok, p);
+        }
+    }
+    for key in ["writeActive", "writeIdle", "readActive", "readIdle"] {
+        if let Some(s) = m[key].as_str() {
+            check(key, s.starts_with("PT") && s.ends_with('S'), &m[key]);
+        }
+    }
+    bad
+}
+
+/// What kind of billing message this is, for pairing the emulator's with dCache's.
+fn kind(m: &serde_json::Value) -> String {
+    let s = |k: &str| m[k].as_str().unwrap_or("-").to_owned();
+    let mover = if m.get("moverInfo").is_some() {
+        "+mover"
+    } else {
+        ""
+    };
+    format!("{} {} {}{mover}", s("msgType"), s("cellType"), s("isWrite"))
+}
+
+/// Issue 15, item 3: the emulator follows the real thing. The same operations (an upload
+/// through the redirecting door, a download, a delete) against dCache 12.0.1 and against
+/// dcache-sim: the billing messages of each kind must have the same keys with the same JSON
+/// types and the formats dcflow reads; the door's HEAD and GET the same headers and redirect
+/// form. A difference fails here with the list of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emulator_publishes_and_answers_what_dcache_does() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("/public/{}", unique("compare"));
+    let body = data(300_000, 77);
+    let file = dir.path().join("f.bin");
+    std::fs::write(&file, &body).unwrap();
+
+    // dCache: upload, download, delete; then its billing messages of that file.
+    let path = format!("{folder}/f.bin");
+    dcache.upload(&path, &file);
+    let real_head = curl_head(&dcache.ca, Some(DCACHE_ADMIN), None, &dcache.url(&path));
+    let real_get = curl_get_headers(&dcache.ca, Some(DCACHE_ADMIN), None, &dcache.url(&path));
+    let pnfsid = dcache.pnfsid(&path);
+    dcache.delete(&path);
+    let mut real: Vec<serde_json::Value> = Vec::new();
+    wait_for(
+        "dCache's billing messages of the file",
+        Duration::from_secs(60),
+        || {
+            real = topic_messages(&broker, &dcache.topic, &pnfsid)
+                .iter()
+                .filter_map(|m| serde_json::from_slice(m).ok())
+                .collect();
+            // door upload + pool write, pool read + door download, door remove (+ pool remove)
+            real.len() >= 5
+        },
+    );
+
+    // The emulator: the same three operations.
+    let site = Site::new().await;
+    let sim_path = format!("{FOLDER}/f.bin");
+    site.upload("f.bin", &body).await;
+    let sim_url = format!("{}{}", site.sim.door_url, sim_path);
+    let bearer = format!("Authorization: Bearer {}", site.sim.token);
+    let sim_head = curl_head(&site.sim.pki.ca_pem, None, Some(&bearer), &sim_url);
+    let sim_get = curl_get_headers(&site.sim.pki.ca_pem, None, Some(&bearer), &sim_url);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-X",
+            "DELETE",
+            "-H",
+            &bearer,
+            "--cacert",
+        ])
+        .arg(&site.sim.pki.ca_pem)
+        .arg(&sim_url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    site.sim.flush_billing();
+    let sim: Vec<serde_json::Value> = site
+        .sim
+        .billing_messages()
+        .iter()
+        .filter_map(|m| serde_json::from_str(m).ok())
+        .collect();
+
+    let mut differences = Vec::new();
+    let kinds: std::collections::BTreeSet<String> = real.iter().map(kind).collect();
+    for k in &kinds {
+        let Some(r) = real.iter().find(|m| &kind(m) == k) else {
+            continue;
+        };
+        let Some(s) = sim.iter().find(|m| &kind(m) == k) else {
+            differences.push(format!("{k}: dCache publishes it, the emulator does not"));
+            continue;
+        };
+        let (mut rs, mut ss) = (Default::default(), Default::default());
+        shape("", r, &mut rs);
+        shape("", s, &mut ss);
+        for (key, t) in &rs {
+            match ss.get(key) {
+                None => differences.push(format!("{k}: {key} ({t}) only in dCache's")),
+                Some(u) if u != t && !(t == &"float" && u == &"integer") => differences.push(
+                    format!("{k}: {key} is {t} in dCache's, {u} in the emulator's"),
+                ),
+                _ => {}
+            }
+        }
+        for key in ss.keys().filter(|key| !rs.contains_key(*key)) {
+            differences.push(format!("{k}: {key} only in the emulator's"));
+        }
+        for p in format_problems(s) {
+            differences.push(format!("{k}: the emulator's {p} is not in dCache's format"));
+        }
+        assert!(
+            format_problems(r).is_empty(),
+            "dCache's own {k}: {:?}",
+            format_problems(r)
+        );
+    }
+    for (what, real, sim) in [
+        ("HEAD", &real_head, &sim_head),
+        ("GET", &real_get, &sim_get),
+    ] {
+        for h in ["etag", "digest", "content-length", "location"] {
+            if real.contains_key(h) != sim.contains_key(h) {
+                differences.push(format!(
+                    "{what}: header {h} in dCache's {} in the emulator's",
+                    if sim.contains_key(h) {
+                        "no, but"
+                    } else {
+                        "yes, not"
+                    }
+                ));
+            }
+        }
+        if let (Some(r), Some(s)) = (real.get("location"), sim.get("location")) {
+            let params = |l: &str| -> Vec<String> {
+                url::Url::parse(l)
+                    .map(|u| u.query_pairs().map(|(k, _)| k.into_owned()).collect())
+                    .unwrap_or_default()
+            };
+            if params(r) != params(s) {
+                differences.push(format!(
+                    "{what}: redirect query {:?} in dCache's, {:?} in the emulator's",
+                    params(r),
+                    params(s)
+                ));
+            }
+        }
+        if let (Some(r), Some(s)) = (real.get("etag"), sim.get("etag")) {
+            let form = |e: &str| {
+                e.trim_matches('"')
+                    .split('_')
+                    .map(str::len)
+                    .collect::<Vec<_>>()
+                    .first()
+                    .copied()
+            };
+            if form(r) != form(s) {
+                differences.push(format!(
+                    "{what}: ETag {r} in dCache's, {s} in the emulator's"
+                ));
+            }
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "the emulator differs from dCache 12.0.1:\n  {}",
+        differences.join("\n  ")
+    );
+}
+
+/// The response headers (lower-case names) of a HEAD.
+fn curl_head(
+    ca: &Path,
+    user: Option<&str>,
+    header: Option<&str>,
+    url: &str,
+) -> std::collections::BTreeMap<String, String> {
+    curl_headers(ca, user, header, &["-I", url])
+}
+
+/// The headers of a GET's first answer (the redirect), the redirect then followed to the end
+/// (a redirect left alone keeps a mover waiting on the pool).
+fn curl_get_headers(
+    ca: &Path,
+    user: Option<&str>,
+    header: Option<&str>,
+    url: &str,
+) -> std::collections::BTreeMap<String, String> {
+    curl_headers(ca, user, header, &["-L", "-o", "/dev/null", "-D", "-", url])
+}
+
+fn curl_headers(
+    ca: &Path,
+    user: Option<&str>,
+    header: Option<&str>,
+    args: &[&str],
+) -> std::collections::BTreeMap<String, String> {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-sS", "-H", "Want-Digest: adler32", "--cacert"])
+        .arg(ca);
+    if let Some(u) = user {
+        c.args(["-u", u]);
+    }
+    if let Some(h) = header {
+        c.args(["-H", h]);
+    }
+    let out = c.args(args).output().unwrap();
+    // The first answer's headers only.
+    text(&out.stdout)
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Two kill -9 of `dcflow run` during a burst of uploads to the real door: every file lands
+/// once, byte-identical, and no temporary or lock file is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_kill_9_during_a_burst_lose_and_corrupt_nothing() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("/public/{}", unique("kill"));
+    let group = unique("real-kill");
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+    let config = dcache.config(
+        dir.path(),
+        &folder,
+        &auth,
+        Some(&kafka_keys(&dcache.topic, &broker, &group)),
+        "",
+    );
+    let files: Vec<(String, Vec<u8>)> = (0..30)
+        .map(|i| {
+            (
+                format!("b{}/f{i:02}.dat", i % 3),
+                data(50_000 + i * 40_000, 700 + i as u32),
+            )
+        })
+        .collect();
+    let log = dir.path().join("run.log");
+    let mut child = start_run(&config, &log);
+    for (i, (rel, body)) in files.iter().enumerate() {
+        put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
+        if i == 9 || i == 19 {
+            kill9(child);
+            child = start_run(&config, &dir.path().join(format!("run-{i}.log")));
+        }
+    }
+    let download = dir.path().join("download");
+    wait_for("every file", Duration::from_secs(300), || {
+        files.iter().all(|(rel, body)| landed(&download, rel, body))
+    });
+    wait_committed_to_end(&broker, &dcache.topic, &group);
+    assert_eq!(stop(child), 0);
+    let stray: Vec<_> = files_below(&download)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".dcflow-"))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+    let rows = RecordFile::read_all(&dir.path().join("success.csv")).unwrap();
+    for (rel, _) in &files {
+        let path = format!("{folder}/{rel}");
+        assert!(
+            rows.iter().any(|r| r.billing_path == path),
+            "{path} has no success row"
+        );
+    }
+}
+
+/// A file deleted between its billing message and the GET: a recorded failure after the
+/// retries (dCache answers 404), nothing at the final path; and a door URL below the
+/// namespace root (`url = .../public`, `pool = "/public"`) maps the same files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_deleted_before_its_copy_fails_cleanly_and_a_pool_below_the_root_maps_too() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("gone");
+    let folder = format!("/public/{name}");
+    let kept = data(12_345, 801);
+    put(&dcache, dir.path(), &format!("{folder}/kept.dat"), &kept);
+    put(
+        &dcache,
+        dir.path(),
+        &format!("{folder}/gone.dat"),
+        &data(5_000, 802),
+    );
+    dcache.delete(&format!("{folder}/gone.dat"));
+    let events = dir.path().join("events.jsonl");
+    wait_for("dCache's billing messages", Duration::from_secs(60), || {
+        let msgs = topic_messages(&broker, &dcache.topic, &folder);
+        let mut jsonl = Vec::new();
+        for m in &msgs {
+            jsonl.extend_from_slice(m);
+            jsonl.push(b'\n');
+        }
+        std::fs::write(&events, jsonl).unwrap();
+        msgs.iter()
+            .filter(|m| String::from_utf8_lossy(m).contains("\"isWrite\":\"write\""))
+            .count()
+            >= 4
+    });
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+    let config = dcache.config(dir.path(), &folder, &auth, None, "");
+    // The door's URL below the namespace root, with the pool it serves.
+    let text_config = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            &format!("url = \"{}\"", dcache.door),
+            &format!("url = \"{}/public\"", dcache.door),
+        )
+        .replace("pool = \"/\"", "pool = \"/public\"")
+        .replace(
+            &format!("folder = \"{folder}\""),
+            &format!("folder = \"/{name}\""),
+        )
+        .replace("retrytimes = 5", "retrytimes = 2");
+    std::fs::write(&config, text_config).unwrap();
+    let out = dcflow(&[
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        events.to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let download = dir.path().join("download");
+    assert!(landed(&download, "kept.dat", &kept), "{stderr}");
+    assert!(!download.join("gone.dat").exists());
+    let failed = RecordFile::read_all(&dir.path().join("failed.csv")).unwrap();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(failed[0].billing_path.ends_with("/gone.dat"), "{failed:#?}");
+    assert!(
+        failed[0].error.contains("404") || failed[0].error.to_lowercase().contains("not found"),
+        "{}",
+        failed[0].error
+    );
 }

@@ -343,6 +343,13 @@ async fn a_resynchronisation_whose_listing_fails_is_retried_until_it_finishes() 
         text.contains("resynchronisation did not finish") || text.contains("incomplete"),
         "{text}"
     );
+    // The files land before the resynchronisation that fetched them has finished.
+    wait_for("the resynchronisation to finish", &log, || {
+        std::fs::read(site.path("dcflow-sse.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v.get("resync_pending").is_none())
+    });
     assert_eq!(stop(child), 0);
     let saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(site.path("dcflow-sse.json")).unwrap()).unwrap();

@@ -35,10 +35,29 @@ impl Site {
         .await
     }
 
+    /// The same without the emulator billing dcflow's own downloads (as dCache does): for
+    /// tests that count the messages they published.
+    pub async fn with_kafka_counted(broker: &str, topic: &str) -> Self {
+        Self::start_with(
+            Some(dcache_sim::SimKafka {
+                brokers: broker.into(),
+                topic: topic.into(),
+                partitions: 1,
+            }),
+            false,
+        )
+        .await
+    }
+
     async fn start(kafka: Option<dcache_sim::SimKafka>) -> Self {
+        Self::start_with(kafka, true).await
+    }
+
+    async fn start_with(kafka: Option<dcache_sim::SimKafka>, bill_reads: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = SimConfig::new(&dir.path().join("sim"));
         cfg.kafka = kafka;
+        cfg.bill_reads = bill_reads;
         let sim = Sim::start(cfg).await.unwrap();
         Self { sim, dir }
     }
