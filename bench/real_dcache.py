@@ -76,8 +76,9 @@ def upload(door, ca, folder, src, names, parallel=4):
     with open(cfg, "w") as f:
         for n in names:
             f.write(f'upload-file = "{src / n}"\nurl = "{door}{folder}/{n}"\n')
-    subprocess.run(["curl", "-sS", "-f", "-L", "--retry", "5", "--parallel", "--parallel-max", str(parallel),
-                    "--cacert", ca, "-u", ADMIN, "-o", "/dev/null", "-K", str(cfg)], check=True)
+    subprocess.run(["curl", "-sS", "--no-progress-meter", "-f", "-L", "--retry", "5", "--parallel", "--parallel-max", str(parallel),
+                    "--cacert", ca, "-u", ADMIN, "-o", "/dev/null", "-K", str(cfg)], check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def macaroon(door, ca, folder):
@@ -106,8 +107,9 @@ def run_curl(door, ca, token, folder, names, out, parallel):
     with open(cfg, "w") as f:
         for n in names:
             f.write(f'url = "{door}{folder}/{n}"\noutput = "{out / n}"\n')
-    return timed(["curl", "-sS", "-f", "-L", "--parallel", "--parallel-max", str(parallel), "--cacert", ca,
-                  "-H", f"Authorization: Bearer {token}", "-K", str(cfg)])
+    return timed(["curl", "-sS", "--no-progress-meter", "-f", "-L", "--parallel", "--parallel-max", str(parallel),
+                  "--cacert", ca, "-H", f"Authorization: Bearer {token}", "-K", str(cfg)],
+                 stdout=subprocess.DEVNULL)
 
 
 def run_rclone(door, ca, token, folder, out, parallel):

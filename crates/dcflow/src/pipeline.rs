@@ -337,10 +337,22 @@ impl Pipeline {
         );
     }
 
-    /// Cancelled once an outcome could not be recorded: the sources stop consuming, and
-    /// nothing after the unrecorded event is acknowledged.
-    pub fn halt_token(&self) -> tokio_util::sync::CancellationToken {
-        self.halt.clone()
+    /// A child of `shutdown` that is also cancelled when the pipeline halts: a source loop
+    /// selects on it, so that a record that cannot be written stops consuming as a stop
+    /// signal does.
+    pub fn stop_token(
+        &self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> tokio_util::sync::CancellationToken {
+        let stop = shutdown.child_token();
+        let (halted, child) = (self.halt.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = halted.cancelled() => child.cancel(),
+                _ = child.cancelled() => {}
+            }
+        });
+        stop
     }
 
     /// Why the pipeline halted, if it did.

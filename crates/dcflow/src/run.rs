@@ -47,16 +47,8 @@ pub async fn run_kafka(
     // An offset is committed only once the records of the work it covers are durable.
     let records = pipeline.clone();
     source.set_before_commit(Box::new(move || records.sync_records()));
-    // A record that cannot be written stops consuming, as a stop signal does.
-    let shutdown = shutdown.child_token();
-    let halted = pipeline.halt_token();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = halted.cancelled() => stop.cancel(),
-            _ = stop.cancelled() => {}
-        }
-    });
+    // A record that cannot be written stops the source, as a stop signal does.
+    let shutdown = pipeline.stop_token(&shutdown);
     info!(topic, group = %cfg.consumer_group, servers = %cfg.servers.join(","), "consuming");
     *pipeline.activity.source.lock().expect("activity lock") = format!(
         "Kafka topic {topic}, group {}, brokers {}",

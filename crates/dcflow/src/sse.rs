@@ -160,15 +160,7 @@ pub async fn run_sse(
         resync_pending: Default::default(),
     });
     // A record that cannot be written stops the source, as a stop signal does.
-    let shutdown = shutdown.child_token();
-    let halted = pipeline.halt_token();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = halted.cancelled() => stop.cancel(),
-            _ = stop.cancelled() => {}
-        }
-    });
+    let shutdown = pipeline.stop_token(&shutdown);
     *pipeline.activity.source.lock().expect("activity lock") = format!(
         "dCache storage events at {} ({} watched)",
         cfg.url,

@@ -19,6 +19,25 @@ fn put(dcache: &RealDcache, dir: &Path, path: &str, body: &[u8]) {
     dcache.upload(path, &file);
 }
 
+/// Waits until dCache has published the door and pool messages of `uploads` uploads under
+/// `folder`, and writes every message of the folder so far to `events` (JSON lines).
+fn billing_events(broker: &str, topic: &str, folder: &str, uploads: usize, events: &Path) {
+    wait_for("dCache's billing messages", Duration::from_secs(60), || {
+        let msgs = topic_messages(broker, topic, folder);
+        let writes = msgs
+            .iter()
+            .filter(|m| String::from_utf8_lossy(m).contains("\"isWrite\":\"write\""))
+            .count();
+        let mut jsonl = Vec::new();
+        for m in &msgs {
+            jsonl.extend_from_slice(m);
+            jsonl.push(b'\n');
+        }
+        std::fs::write(events, jsonl).unwrap();
+        writes >= 2 * uploads
+    });
+}
+
 fn landed(download: &Path, rel: &str, body: &[u8]) -> bool {
     std::fs::read(download.join(rel)).is_ok_and(|b| b == body)
 }
@@ -117,20 +136,7 @@ async fn replay_of_real_billing_messages_with_a_macaroon_and_with_a_proxy() {
         put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
     }
     let events = dir.path().join("events.jsonl");
-    wait_for("dCache's billing messages", Duration::from_secs(60), || {
-        let msgs = topic_messages(&broker, &dcache.topic, &folder);
-        let uploads = msgs
-            .iter()
-            .filter(|m| String::from_utf8_lossy(m).contains("\"isWrite\":\"write\""))
-            .count();
-        let mut jsonl = Vec::new();
-        for m in &msgs {
-            jsonl.extend_from_slice(m);
-            jsonl.push(b'\n');
-        }
-        std::fs::write(&events, jsonl).unwrap();
-        uploads >= 2 * files.len()
-    });
+    billing_events(&broker, &dcache.topic, &folder, files.len(), &events);
     let download = dir.path().join("download");
     let token = dir.path().join("macaroon");
     std::fs::write(&token, dcache.macaroon(&folder, "DOWNLOAD,LIST")).unwrap();
@@ -727,19 +733,7 @@ async fn a_file_deleted_before_its_copy_fails_cleanly_and_a_pool_below_the_root_
     );
     dcache.delete(&format!("{folder}/gone.dat"));
     let events = dir.path().join("events.jsonl");
-    wait_for("dCache's billing messages", Duration::from_secs(60), || {
-        let msgs = topic_messages(&broker, &dcache.topic, &folder);
-        let mut jsonl = Vec::new();
-        for m in &msgs {
-            jsonl.extend_from_slice(m);
-            jsonl.push(b'\n');
-        }
-        std::fs::write(&events, jsonl).unwrap();
-        msgs.iter()
-            .filter(|m| String::from_utf8_lossy(m).contains("\"isWrite\":\"write\""))
-            .count()
-            >= 4
-    });
+    billing_events(&broker, &dcache.topic, &folder, 2, &events);
     let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
     let config = dcache.config(dir.path(), &folder, &auth, None, "");
     // The door's URL below the namespace root, with the pool it serves.
