@@ -13,6 +13,10 @@ Readers, each round in a fresh destination, each run ending with `sync`:
   verified against dCache's, every file fsynced and renamed into place, one CSV row each).
 Authentication: a macaroon that the door issues (a bearer token for all three).
 
+- latency: --latency-files (100) uploads of 1 MiB, one every --latency-interval seconds (0.2),
+  while `dcflow run` follows dCache's billing topic: from the door's 201 (curl returns) to the
+  file's success record (verified, fsynced, renamed, recorded); p50, p90, p99, max.
+
 Prints, per case, each reader's wall time (median, min, max of --rounds) and CPU seconds
 (user + system, per GiB for large files), and dcflow's ratio to each peer, round by round.
 Needs DCFLOW_DCACHE_* (from scripts/dcache.sh start) and DCFLOW_KAFKA (the broker dCache
@@ -199,6 +203,82 @@ def case(name, args, dcflow, door, ca, capath, broker, topic, work, count, size,
                     *sum(([f"{door}{folder}/{n}"] for n in names), [])], check=False)
 
 
+def parse_time(s):
+    import datetime
+    s = s.replace("Z", "+00:00")
+    if "." in s:
+        head, rest = s.split(".", 1)
+        digits = "".join(c for c in rest if c.isdigit())
+        s = f"{head}.{digits[:6]}{rest[len(digits):]}"
+    return datetime.datetime.fromisoformat(s).timestamp()
+
+
+def latency(args, dcflow, door, ca, capath, broker, topic, work):
+    """Door's 201 → success record, with `dcflow run` on dCache's billing topic."""
+    import csv
+    folder = f"/public/bench-latency-{os.getpid()}-{int(time.time())}"
+    token_file = work / "macaroon-latency"
+    # The folder must exist for the macaroon request: the first upload creates it.
+    body = work / "latency.bin"
+    body.write_bytes(os.urandom(1 << 20))
+    subprocess.run(["curl", "-sS", "-f", "-L", "--cacert", ca, "-u", ADMIN, "-o", "/dev/null",
+                    "-T", str(body), f"{door}{folder}/warm-up.bin"], check=True)
+    token_file.write_text(macaroon(door, ca, folder) + "\n")
+    token_file.chmod(0o600)
+    out = work / "out-latency"
+    cfg = work / "latency.toml"
+    cfg.write_text(f"""[kafka]
+topic = "{topic}"
+servers = ["{broker}"]
+consumergroup = "bench-latency-{os.getpid()}-{int(time.time())}"
+[dcache]
+url = "{door}"
+pool = "/"
+folder = "{folder}"
+maxdownloads = 4
+retryseconds = 1
+retrytimes = 5
+[local]
+token = "{token_file}"
+capath = "{capath}"
+downloadfolder = "{out}"
+permissions = '2750'
+failedtasksfile = "{work}/latency-failed.csv"
+successfultaskfile = "{work}/latency-success.csv"
+""")
+    proc = subprocess.Popen([str(dcflow), "run", "--config", str(cfg)], stderr=subprocess.DEVNULL,
+                            env={**os.environ, "DCFLOW_LOG": "warn"})
+    try:
+        committed = {}
+        for i in range(args.latency_files):
+            name = f"f{i:05d}.bin"
+            subprocess.run(["curl", "-sS", "-f", "-L", "--cacert", ca, "-u", ADMIN, "-o", "/dev/null",
+                            "-T", str(body), f"{door}{folder}/{name}"], check=True)
+            committed[f"{folder}/{name}"] = time.time()
+            time.sleep(args.latency_interval)
+        deadline = time.monotonic() + 120
+        rows = {}
+        while time.monotonic() < deadline:
+            path = work / "latency-success.csv"
+            if path.exists():
+                with open(path) as f:
+                    rows = {r["billing_path"]: parse_time(r["time"]) for r in csv.DictReader(f)}
+            if all(p in rows for p in committed):
+                break
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait()
+    lat = sorted((rows[p] - t) * 1000 for p, t in committed.items() if p in rows)
+    if len(lat) != len(committed):
+        sys.exit(f"latency: {len(lat)} of {len(committed)} files recorded")
+    q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))]
+    print(f"\n## latency: {len(lat)} × 1 MiB, one every {args.latency_interval} s, `dcflow run` on dCache's "
+          f"billing topic (real dCache 12.0.1 door)\n")
+    print(f"from the door's 201 to the success record: p50 {q(0.5):.0f} ms, p90 {q(0.9):.0f} ms, "
+          f"p99 {q(0.99):.0f} ms, max {lat[-1]:.0f} ms")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small-files", type=int, default=300)
@@ -207,7 +287,9 @@ def main():
     p.add_argument("--large-mib", type=int, default=128)
     p.add_argument("--large-parallel", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--cases", default="small,large")
+    p.add_argument("--latency-files", type=int, default=100)
+    p.add_argument("--latency-interval", type=float, default=0.2)
+    p.add_argument("--cases", default="small,large,latency")
     args = p.parse_args()
     door, ca, capath = env("DCFLOW_DCACHE_DOOR"), env("DCFLOW_DCACHE_CA"), env("DCFLOW_DCACHE_CAPATH")
     broker, topic = env("DCFLOW_KAFKA"), os.environ.get("DCFLOW_DCACHE_TOPIC", "billing")
@@ -220,6 +302,8 @@ def main():
         if "large" in args.cases:
             case("large", args, dcflow, door, ca, capath, broker, topic, work,
                  args.large_files, args.large_mib << 20, args.large_parallel)
+        if "latency" in args.cases:
+            latency(args, dcflow, door, ca, capath, broker, topic, work)
 
 
 if __name__ == "__main__":

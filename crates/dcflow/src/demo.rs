@@ -4,6 +4,11 @@
 //! Runs the daemon's loop (`dcflow run`) on that topic while files are uploaded through the
 //! emulator's WebDAV door, shows live progress, stops once every file is handled, and checks
 //! every copy against the original.
+//!
+//! With `--dcache URL` the same runs against a real dCache instead of the emulator: uploads
+//! through its WebDAV door (PUT, following the 307 to a pool mover), its own billing messages
+//! on the site's broker (`--kafka`, `--topic`), the site's credentials (`--proxy` or
+//! `--token`, `--capath`), in a new folder below URL's path.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -25,6 +30,90 @@ pub struct DemoOptions {
     pub max_size: u64,
     /// A real broker instead of the in-process mock cluster.
     pub kafka: Option<String>,
+    /// A real dCache instead of the emulator.
+    pub dcache: Option<RealDcache>,
+}
+
+/// A site's dCache for `demo --dcache`.
+pub struct RealDcache {
+    /// The door and the folder to work in, e.g. `https://door:2880/public/tests`.
+    pub url: url::Url,
+    /// The billing topic the door and pools publish to.
+    pub topic: String,
+    pub proxy: Option<PathBuf>,
+    pub token: Option<PathBuf>,
+    pub capath: PathBuf,
+}
+
+/// Where the demo's files are uploaded.
+enum Door {
+    Sim(Arc<Sim>),
+    Real {
+        client: reqwest::Client,
+        token: Option<String>,
+        /// The door's origin, and the demo's folder below its root.
+        origin: url::Url,
+        folder: String,
+    },
+}
+
+impl Door {
+    /// PUT `rel` below the demo's folder, as a user's client does: at the door, then (dCache
+    /// redirects uploads to a pool mover) again to the mover, without the credentials.
+    async fn upload(&self, rel: &str, data: Vec<u8>) -> Result<()> {
+        let (client, token, origin, folder) = match self {
+            Door::Sim(sim) => return sim.upload(&format!("/lsst/user/j/jdoe/{rel}"), data).await,
+            Door::Real {
+                client,
+                token,
+                origin,
+                folder,
+            } => (client, token, origin, folder),
+        };
+        let mut url = origin.clone();
+        url.path_segments_mut()
+            .map_err(|_| anyhow::anyhow!("the door URL cannot have a path"))?
+            .extend(
+                folder
+                    .split('/')
+                    .chain(rel.split('/'))
+                    .filter(|p| !p.is_empty()),
+            );
+        let body = bytes::Bytes::from(data);
+        let mut req = client.put(url.clone()).body(body.clone());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req.send().await.with_context(|| format!("PUT {url}"))?;
+        if resp.status().is_redirection() {
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+                .context("a redirect without a Location")?;
+            anyhow::ensure!(
+                to.scheme() == "https",
+                "the door redirected the upload to {}",
+                to.scheme()
+            );
+            resp = client
+                .put(to)
+                .body(body)
+                .send()
+                .await
+                .context("PUT at the pool mover")?;
+        }
+        anyhow::ensure!(resp.status().is_success(), "PUT {url}: {}", resp.status());
+        Ok(())
+    }
+
+    fn sim(&self) -> Option<&Arc<Sim>> {
+        match self {
+            Door::Sim(sim) => Some(sim),
+            Door::Real { .. } => None,
+        }
+    }
 }
 
 /// File sizes of a realistic mix: empty, small, a few MiB, up to `max`.
@@ -86,28 +175,29 @@ pub async fn demo(opts: DemoOptions) -> Result<(Summary, PathBuf)> {
     } else {
         "billing".to_owned()
     };
-    let mut sim_config = SimConfig::new(&dir.join("dcache"));
-    sim_config.kafka = Some(SimKafka {
-        brokers: brokers.clone(),
-        topic: topic.clone(),
-        partitions: 1,
-    });
-    let sim = Arc::new(
-        Sim::start(sim_config)
-            .await
-            .context("starting the dCache emulator")?,
-    );
-    println!(
-        "dCache emulator   door {} (state in {})",
-        sim.door_url,
-        dir.join("dcache").display()
-    );
-    println!("event bus         {bus}, topic {topic}");
-
     let config_path = dir.join("dcflow.toml");
     let download = dir.join("download");
-    let config_text = format!(
-        r#"# Written by `dcflow demo`: the emulator's door and credentials, the demo's broker.
+    let (door, config_text) = match &opts.dcache {
+        None => {
+            let mut sim_config = SimConfig::new(&dir.join("dcache"));
+            sim_config.kafka = Some(SimKafka {
+                brokers: brokers.clone(),
+                topic: topic.clone(),
+                partitions: 1,
+            });
+            let sim = Arc::new(
+                Sim::start(sim_config)
+                    .await
+                    .context("starting the dCache emulator")?,
+            );
+            println!(
+                "dCache emulator   door {} (state in {})",
+                sim.door_url,
+                dir.join("dcache").display()
+            );
+            println!("event bus         {bus}, topic {topic}");
+            let text = format!(
+                r#"# Written by `dcflow demo`: the emulator's door and credentials, the demo's broker.
 [kafka]
 topic = "{topic}"
 servers = ["{brokers}"]
@@ -128,12 +218,79 @@ permissions = '2750'
 failedtasksfile = "{dir}/failed.csv"
 successfultaskfile = "{dir}/success.csv"
 "#,
-        door = sim.door_url,
-        proxy = sim.pki.proxy.display(),
-        capath = sim.pki.capath.display(),
-        download = download.display(),
-        dir = dir.display(),
-    );
+                door = sim.door_url,
+                proxy = sim.pki.proxy.display(),
+                capath = sim.pki.capath.display(),
+                download = download.display(),
+                dir = dir.display(),
+            );
+            (Door::Sim(sim), text)
+        }
+        Some(real) => {
+            let mut origin = real.url.clone();
+            origin.set_path("");
+            let folder = format!(
+                "{}/dcflow-demo-{run_id}",
+                real.url.path().trim_end_matches('/')
+            );
+            println!("dCache            door {origin}, folder {folder}");
+            println!("event bus         {bus}, topic {}", real.topic);
+            let auth = match (&real.proxy, &real.token) {
+                (Some(p), _) => format!("proxy = \"{}\"", p.display()),
+                (None, Some(t)) => format!("token = \"{}\"", t.display()),
+                (None, None) => bail!("demo --dcache needs --proxy or --token"),
+            };
+            let text = format!(
+                r#"# Written by `dcflow demo --dcache`: the site's door, broker and credentials.
+[kafka]
+topic = "{topic}"
+servers = ["{brokers}"]
+consumergroup = "dcflow-demo-{run_id}"
+[dcache]
+url = "{origin}"
+pool = "/"
+folder = "{folder}"
+retryseconds = 1
+retrytimes = 5
+maxdownloads = 4
+timeout = 300
+[local]
+{auth}
+capath = "{capath}"
+downloadfolder = "{download}"
+permissions = '2750'
+failedtasksfile = "{dir}/failed.csv"
+successfultaskfile = "{dir}/success.csv"
+"#,
+                topic = real.topic,
+                origin = origin.as_str().trim_end_matches('/'),
+                capath = real.capath.display(),
+                download = download.display(),
+                dir = dir.display(),
+            );
+            std::fs::write(&config_path, &text)?;
+            let config =
+                Config::load(&config_path, &Env::from_process()).map_err(anyhow::Error::msg)?;
+            let creds = dcflow_transfer::Credentials::load(&config.local.auth)
+                .context("loading the credentials")?;
+            let tls = creds.tls_config().context("the TLS configuration")?;
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .context("the upload client")?;
+            let token = creds.token.as_ref().map(|t| t.get().expose().to_owned());
+            (
+                Door::Real {
+                    client,
+                    token,
+                    origin,
+                    folder,
+                },
+                text,
+            )
+        }
+    };
     std::fs::write(&config_path, config_text)?;
     let config = Config::load(&config_path, &Env::from_process()).map_err(anyhow::Error::msg)?;
     let kafka = config
@@ -165,16 +322,18 @@ successfultaskfile = "{dir}/success.csv"
         human_bytes(plan.iter().map(|(_, s)| *s).max().unwrap_or(0))
     );
     let started = Instant::now();
+    let door = Arc::new(door);
     let uploads = {
         let plan = plan.clone();
-        let sim = sim.clone();
+        let door = door.clone();
         tokio::spawn(async move {
             let mut originals = Vec::new();
             for (i, (rel, size)) in plan.into_iter().enumerate() {
                 let data = content(i, size);
-                sim.upload(&format!("/lsst/user/j/jdoe/{rel}"), data.clone())
-                    .await?;
-                sim.flush_billing();
+                door.upload(&rel, data.clone()).await?;
+                if let Some(sim) = door.sim() {
+                    sim.flush_billing();
+                }
                 originals.push((rel, data));
             }
             anyhow::Ok(originals)
@@ -266,7 +425,7 @@ successfultaskfile = "{dir}/success.csv"
     );
     // Every client of the mock cluster goes before the cluster does.
     drop(pipeline);
-    drop(sim);
+    drop(door);
     Ok((summary, dir))
 }
 

@@ -150,6 +150,24 @@ enum Command {
         /// A real Kafka broker (host:port) instead of librdkafka's in-process mock cluster.
         #[arg(long)]
         kafka: Option<String>,
+        /// A real dCache instead of the emulator: its WebDAV door and a folder to work in
+        /// (the demo uploads into a new folder below it), e.g. https://door:2880/public.
+        /// Needs --kafka (the broker the door and pools publish billing to), --capath and
+        /// --proxy or --token (allowed to upload there).
+        #[arg(long, requires_all = ["kafka", "capath"])]
+        dcache: Option<url::Url>,
+        /// With --dcache: the billing topic.
+        #[arg(long, default_value = "billing", requires = "dcache")]
+        topic: String,
+        /// With --dcache: an X.509 proxy (or certificate and key) PEM.
+        #[arg(long, requires = "dcache")]
+        proxy: Option<PathBuf>,
+        /// With --dcache: a file holding a bearer token (a macaroon, say).
+        #[arg(long, requires = "dcache")]
+        token: Option<PathBuf>,
+        /// With --dcache: the trusted CA folder.
+        #[arg(long, requires = "dcache")]
+        capath: Option<PathBuf>,
     },
 }
 
@@ -481,12 +499,34 @@ async fn async_main(command: Command) -> ExitCode {
             files,
             max_size_mib,
             kafka,
+            dcache,
+            topic,
+            proxy,
+            token,
+            capath,
         } => {
+            let dcache = match (dcache, capath) {
+                (Some(url), Some(capath)) if proxy.is_some() || token.is_some() => {
+                    Some(dcflow::demo::RealDcache {
+                        url,
+                        topic,
+                        proxy,
+                        token,
+                        capath,
+                    })
+                }
+                (Some(_), _) => {
+                    eprintln!("dcflow demo --dcache needs --proxy or --token");
+                    return ExitCode::from(2);
+                }
+                (None, _) => None,
+            };
             match demo(DemoOptions {
                 dir,
                 files,
                 max_size: max_size_mib << 20,
                 kafka,
+                dcache,
             })
             .await
             {

@@ -770,3 +770,49 @@ async fn a_file_deleted_before_its_copy_fails_cleanly_and_a_pool_below_the_root_
         failed[0].error
     );
 }
+
+/// `dcflow demo --dcache`: the demo's uploads and copies against the real door, its billing
+/// messages and a site's credentials, instead of the emulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_against_the_real_dcache() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dcache.cert_and_key(dir.path());
+    let work = dir.path().join("demo");
+    let out = dcflow(&[
+        "demo",
+        "--dcache",
+        &format!("{}/public", dcache.door),
+        "--kafka",
+        &broker,
+        "--topic",
+        &dcache.topic,
+        "--proxy",
+        cert.to_str().unwrap(),
+        "--capath",
+        dcache.capath.to_str().unwrap(),
+        "--files",
+        "8",
+        "--max-size-mib",
+        "4",
+        "--dir",
+        work.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("identical         8/8 files"), "{stdout}");
+    assert!(stdout.contains("door https://localhost:2885/"), "{stdout}");
+    assert_eq!(
+        RecordFile::read_all(&work.join("success.csv"))
+            .unwrap()
+            .len(),
+        8
+    );
+}
