@@ -9,6 +9,7 @@
 #                              wait until the door and the frontend answer; prints the
 #                              variables the tests read (`eval "$(scripts/dcache.sh start)"`)
 #   scripts/dcache.sh stop     stop it
+#   scripts/dcache.sh restart  stop and start again (the tests' restart during transfers)
 #   scripts/dcache.sh env      print those variables without starting anything
 #
 # Environment: DCACHE_BASE (/var/tmp/dcflow-dcache: sources, build, Maven repository),
@@ -137,6 +138,7 @@ case "${1:-}" in
   build) build ;;
   start) start ;;
   stop) stop ;;
+  restart) stop; start >/dev/null ;;
   env) print_env ;;
-  *) die "usage: scripts/dcache.sh build|start|stop|env" ;;
+  *) die "usage: scripts/dcache.sh build|start|stop|restart|env" ;;
 esac

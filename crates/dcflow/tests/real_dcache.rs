@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use common::*;
 
+/// The tests share one dCache; the one that restarts it has it to itself.
+static DCACHE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// Writes `data` to a file and uploads it to `path`.
 fn put(dcache: &RealDcache, dir: &Path, path: &str, body: &[u8]) {
     let file = dir.join("upload.bin");
@@ -48,6 +51,7 @@ async fn run_copies_every_upload_of_the_real_door_with_a_client_certificate() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
+    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("run"));
     let files: Vec<(String, Vec<u8>)> = [
@@ -122,6 +126,7 @@ async fn replay_of_real_billing_messages_with_a_macaroon_and_with_a_proxy() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
+    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("replay"));
     let files: Vec<(String, Vec<u8>)> = (0..3)
@@ -179,6 +184,7 @@ async fn delete_source_frees_the_real_pool_and_its_removes_run_their_workflow() 
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
+    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("free"));
     let removed = dir.path().join("removed.txt");
@@ -262,6 +268,7 @@ async fn sse_follows_the_real_frontend_into_new_directories() {
     let (Some(_broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
+    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("sse"));
     // dCache watches existing directories: the folder exists before dcflow starts.
@@ -464,6 +471,7 @@ async fn the_emulator_publishes_and_answers_what_dcache_does() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
+    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("compare"));
     let body = data(300_000, 77);
@@ -663,6 +671,7 @@ async fn two_kill_9_during_a_burst_lose_and_corrupt_nothing() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
+    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("kill"));
     let group = unique("real-kill");
@@ -720,6 +729,7 @@ async fn a_file_deleted_before_its_copy_fails_cleanly_and_a_pool_below_the_root_
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
+    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let name = unique("gone");
     let folder = format!("/public/{name}");
@@ -778,6 +788,7 @@ async fn the_demo_runs_against_the_real_dcache() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
+    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let cert = dcache.cert_and_key(dir.path());
     let work = dir.path().join("demo");
@@ -815,4 +826,75 @@ async fn the_demo_runs_against_the_real_dcache() {
             .len(),
         8
     );
+}
+
+/// The whole dCache stopped and started again while four files of 400 MB are being copied:
+/// the copies are retried and land, nothing partial or unverified at a final path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dcache_restart_during_transfers_loses_and_corrupts_nothing() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let _alone = DCACHE.write().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("/public/{}", unique("restart"));
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            (
+                format!("r/big-{i}.raw"),
+                data((400 << 20) + i * 4099, 900 + i as u32),
+            )
+        })
+        .collect();
+    for (rel, body) in &files {
+        put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
+    }
+    let group = unique("real-restart");
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+    let config = dcache.config(
+        dir.path(),
+        &folder,
+        &auth,
+        Some(&kafka_keys(&dcache.topic, &broker, &group)),
+        "",
+    );
+    // Enough attempts to ride out a restart of about a minute (back-off 1, 2, 4 ... s).
+    let text_config = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("retrytimes = 5", "retrytimes = 12");
+    std::fs::write(&config, text_config).unwrap();
+    let log = dir.path().join("run.log");
+    let child = start_run(&config, &log);
+    let download = dir.path().join("download");
+    wait_for(
+        "the first transfer under way",
+        Duration::from_secs(120),
+        || {
+            files_below(&download)
+                .iter()
+                .any(|p| p.to_string_lossy().contains("dcflow-part"))
+        },
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/dcache.sh");
+    let status = std::process::Command::new("bash")
+        .args([script, "restart"])
+        .env("KAFKA", &broker)
+        .status()
+        .unwrap();
+    assert!(status.success(), "dCache restart");
+    wait_for(
+        "every file after the restart",
+        Duration::from_secs(400),
+        || files.iter().all(|(rel, body)| landed(&download, rel, body)),
+    );
+    wait_committed_to_end(&broker, &dcache.topic, &group);
+    assert_eq!(stop(child), 0);
+    let stray: Vec<_> = files_below(&download)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".dcflow-"))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let retried = logged.matches("COPY_RUN attempt").count();
+    eprintln!("restart during transfers: {retried} attempts retried");
 }
