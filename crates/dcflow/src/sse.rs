@@ -354,7 +354,11 @@ impl Source {
         self.resync_pending
             .store(false, std::sync::atomic::Ordering::SeqCst);
         saved.resync_pending = false;
-        if let Err(e) = self.commit(saved) {
+        // The cleared flag goes to the state file now, with whatever id has advanced.
+        if let Err(e) = self
+            .commit(saved)
+            .and_then(|()| save(&self.cfg.state_file, saved))
+        {
             warn!(error = %e, "cannot save the SSE state");
         }
     }
@@ -844,8 +848,6 @@ impl Source {
                 save(&self.cfg.state_file, saved)?;
                 self.watermarks.lock().expect("lock").confirm(0, next);
             }
-        } else if !saved.resync_pending && load(&self.cfg.state_file).resync_pending {
-            save(&self.cfg.state_file, saved)?;
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 
 /// The tests share one dCache; the one that restarts it has it to itself.
-static DCACHE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+static DCACHE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// Writes `data` to a file and uploads it to `path`.
 fn put(dcache: &RealDcache, dir: &Path, path: &str, body: &[u8]) {
@@ -51,7 +51,7 @@ async fn run_copies_every_upload_of_the_real_door_with_a_client_certificate() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = DCACHE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("run"));
     let files: Vec<(String, Vec<u8>)> = [
@@ -126,7 +126,7 @@ async fn replay_of_real_billing_messages_with_a_macaroon_and_with_a_proxy() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = DCACHE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("replay"));
     let files: Vec<(String, Vec<u8>)> = (0..3)
@@ -184,7 +184,7 @@ async fn delete_source_frees_the_real_pool_and_its_removes_run_their_workflow() 
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = DCACHE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("free"));
     let removed = dir.path().join("removed.txt");
@@ -268,7 +268,7 @@ async fn sse_follows_the_real_frontend_into_new_directories() {
     let (Some(_broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = DCACHE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("sse"));
     // dCache watches existing directories: the folder exists before dcflow starts.
@@ -471,7 +471,7 @@ async fn the_emulator_publishes_and_answers_what_dcache_does() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = DCACHE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("compare"));
     let body = data(300_000, 77);
@@ -671,7 +671,7 @@ async fn two_kill_9_during_a_burst_lose_and_corrupt_nothing() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = DCACHE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("kill"));
     let group = unique("real-kill");
@@ -729,7 +729,7 @@ async fn a_file_deleted_before_its_copy_fails_cleanly_and_a_pool_below_the_root_
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = DCACHE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let name = unique("gone");
     let folder = format!("/public/{name}");
@@ -788,7 +788,7 @@ async fn the_demo_runs_against_the_real_dcache() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _shared = DCACHE.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = DCACHE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let cert = dcache.cert_and_key(dir.path());
     let work = dir.path().join("demo");
@@ -835,7 +835,7 @@ async fn a_dcache_restart_during_transfers_loses_and_corrupts_nothing() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    let _alone = DCACHE.write().unwrap_or_else(|e| e.into_inner());
+    let _alone = DCACHE.write().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("restart"));
     let files: Vec<(String, Vec<u8>)> = (0..4)
