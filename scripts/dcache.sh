@@ -30,6 +30,11 @@ die() { echo "dcache.sh: $*" >&2; exit 1; }
 
 build() {
   if [ -f "$BASE/.built" ] && [ -d "$D" ]; then return 0; fi
+  # Maven writes colour resets to stdout even with -q -B: `start` prints only its exports there.
+  build_steps >&2
+}
+
+build_steps() {
   [ -f "$SOURCES/dcache-12.0.1.tar.gz" ] || die "no dCache sources in $SOURCES (set DCACHE_SOURCES)"
   command -v mvn >/dev/null || die "Maven (mvn) is needed"
   command -v java >/dev/null || die "Java 17 is needed"
@@ -43,7 +48,7 @@ build() {
     <url>http://0.0.0.0/</url><blocked>true</blocked></mirror></mirrors>
 </settings>
 XML
-  local mvn=(mvn -s "$BASE/settings.xml" -B -q -Dmaven.test.skip=true -Dmaven.javadoc.skip=true -Dgpg.skip -Dlicense.skip=true)
+  local mvn=(mvn -s "$BASE/settings.xml" -B -q -Dstyle.color=never -Dmaven.test.skip=true -Dmaven.javadoc.skip=true -Dgpg.skip -Dlicense.skip=true)
   local t0=$SECONDS
   # dCache's own libraries that Maven Central does not serve, from their release tags.
   [ -d ext/oncrpc4j ] || tar -xzf "$SOURCES/oncrpc4j-3.4.3.tar.gz" -C ext
@@ -82,7 +87,7 @@ PY
     tar -xzf "$SOURCES/dcache-12.0.1.tar.gz"
     (cd dcache && patch -p1 -s < "$here/testbed/dcache/dcache-12.0.1.patch")
   fi
-  (cd dcache && mvn -s "$BASE/settings.xml" -B -q -T 2 -DskipTests -Dmaven.gitcommitid.skip=true \
+  (cd dcache && mvn -s "$BASE/settings.xml" -B -q -Dstyle.color=never -T 2 -DskipTests -Dmaven.gitcommitid.skip=true \
      -am -pl packages/system-test package)
   touch "$BASE/.built"
   echo "dcache.sh: dCache built in $((SECONDS - t0)) s: $D" >&2

@@ -44,7 +44,7 @@ fetch() {
   </dependencies>
 </project>
 POM
-  (cd "$KAFKA_CACHE" && mvn -q -B dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime) \
+  (cd "$KAFKA_CACHE" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime >&2) \
     || die "fetching Kafka $KAFKA_VERSION from Maven Central failed"
   cat > "$KAFKA_CACHE/log4j2.yaml" <<'LOG'
 Configuration:

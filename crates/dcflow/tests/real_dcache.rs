@@ -367,6 +367,92 @@ async fn sse_follows_the_real_frontend_into_new_directories() {
     }
 }
 
+/// A channel that dCache no longer has (deleted, or expired while dcflow was stopped): the
+/// frontend answers 404, dcflow creates a new channel, subscribes the tree again and
+/// resynchronises, so files written while no channel listened are still copied, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_replaces_a_lost_channel_and_finds_what_it_missed() {
+    let (Some(_broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let _shared = DCACHE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("/public/{}", unique("sse-lost"));
+    put(
+        &dcache,
+        dir.path(),
+        &format!("{folder}/first.dat"),
+        b"first",
+    );
+    let token = dir.path().join("macaroon");
+    std::fs::write(
+        &token,
+        dcache.macaroon(&folder, "DOWNLOAD,LIST,READ_METADATA"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let auth = format!("token = \"{}\"", token.display());
+    let sse = format!("[sse]\nurl = \"{}\"\n", dcache.frontend);
+    let config = dcache.config(dir.path(), &folder, &auth, None, &sse);
+    let download = dir.path().join("download");
+    let state_file = dir.path().join("dcflow-sse.json");
+    let saved_channel = || -> String {
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+        saved["channel"]
+            .as_str()
+            .expect("a saved channel")
+            .to_owned()
+    };
+    let log = dir.path().join("run.log");
+    let child = start_run(&config, &log);
+    wait_for("the first file", Duration::from_secs(60), || {
+        landed(&download, "first.dat", b"first")
+    });
+    assert_eq!(stop(child), 0);
+    let first_channel = saved_channel();
+
+    // The channel is deleted while dcflow is stopped; two files are written meanwhile.
+    dcache.delete_on_frontend(&first_channel);
+    let mut files: Vec<(String, Vec<u8>)> = vec![("first.dat".into(), b"first".to_vec())];
+    for i in 0..2 {
+        let f = (
+            format!("gap/missed-{i}.dat"),
+            data(20_000 + i, 700 + i as u32),
+        );
+        put(&dcache, dir.path(), &format!("{folder}/{}", f.0), &f.1);
+        files.push(f);
+    }
+    let log2 = dir.path().join("run2.log");
+    let child = start_run(&config, &log2);
+    wait_for(
+        "the files written without a channel",
+        Duration::from_secs(120),
+        || files.iter().all(|(rel, body)| landed(&download, rel, body)),
+    );
+    // The new channel follows new uploads as the old one did.
+    let f = ("gap/after.dat".to_string(), data(25_000, 710));
+    put(&dcache, dir.path(), &format!("{folder}/{}", f.0), &f.1);
+    files.push(f);
+    wait_for(
+        "the upload after the new channel",
+        Duration::from_secs(120),
+        || files.iter().all(|(rel, body)| landed(&download, rel, body)),
+    );
+    assert_eq!(stop(child), 0);
+    let logged = std::fs::read_to_string(&log2).unwrap();
+    assert!(logged.contains("channel is gone"), "{logged}");
+    assert_ne!(saved_channel(), first_channel, "a new channel");
+    let rows = RecordFile::read_all(&dir.path().join("success.csv")).unwrap();
+    // first.dat is listed again by the resynchronisation (found present, not copied again).
+    for (rel, _) in &files[1..] {
+        let path = format!("{folder}/{rel}");
+        let n = rows.iter().filter(|r| r.billing_path == path).count();
+        assert_eq!(n, 1, "{path}: {rows:#?}");
+    }
+}
+
 /// A JSON value's shape: each key path (nested objects joined with `.`) and its JSON type.
 fn shape(
     prefix: &str,
@@ -897,4 +983,90 @@ async fn a_dcache_restart_during_transfers_loses_and_corrupts_nothing() {
     let logged = std::fs::read_to_string(&log).unwrap();
     let retried = logged.matches("COPY_RUN attempt").count();
     eprintln!("restart during transfers: {retried} attempts retried");
+}
+
+/// The pool that holds the files fails under the copies: its movers are killed and it is
+/// disabled for ten seconds (the door finds no pool for the files), then enabled again. The
+/// copies are retried and land, verified; nothing partial at a final path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_fails_during_transfers_loses_and_corrupts_nothing() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    // Disabling the pool would fail the other tests' uploads.
+    let _alone = DCACHE.write().await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("/public/{}", unique("pool-fault"));
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            (
+                format!("p/big-{i}.raw"),
+                data((200 << 20) + i * 4099, 950 + i as u32),
+            )
+        })
+        .collect();
+    for (rel, body) in &files {
+        put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
+    }
+    let group = unique("real-pool-fault");
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+    let config = dcache.config(
+        dir.path(),
+        &folder,
+        &auth,
+        Some(&kafka_keys(&dcache.topic, &broker, &group)),
+        "",
+    );
+    let text_config = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("retrytimes = 5", "retrytimes = 10");
+    std::fs::write(&config, text_config).unwrap();
+    let log = dir.path().join("run.log");
+    let child = start_run(&config, &log);
+    let download = dir.path().join("download");
+    let mut killed = 0;
+    wait_for(
+        "a mover of dcflow's on the pool",
+        Duration::from_secs(120),
+        || {
+            let movers = dcache.admin("\\s pool_write mover ls");
+            let ids: Vec<&str> = movers
+                .lines()
+                .filter(|l| l.contains("RUNNING") && l.contains("IoMode=[READ]"))
+                .filter_map(|l| l.split_whitespace().next())
+                .collect();
+            if ids.is_empty() {
+                return false;
+            }
+            dcache.admin("\\s pool_write pool disable -strict");
+            for id in ids {
+                if !dcache
+                    .admin(&format!("\\s pool_write mover kill {id}"))
+                    .contains("Unknown id")
+                {
+                    killed += 1;
+                }
+            }
+            true
+        },
+    );
+    std::thread::sleep(Duration::from_secs(10));
+    dcache.admin("\\s pool_write pool enable");
+    wait_for(
+        "every file after the pool came back",
+        Duration::from_secs(300),
+        || files.iter().all(|(rel, body)| landed(&download, rel, body)),
+    );
+    wait_committed_to_end(&broker, &dcache.topic, &group);
+    assert_eq!(stop(child), 0);
+    let stray: Vec<_> = files_below(&download)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".dcflow-"))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let retried = logged.matches("COPY_RUN attempt").count();
+    assert!(killed > 0, "no transfer was killed");
+    assert!(retried > 0, "no copy was retried: {logged}");
+    eprintln!("pool fault: {killed} movers killed, {retried} attempts retried");
 }

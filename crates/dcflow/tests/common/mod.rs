@@ -563,6 +563,54 @@ impl RealDcache {
         assert!(out.status.success(), "DELETE {path}: {}", text(&out.stderr));
     }
 
+    /// DELETE on the frontend (a channel URL, say), as the admin user.
+    pub fn delete_on_frontend(&self, url: &str) {
+        let out = self
+            .curl()
+            .args(["-X", "DELETE", "-o", "/dev/null"])
+            .arg(url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "DELETE {url}: {}", text(&out.stderr));
+    }
+
+    /// One command in dCache's admin shell (ssh, port 22224), e.g. `\s pool_write mover ls`;
+    /// its output.
+    pub fn admin(&self, command: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let askpass = dir.path().join("askpass");
+        std::fs::write(&askpass, "#!/bin/sh\necho dickerelch\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut child = Command::new("ssh")
+            .args([
+                "-p",
+                "22224",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "admin@localhost",
+            ])
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", "none")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("ssh (openssh-client) for dCache's admin shell");
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().unwrap();
+            writeln!(stdin, "{command}").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        text(&out.stdout)
+    }
+
     /// Whether the door has the file (HEAD).
     pub fn exists(&self, path: &str) -> bool {
         let out = self
