@@ -492,6 +492,20 @@ impl BillingMessage {
     }
 }
 
+/// A pool `transfer` write message, as dCache publishes one, for a file known by other means:
+/// a row of the records (`dcflow retry`), a storage event or a door listing (SSE). `cell`
+/// (`cellName`) says who made it up. The one builder of such messages: they go through the
+/// same decoding and selection as dCache's own.
+pub fn upload_message(cell: &str, pnfsid: &str, path: &str, size: Option<u64>) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "version": "1.0", "msgType": "transfer", "cellType": "pool", "cellName": cell,
+        "isWrite": "write", "isP2p": false, "status": {"code": 0, "msg": ""},
+        "pnfsid": pnfsid, "billingPath": path, "transferPath": path,
+        "fileSize": size,
+    }))
+    .expect("JSON")
+}
+
 fn mover_is_upload(mover: &BillingMessage) -> Result<(), NotAnUpload> {
     if mover.msg_type != MessageType::Transfer {
         return Err(NotAnUpload::Kind(mover.msg_type.as_str().to_owned()));

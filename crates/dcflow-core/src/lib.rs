@@ -6,6 +6,7 @@
 //! event    JSON billing message → BillingMessage → Upload (or why not)
 //! config   TOML → Config (every problem reported with its key)
 //! mapping  billing path → (source URL, destination) with escape checks
+//! publish  Publish: a topic to write messages to (implemented by dcflow-kafka)
 //! retry    RetryPolicy: attempts and back-off with jitter
 //! records  success/failure CSV files
 //! watermark contiguous commit positions per partition (Kafka offsets, SSE ids)
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod event;
 pub mod mapping;
+pub mod publish;
 pub mod records;
 pub mod retry;
 pub mod watermark;
@@ -22,10 +24,11 @@ pub mod workflow;
 
 pub use config::{ChecksumAlgo, Config, ConfigError, Env};
 pub use event::{
-    BillingMessage, DecodeError, Glance, NotAnUpload, Peek, PnfsId, Selector, Sorted, Upload,
-    UploadSignal,
+    upload_message, BillingMessage, DecodeError, Glance, NotAnUpload, Peek, PnfsId, Selector,
+    Sorted, Upload, UploadSignal,
 };
 pub use mapping::{Mapped, PathEscapes, PathMapper};
+pub use publish::{Connect, Publish};
 pub use records::{Record, RecordFile};
 pub use retry::RetryPolicy;
 pub use watermark::{Ticket, Watermarks};

@@ -33,7 +33,7 @@ use dcflow_core::{Ticket, Watermarks};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -44,7 +44,44 @@ use rdkafka_sys as rdsys;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-pub use rdkafka::error::KafkaError as Error;
+/// A Kafka client error. librdkafka's error is its text; no rdkafka type is part of this
+/// crate's interface, so that no other crate depends on rdkafka.
+#[derive(Debug)]
+pub struct Error(KafkaError);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+impl From<KafkaError> for Error {
+    fn from(e: KafkaError) -> Self {
+        Self(e)
+    }
+}
+
+/// How [`KafkaSource::commit`] commits: waiting for the broker, or not (confirmed later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    Sync,
+    Async,
+}
+
+impl From<CommitMode> for rdkafka::consumer::CommitMode {
+    fn from(m: CommitMode) -> Self {
+        match m {
+            CommitMode::Sync => Self::Sync,
+            CommitMode::Async => Self::Async,
+        }
+    }
+}
 
 /// How long a consumer being dropped waits for librdkafka to leave its group before rdkafka's
 /// own (slower) wait takes over.
@@ -106,7 +143,7 @@ struct Shared {
 pub enum CommitError {
     /// The hook could not make the records durable: nothing is committed.
     NotDurable(String),
-    Kafka(KafkaError),
+    Kafka(Error),
 }
 
 impl std::fmt::Display for CommitError {
@@ -122,7 +159,7 @@ impl std::error::Error for CommitError {}
 
 impl From<KafkaError> for CommitError {
     fn from(e: KafkaError) -> Self {
-        Self::Kafka(e)
+        Self::Kafka(Error(e))
     }
 }
 
@@ -389,7 +426,10 @@ impl ConsumerContext for Context {
                 }
             };
             if !commits.is_empty() {
-                match consumer.commit(&self.shared.commit_list(&commits), CommitMode::Sync) {
+                match consumer.commit(
+                    &self.shared.commit_list(&commits),
+                    rdkafka::consumer::CommitMode::Sync,
+                ) {
                     Ok(()) => commits.iter().for_each(|&(p, o)| w.confirm(p, o)),
                     Err(e) => {
                         warn!(error = %e, "commit before revocation failed: these offsets will be redelivered")
@@ -441,6 +481,9 @@ pub enum Received {
     Dismissed { count: u32 },
     /// A message of a partition this consumer does not own (any more): left to its owner.
     NotOwned,
+    /// The partition was read to its end (only with `report_end`); see
+    /// [`Incoming::caught_up`].
+    End { partition: i32 },
 }
 
 /// The stream of messages of a [`KafkaSource`]; see [`KafkaSource::incoming`].
@@ -461,8 +504,15 @@ impl Incoming<'_> {
     /// nothing.
     ///
     /// With `report_end`, each time a partition's end is reached this returns
-    /// `Err(KafkaError::PartitionEOF(p))`; see [`Incoming::caught_up`].
-    pub async fn next(
+    /// [`Received::End`]; see [`Incoming::caught_up`].
+    pub async fn next(&mut self, dismiss: impl FnMut(&[u8]) -> bool) -> Result<Received, Error> {
+        match self.next_raw(dismiss).await {
+            Err(KafkaError::PartitionEOF(partition)) => Ok(Received::End { partition }),
+            other => Ok(other?),
+        }
+    }
+
+    async fn next_raw(
         &mut self,
         mut dismiss: impl FnMut(&[u8]) -> bool,
     ) -> Result<Received, KafkaError> {
@@ -674,14 +724,14 @@ impl KafkaSource {
     /// Creates the consumer (automatic commits and offset stores off) of `topic` in `group`
     /// and subscribes.
     ///
-    /// With `report_end`, [`Incoming::next`] returns `Err(KafkaError::PartitionEOF(p))` each
+    /// With `report_end`, [`Incoming::next`] returns [`Received::End`] each
     /// time a partition's end is reached (for `--until-caught-up`).
     pub fn try_new(
         cfg: &KafkaConfig,
         topic: &str,
         group: &str,
         report_end: bool,
-    ) -> Result<Self, KafkaError> {
+    ) -> Result<Self, Error> {
         let topic_c = CString::new(topic)
             .map_err(|_| KafkaError::ClientCreation("a topic name with a NUL byte".into()))?;
         let shared = Arc::new(Shared {
@@ -717,9 +767,9 @@ impl KafkaSource {
             )
         };
         if messages.0.is_null() || events.0.is_null() {
-            return Err(KafkaError::ClientCreation(
-                "librdkafka gave no consumer queue".into(),
-            ));
+            return Err(
+                KafkaError::ClientCreation("librdkafka gave no consumer queue".into()).into(),
+            );
         }
         messages.wake(&shared);
         events.wake(&shared);
@@ -770,7 +820,7 @@ impl KafkaSource {
                 hook().map_err(CommitError::NotDurable)?;
             }
             self.consumer
-                .commit(&self.shared.commit_list(&commits), mode)?;
+                .commit(&self.shared.commit_list(&commits), mode.into())?;
             if matches!(mode, CommitMode::Sync) {
                 let mut w = self.shared.watermarks.lock().expect("watermarks lock");
                 commits.iter().for_each(|&(p, o)| w.confirm(p, o));
@@ -807,17 +857,17 @@ impl KafkaSource {
     }
 
     /// Stops fetching from every assigned partition (polling goes on).
-    pub fn pause(&self) -> Result<(), KafkaError> {
-        self.consumer.pause(&self.consumer.assignment()?)
+    pub fn pause(&self) -> Result<(), Error> {
+        Ok(self.consumer.pause(&self.consumer.assignment()?)?)
     }
 
-    pub fn resume(&self) -> Result<(), KafkaError> {
-        self.consumer.resume(&self.consumer.assignment()?)
+    pub fn resume(&self) -> Result<(), Error> {
+        Ok(self.consumer.resume(&self.consumer.assignment()?)?)
     }
 
     /// Per assigned partition: messages between the committed position and the end of the
     /// partition. Blocking (asks the broker); call it off the async threads.
-    pub fn lag(&self, timeout: Duration) -> Result<BTreeMap<i32, i64>, KafkaError> {
+    pub fn lag(&self, timeout: Duration) -> Result<BTreeMap<i32, i64>, Error> {
         let assignment = self.consumer.assignment()?;
         let committed = self
             .consumer
@@ -858,7 +908,7 @@ pub struct TopicProducer {
 
 impl TopicProducer {
     /// An idempotent producer: its own retries add no duplicates.
-    pub fn try_new(cfg: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
+    pub fn try_new(cfg: &KafkaConfig, topic: &str) -> Result<Self, Error> {
         let producer = base_config(cfg, &[])
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
@@ -874,7 +924,7 @@ impl TopicProducer {
     }
 
     /// Sends and waits until the broker has it: (partition, offset).
-    pub async fn send(&self, key: Option<&str>, payload: &[u8]) -> Result<(i32, i64), KafkaError> {
+    pub async fn send(&self, key: Option<&str>, payload: &[u8]) -> Result<(i32, i64), Error> {
         let mut record: FutureRecord<'_, str, [u8]> =
             FutureRecord::to(&self.topic).payload(payload);
         if let Some(k) = key {
@@ -893,7 +943,7 @@ impl TopicProducer {
         cfg: &KafkaConfig,
         topic: &str,
         partitions: i32,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<(), Error> {
         let admin: AdminClient<DefaultClientContext> = base_config(cfg, &[]).create()?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         let results = admin.create_topics([&new], &AdminOptions::new()).await;
@@ -904,11 +954,34 @@ impl TopicProducer {
             match result {
                 Ok(_) => info!(topic, partitions, "topic created"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+                Err((_, code)) => return Err(KafkaError::AdminOp(code).into()),
             }
         }
         Ok(())
     }
+}
+
+impl dcflow_core::Publish for TopicProducer {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn publish<'a>(
+        &'a self,
+        key: Option<&'a str>,
+        payload: &'a [u8],
+    ) -> dcflow_core::publish::Published<'a> {
+        Box::pin(async move { Ok(self.send(key, payload).await?) })
+    }
+}
+
+/// Opens producers on `[kafka]`'s brokers, for `Pipeline::try_new` (the `produce` steps and
+/// the dead-letter topic).
+pub fn connector(
+    cfg: &KafkaConfig,
+) -> impl Fn(&str) -> Result<Arc<dyn dcflow_core::Publish>, dcflow_core::publish::PublishError> + Sync + '_
+{
+    move |topic| Ok(Arc::new(TopicProducer::try_new(cfg, topic)?))
 }
 
 /// Every message of `topic` from its beginning to its current end (the dead-letter topic, for
@@ -917,7 +990,7 @@ pub fn read_topic(
     cfg: &KafkaConfig,
     topic: &str,
     timeout: Duration,
-) -> Result<Vec<Vec<u8>>, KafkaError> {
+) -> Result<Vec<Vec<u8>>, Error> {
     let consumer: BaseConsumer = base_config(cfg, &[])
         .set("group.id", "dcflow-topic-reader")
         .set("enable.auto.commit", "false")
@@ -945,7 +1018,8 @@ pub fn read_topic(
             None => {
                 return Err(KafkaError::MessageConsumption(
                     rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
-                ))
+                )
+                .into())
             }
         };
         if msg.offset() + 1 >= remaining.get(&msg.partition()).copied().unwrap_or(0) {
@@ -954,4 +1028,23 @@ pub fn read_topic(
         out.push(msg.payload().unwrap_or_default().to_vec());
     }
     Ok(out)
+}
+
+/// librdkafka's mock cluster, in this process: the demo's broker when none is given.
+pub struct MockBroker(
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+);
+
+impl MockBroker {
+    /// One mock broker with `topic` (one partition).
+    pub fn start(topic: &str) -> Result<Self, Error> {
+        let mock = rdkafka::mocking::MockCluster::new(1)?;
+        mock.create_topic(topic, 1, 1)?;
+        Ok(Self(mock))
+    }
+
+    /// Its `bootstrap.servers`.
+    pub fn bootstrap_servers(&self) -> String {
+        self.0.bootstrap_servers()
+    }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dcflow_core::config::{Config, Permissions};
+use dcflow_core::config::Permissions;
 use dcflow_core::{ChecksumAlgo, RetryPolicy};
 use futures_util::StreamExt;
 use reqwest::header::{HeaderValue, AUTHORIZATION, LOCATION};
@@ -49,25 +49,6 @@ pub struct EngineSettings {
     pub download_folder: PathBuf,
     /// Where [`Engine::api`] may send the bearer token: the door and the frontend, https only.
     pub api_origins: Vec<url::Origin>,
-}
-
-impl EngineSettings {
-    pub fn from_config(c: &Config) -> Self {
-        Self {
-            checksums: c.dcache.checksums.clone(),
-            require_checksum: c.dcache.require_checksum,
-            timeout: c.dcache.timeout,
-            stall_timeout: c.dcache.stall_timeout,
-            retry: c.dcache.retry,
-            permissions: c.local.permissions,
-            download_folder: c.local.download_folder.clone(),
-            api_origins: std::iter::once(&c.dcache.url)
-                .chain(c.sse.as_ref().map(|s| &s.url))
-                .filter(|u| u.scheme() == "https")
-                .map(Url::origin)
-                .collect(),
-        }
-    }
 }
 
 /// One file to copy.

@@ -82,7 +82,7 @@ impl Setup {
 
     fn engine(&self, config: &Config) -> Engine {
         let creds = Credentials::load(&config.local.auth).unwrap();
-        Engine::try_new(EngineSettings::from_config(config), Arc::new(creds)).unwrap()
+        Engine::try_new(settings(config), Arc::new(creds)).unwrap()
     }
 
     async fn copy(
@@ -545,4 +545,19 @@ async fn two_engines_copying_one_file_take_turns_and_publish_it_whole() {
         .filter(|p| p.to_string_lossy().contains("dcflow-lock"))
         .collect();
     assert!(left.is_empty(), "lock files left: {left:?}");
+}
+
+/// The engine's settings from a test configuration (what dcflow-workflow's
+/// `engine_settings` does: the engine knows no `Config`).
+fn settings(c: &Config) -> EngineSettings {
+    EngineSettings {
+        checksums: c.dcache.checksums.clone(),
+        require_checksum: c.dcache.require_checksum,
+        timeout: c.dcache.timeout,
+        stall_timeout: c.dcache.stall_timeout,
+        retry: c.dcache.retry,
+        permissions: c.local.permissions,
+        download_folder: c.local.download_folder.clone(),
+        api_origins: vec![c.dcache.url.origin()],
+    }
 }

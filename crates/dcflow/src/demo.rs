@@ -21,8 +21,7 @@ use dcflow_core::{Config, Env};
 use dcflow_transfer::engine::human_bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{Pipeline, Stats};
-use crate::replay::Summary;
+use dcflow_workflow::{Stats, Summary};
 
 pub struct DemoOptions {
     pub dir: Option<PathBuf>,
@@ -154,10 +153,8 @@ pub async fn demo(opts: DemoOptions) -> Result<(Summary, PathBuf)> {
     let (brokers, bus) = match &opts.kafka {
         Some(b) => (b.clone(), format!("Kafka broker {b}")),
         None => {
-            mock = rdkafka::mocking::MockCluster::new(1)
-                .context("starting librdkafka's mock cluster")?;
-            mock.create_topic("billing", 1, 1)
-                .context("creating the billing topic")?;
+            mock = dcflow_kafka::MockBroker::start("billing")
+                .context("starting librdkafka's mock cluster with a billing topic")?;
             let b = mock.bootstrap_servers();
             (
                 b.clone(),
@@ -297,7 +294,7 @@ successfultaskfile = "{dir}/success.csv"
         .kafka
         .clone()
         .context("the demo configuration has [kafka]")?;
-    let pipeline = Arc::new(Pipeline::try_new(&config)?);
+    let pipeline = Arc::new(crate::pipeline(&config)?);
 
     // The daemon's loop, as `dcflow run` runs it.
     let shutdown = CancellationToken::new();

@@ -14,9 +14,7 @@ use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::workflow::EventKind;
 use dcflow_core::{Config, PathMapper, Record, RecordFile, Selector, Sorted};
-use dcflow_kafka::{KafkaSource, Received, TopicProducer};
-use rdkafka::consumer::CommitMode;
-use rdkafka::error::KafkaError;
+use dcflow_kafka::{CommitMode, KafkaSource, Received, TopicProducer};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -82,7 +80,7 @@ pub async fn dispatch(
                     continue;
                 }
                 Ok(Received::NotOwned) => continue,
-                Err(KafkaError::PartitionEOF(_)) => {
+                Ok(Received::End { .. }) => {
                     if until_caught_up && incoming.caught_up() {
                         info!("caught up: every assigned partition read to its end");
                         break;

@@ -10,17 +10,24 @@
 //! `main.rs` parses the command line and decides exit codes; `check` summarises a
 //! configuration; `demo` runs the whole flow against the in-process emulator.
 
-pub mod catalog;
 pub mod check;
 pub mod demo;
 pub mod dispatch;
 pub mod metrics;
-pub mod pipeline;
 pub mod replay;
 pub mod retry;
 pub mod run;
 pub mod sse;
-pub mod state;
 pub mod status;
-pub mod steps;
-pub mod unpack;
+
+/// The pipeline of a configuration, with Kafka producers (the `produce` steps, the
+/// dead-letter topic) when `[kafka]` is configured.
+pub fn pipeline(cfg: &dcflow_core::Config) -> anyhow::Result<dcflow_workflow::Pipeline> {
+    match &cfg.kafka {
+        Some(kafka) => {
+            let connect = dcflow_kafka::connector(kafka);
+            dcflow_workflow::Pipeline::try_new(cfg, Some(&connect))
+        }
+        None => dcflow_workflow::Pipeline::try_new(cfg, None),
+    }
+}

@@ -17,9 +17,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dcflow::demo::{demo, DemoOptions};
-use dcflow::pipeline::Pipeline;
 use dcflow::replay::replay;
 use dcflow_core::{Config, Env};
+use dcflow_workflow::Pipeline;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -199,7 +199,7 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 /// daemon that may be running with the same configuration.
 async fn load_pipeline(path: &Path, serve: bool) -> Result<(Config, Arc<Pipeline>), ExitCode> {
     let cfg = load_config(path)?;
-    let pipeline = match Pipeline::try_new(&cfg) {
+    let pipeline = match dcflow::pipeline(&cfg) {
         Ok(p) => Arc::new(p),
         Err(e) => {
             eprintln!("dcflow: {e:#}");
@@ -291,8 +291,8 @@ async fn async_main(command: Command) -> ExitCode {
                 }
                 (None, None) => unreachable!("clap requires one"),
             };
-            match dcflow::catalog::query(&database, workflow.as_deref(), path.as_deref())
-                .and_then(|rows| dcflow::catalog::print(&rows, json))
+            match dcflow_workflow::catalog::query(&database, workflow.as_deref(), path.as_deref())
+                .and_then(|rows| dcflow_workflow::catalog::print(&rows, json))
             {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -568,7 +568,7 @@ async fn watch_signals(shutdown: CancellationToken) {
 }
 
 /// Exit code of a batch (replay, retry): 0 all selected files done, 1 a failure, 2 an error.
-fn finish_batch(result: anyhow::Result<dcflow::replay::Summary>, pipeline: &Pipeline) -> ExitCode {
+fn finish_batch(result: anyhow::Result<dcflow_workflow::Summary>, pipeline: &Pipeline) -> ExitCode {
     match result {
         Ok(summary) => {
             tracing::info!("done: {summary}");

@@ -10,8 +10,7 @@ use dcflow_core::config::KafkaConfig;
 use dcflow_core::{Record, RecordFile};
 use tracing::{info, warn};
 
-use crate::pipeline::Pipeline;
-use crate::replay::{Batch, Summary};
+use dcflow_workflow::{Batch, Pipeline, Summary};
 
 /// A billing message equivalent to a recorded failure: a completed pool upload of that
 /// pnfsid, path and size. `None` for rows without both (malformed messages: their text is
@@ -20,12 +19,12 @@ pub fn upload_message(r: &Record) -> Option<Vec<u8>> {
     if r.pnfsid.is_empty() || r.billing_path.is_empty() {
         return None;
     }
-    let msg = serde_json::json!({
-        "version": "1.0", "msgType": "transfer", "cellType": "pool", "isWrite": "write",
-        "isP2p": false, "status": {"code": 0, "msg": ""},
-        "pnfsid": r.pnfsid, "billingPath": r.billing_path, "fileSize": r.size,
-    });
-    Some(serde_json::to_vec(&msg).expect("JSON"))
+    Some(dcflow_core::upload_message(
+        "retry",
+        &r.pnfsid,
+        &r.billing_path,
+        r.size,
+    ))
 }
 
 pub async fn retry_csv(pipeline: Arc<Pipeline>, csv: &Path) -> Result<Summary> {

@@ -12,15 +12,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
-use dcflow_kafka::{Delivery, KafkaSource, Received};
-use rdkafka::consumer::CommitMode;
-use rdkafka::error::KafkaError;
+use dcflow_kafka::{CommitMode, Delivery, KafkaSource, Received};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::pipeline::{Admission, Pipeline};
-use crate::replay::Summary;
+use dcflow_workflow::{Admission, Pipeline, Summary};
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const LAG_EVERY: Duration = Duration::from_secs(15);
@@ -106,7 +103,7 @@ pub async fn run_kafka(
                     received = incoming.next(dismiss) => match received {
                         Ok(Received::Work(d)) => backlog.push_back(d),
                         Ok(Received::Dismissed { count }) => pipeline.dismissed(count),
-                        Ok(Received::NotOwned) | Err(KafkaError::PartitionEOF(_)) => {}
+                        Ok(Received::NotOwned | Received::End { .. }) => {}
                         Err(e) => warn!(error = %e, "kafka consumer error"),
                     },
                     _ = commit_tick.tick() => commit(&source, CommitMode::Async),
@@ -134,7 +131,7 @@ pub async fn run_kafka(
                         continue;
                     }
                     Ok(Received::NotOwned) => continue,
-                    Err(KafkaError::PartitionEOF(_)) => {
+                    Ok(Received::End { .. }) => {
                         if until_caught_up && backlog.is_empty() && incoming.caught_up() {
                             info!("caught up: every assigned partition read to its end");
                             break 'consume;
@@ -217,7 +214,7 @@ fn log_lag(source: &Arc<KafkaSource>, pipeline: &Arc<Pipeline>) {
     let (source, pipeline) = (source.clone(), pipeline.clone());
     tokio::task::spawn_blocking(move || match source.lag(Duration::from_secs(10)) {
         Ok(lag) => {
-            crate::metrics::set_lag(&pipeline.stats, &lag);
+            pipeline.stats.set_lag(&lag);
             for (partition, behind) in lag {
                 info!(
                     partition,

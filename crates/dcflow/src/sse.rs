@@ -40,8 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use url::Url;
 
-use crate::pipeline::{Admission, Pipeline};
-use crate::replay::Summary;
+use dcflow_workflow::{Admission, Pipeline, Summary};
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// dCache's frontend sends nothing on a quiet channel (no keep-alive comments): after this
@@ -270,14 +269,14 @@ pub async fn run_sse(
         match ended {
             Ended::Stop => break 'outer,
             Ended::ChannelGone => {
-                crate::metrics::Stats::inc(&pipeline.stats.sse_reconnects);
+                dcflow_workflow::Stats::inc(&pipeline.stats.sse_reconnects);
                 warn!(%channel, "the event channel is gone (404): creating a new one, then resynchronising");
                 saved = Saved::default();
                 subscriptions.clear();
                 backoff = Duration::from_secs(1);
             }
             Ended::Reconnect(why) => {
-                crate::metrics::Stats::inc(&pipeline.stats.sse_reconnects);
+                dcflow_workflow::Stats::inc(&pipeline.stats.sse_reconnects);
                 warn!(why, last_event_id = ?received, "event stream ended; reconnecting in {} s", backoff.as_secs());
                 // Without an id to resume from, dCache replays nothing: list instead.
                 needs_resync |= received.is_none() || source.is_resync_pending();
@@ -524,7 +523,7 @@ impl Source {
     /// resynchronisation (what it already did is found done).
     async fn resync(&self, roots: &[String], shutdown: &CancellationToken) -> Result<()> {
         let started = Instant::now();
-        crate::metrics::Stats::inc(&self.pipeline.stats.sse_resyncs);
+        dcflow_workflow::Stats::inc(&self.pipeline.stats.sse_resyncs);
         let mut dirs: VecDeque<String> = roots.iter().cloned().collect();
         let mut seen = std::collections::BTreeSet::new();
         let mut tasks: JoinSet<bool> = JoinSet::new();

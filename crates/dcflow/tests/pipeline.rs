@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use dcache_sim::Fault;
-use dcflow::pipeline::{Admission, Pipeline};
 use dcflow_core::{Config, Env};
+use dcflow_workflow::{Admission, Pipeline};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merged_message_waits_for_the_copy_it_joined() {
@@ -29,7 +29,7 @@ async fn a_merged_message_waits_for_the_copy_it_joined() {
         "pool transfer and door request of one upload"
     );
     let config = Config::load(&site.write_config(&site.proxy_auth(), ""), &Env::default()).unwrap();
-    let pipeline = Arc::new(Pipeline::try_new(&config).unwrap());
+    let pipeline = Arc::new(Pipeline::try_new(&config, None).unwrap());
 
     let Admission::Run(task) = pipeline.admit(messages[0].as_bytes(), "first").await else {
         panic!("the first message of an upload starts its copy");
@@ -68,7 +68,7 @@ async fn reads_of_the_folder_are_dismissed_unparsed_and_counted_as_not_uploads()
     site.upload("r/f.dat", &data(1_000, 2)).await;
     let upload = site.sim.billing_messages()[0].clone();
     let config = Config::load(&site.write_config(&site.proxy_auth(), ""), &Env::default()).unwrap();
-    let pipeline = Pipeline::try_new(&config).unwrap();
+    let pipeline = Pipeline::try_new(&config, None).unwrap();
     // dcflow's own copy of the file, as dCache bills it: the pool's transfer, a read.
     let read = upload.replace(r#""isWrite":"write""#, r#""isWrite":"read""#);
     assert_ne!(read, upload);

@@ -22,6 +22,12 @@ use std::path::{Component, Path, PathBuf};
 use std::cell::{Cell, RefCell};
 
 use dcflow_core::workflow::{ArchiveFormat, UnpackLimits};
+use dcflow_core::Template;
+use dcflow_transfer::engine::human_bytes;
+use tracing::info;
+
+use super::{relative_destination, Context as StepContext};
+use crate::pipeline::Pipeline;
 
 /// Why an archive was not unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -379,6 +385,66 @@ fn checked(name: &str) -> Result<PathBuf, UnpackError> {
         return Err(refused("an empty name"));
     }
     Ok(out)
+}
+
+impl Pipeline {
+    /// Unpacks the copied archive into its destination (by default the archive's path plus
+    /// `.d`), published by one rename; sets `{unpacked}`.
+    pub(crate) async fn unpack_step(
+        &self,
+        ctx: &mut StepContext,
+        template: Option<&Template>,
+        format: dcflow_core::workflow::ArchiveFormat,
+        limits: dcflow_core::workflow::UnpackLimits,
+    ) -> Result<(), String> {
+        let archive = PathBuf::from(
+            ctx.values
+                .get("local_path")
+                .cloned()
+                .ok_or("no copied file to unpack")?,
+        );
+        let root = self.engine.settings().download_folder.clone();
+        let destination = match template {
+            Some(t) => {
+                let rendered = ctx.render(t).map_err(|e| e.message)?;
+                let rel = relative_destination(&rendered).map_err(|why| {
+                    format!("destination {rendered:?} escapes the download folder: {why}")
+                })?;
+                let mut d = root.clone();
+                d.extend(&rel);
+                d
+            }
+            None => {
+                let mut d = archive.clone().into_os_string();
+                d.push(".d");
+                PathBuf::from(d)
+            }
+        };
+        let modes = self.engine.settings().permissions;
+        let (a, d) = (archive.clone(), destination.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            unpack(&a, format, &d, modes.dir_mode, modes.file_mode, limits)
+        })
+        .await
+        .map_err(|e| format!("unpacking: {e}"))?;
+        match result {
+            Ok(u) if u.already => {
+                info!(destination = %destination.display(), "UNPACK already published by an earlier delivery")
+            }
+            Ok(u) => info!(
+                destination = %destination.display(),
+                files = u.files,
+                bytes = u.bytes,
+                "UNPACK {} files ({}) into {}",
+                u.files,
+                human_bytes(u.bytes),
+                destination.display()
+            ),
+            Err(e) => return Err(format!("unpacking {}: {e}", archive.display())),
+        }
+        ctx.set("unpacked", destination.display().to_string());
+        Ok(())
+    }
 }
 
 #[cfg(test)]
