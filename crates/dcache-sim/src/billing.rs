@@ -9,10 +9,6 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rand::seq::SliceRandom;
-use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -119,47 +115,14 @@ pub fn iso_offset_date_time(t: OffsetDateTime) -> String {
 pub struct BillingLog {
     file: Option<Mutex<File>>,
     memory: Mutex<Vec<String>>,
-    kafka: Option<KafkaSink>,
-}
-
-/// dCache's Kafka output: topic `billing` by default, null keys, the JSON text as value.
-pub struct KafkaSink {
-    producer: ThreadedProducer<DefaultProducerContext>,
-    topic: String,
-}
-
-impl KafkaSink {
-    pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("linger.ms", "5")
-            .create()?;
-        Ok(Self {
-            producer,
-            topic: topic.to_owned(),
-        })
-    }
-
-    fn send(&self, line: &str) {
-        let mut record: BaseRecord<'_, (), str> = BaseRecord::to(&self.topic).payload(line);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                Err((e, _)) => {
-                    tracing::warn!(error = %e, "billing message not produced");
-                    return;
-                }
-            }
-        }
-    }
+    kafka: Option<crate::kafka::KafkaSink>,
 }
 
 impl BillingLog {
-    pub fn new(path: Option<&Path>, kafka: Option<KafkaSink>) -> std::io::Result<Self> {
+    pub fn new(
+        path: Option<&Path>,
+        kafka: Option<crate::kafka::KafkaSink>,
+    ) -> std::io::Result<Self> {
         let file = match path {
             Some(p) => Some(Mutex::new(
                 OpenOptions::new().create(true).append(true).open(p)?,
@@ -188,7 +151,7 @@ impl BillingLog {
     /// Waits until every message produced so far is on the broker.
     pub fn flush(&self) {
         if let Some(k) = &self.kafka {
-            let _ = k.producer.flush(std::time::Duration::from_secs(30));
+            k.flush();
         }
     }
 

@@ -18,6 +18,7 @@
 pub mod billing;
 pub mod faults;
 pub mod frontend;
+pub mod kafka;
 pub mod pki;
 mod server;
 

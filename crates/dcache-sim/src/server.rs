@@ -184,7 +184,7 @@ impl Sim {
         let state = Arc::new(State {
             billing: BillingLog::new(
                 cfg.billing_file.as_deref(),
-                kafka_sink(cfg.kafka.as_ref()).await?,
+                crate::kafka::kafka_sink(cfg.kafka.as_ref()).await?,
             )?,
             cfg,
             storage,
@@ -1189,35 +1189,6 @@ fn srm_put_done(meta: &FileMeta, billing_path: &str, transfer_path: &str) -> Msg
         .put("billingPath", billing_path)
         .put("fileSize", meta.size)
         .put("storageInfo", "disk:sim@osm")
-}
-
-async fn kafka_sink(kafka: Option<&SimKafka>) -> Result<Option<crate::billing::KafkaSink>> {
-    let Some(k) = kafka else { return Ok(None) };
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &k.brokers)
-        .create()?;
-    // A topic that exists already is used as it is (librdkafka's mock cluster, for one, has
-    // topics created up front and does not answer CreateTopics).
-    let exists = admin
-        .inner()
-        .fetch_metadata(Some(&k.topic), std::time::Duration::from_secs(10))
-        .is_ok_and(|m| {
-            m.topics()
-                .iter()
-                .any(|t| t.name() == k.topic && t.error().is_none() && !t.partitions().is_empty())
-        });
-    if exists {
-        return Ok(Some(crate::billing::KafkaSink::new(&k.brokers, &k.topic)?));
-    }
-    let topic = NewTopic::new(&k.topic, k.partitions, TopicReplication::Fixed(1));
-    for r in admin.create_topics([&topic], &AdminOptions::new()).await? {
-        match r {
-            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => anyhow::bail!("cannot create topic {t}: {e}"),
-        }
-    }
-    Ok(Some(crate::billing::KafkaSink::new(&k.brokers, &k.topic)?))
 }
 
 /// One message of background billing traffic, in the fixtures' shapes.

@@ -17,7 +17,6 @@ pub mod metrics;
 pub mod replay;
 pub mod retry;
 pub mod run;
-pub mod sse;
 pub mod status;
 
 /// The pipeline of a configuration, with Kafka producers (the `produce` steps, the

@@ -411,7 +411,7 @@ async fn async_main(command: Command) -> ExitCode {
                     if until_caught_up {
                         eprintln!("dcflow run: --until-caught-up applies to Kafka only; ignored");
                     }
-                    dcflow::sse::run_sse(
+                    dcflow_sse::run_sse(
                         pipeline,
                         &sse,
                         cfg.dcache.url.clone(),
