@@ -7,6 +7,7 @@
 //! Incoming::next ──► Delivery (payload, partition, offset, ticket)
 //!      pipeline work ──► KafkaSource::finish(ticket) ──► watermark advances
 //!      KafkaSource::commit (periodically, on revoke, at shutdown) ──► broker
+//! dispatch: billing topic ──► selected uploads ──► work topic keyed by pnfsid (scale-out)
 //! ```
 //! Rebalances: before partitions are revoked, what they finished is committed and their
 //! state dropped, so this consumer never commits for a partition it no longer owns; work
@@ -20,6 +21,8 @@
 //! `poll`. One message at a time through rdkafka's stream cost twice the CPU (a clock reading,
 //! a lock and an allocation each), and a catch-up on 2 cores is short of CPU. librdkafka wakes
 //! the consuming task when either queue stops being empty.
+
+pub mod dispatch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_void, CString};

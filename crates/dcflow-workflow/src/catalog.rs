@@ -1,4 +1,4 @@
-//! The `catalog` step and the `dcflow catalog` command: one row per (workflow, billing path)
+//! The `catalog` step's table, and its query for `dcflow catalog`: one row per (workflow, billing path)
 //! in an SQLite file, upserted, so a redelivered event updates its row instead of adding one.
 
 use std::path::Path;
@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result};
 use rusqlite::{params, Connection};
-use serde_json::json;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS files (
@@ -110,49 +109,4 @@ pub fn query(path: &Path, workflow: Option<&str>, glob: Option<&str>) -> Result<
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
-}
-
-/// Prints rows as CSV (with a header) or as one JSON object per line.
-pub fn print(entries: &[Entry], json_lines: bool) -> Result<()> {
-    use std::io::Write;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if json_lines {
-        for e in entries {
-            let v = json!({
-                "workflow": e.workflow, "path": e.path, "local_path": e.local_path,
-                "size": e.size, "checksum": e.checksum, "pnfsid": e.pnfsid,
-                "status": e.status, "first_seen": e.first_seen, "updated": e.updated,
-            });
-            writeln!(out, "{v}")?;
-        }
-        return Ok(());
-    }
-    let mut w = csv::Writer::from_writer(out);
-    w.write_record([
-        "workflow",
-        "path",
-        "local_path",
-        "size",
-        "checksum",
-        "pnfsid",
-        "status",
-        "first_seen",
-        "updated",
-    ])?;
-    for e in entries {
-        w.write_record([
-            e.workflow.as_str(),
-            &e.path,
-            e.local_path.as_deref().unwrap_or(""),
-            &e.size.map(|s| s.to_string()).unwrap_or_default(),
-            e.checksum.as_deref().unwrap_or(""),
-            &e.pnfsid,
-            &e.status,
-            &e.first_seen,
-            &e.updated,
-        ])?;
-    }
-    w.flush()?;
-    Ok(())
 }

@@ -1,23 +1,29 @@
-//! dcflow: dCache storage events in, verified files out.
+//! dcflow, the binary: wiring only. The work is in the libraries:
+//!
+//! ```text
+//! dcflow-core      events, configuration, mapping, records, watermarks, Publish
+//! dcflow-transfer  the verified, atomic HTTPS copy (Engine)
+//! dcflow-workflow  Pipeline: admission ──► executor ──► steps/ ──► records
+//! dcflow-kafka     the billing-topic source (commits), producers, the dispatch loop
+//! dcflow-sse       the storage-event source (frontend channels, resynchronisation)
+//! ```
 //!
 //! # Layout
 //! ```text
-//! source (replay file | stdin) ──► pipeline::admit (decode, select, dedupe, permit)
-//!     ──► pipeline::run: each matching workflow's steps in order
-//!         (copy: Engine::copy, verified and atomic; delete-source; steps::exec; steps::webhook)
-//!     ──► records (CSV) + logs
+//! main.rs      parse, log, run one command; the exit code in one match
+//! cli.rs       the command line (clap)
+//! commands/    one module per command; Failure → exit code
+//! daemon.rs    signals, root cancellation tokens, the tracker of long-lived tasks
+//! metrics.rs   the HTTP endpoint: /metrics, /healthz, /readyz, the status page
 //! ```
-//! `main.rs` parses the command line and decides exit codes; `check` summarises a
-//! configuration; `demo` runs the whole flow against the in-process emulator.
+//! `commands/demo` (and its emulator) is behind the default-on `demo` feature:
+//! `cargo build --release --no-default-features -p dcflow` builds the production binary
+//! without them.
 
-pub mod check;
-pub mod demo;
-pub mod dispatch;
+pub mod cli;
+pub mod commands;
+pub mod daemon;
 pub mod metrics;
-pub mod replay;
-pub mod retry;
-pub mod run;
-pub mod status;
 
 /// The pipeline of a configuration, with Kafka producers (the `produce` steps, the
 /// dead-letter topic) when `[kafka]` is configured.

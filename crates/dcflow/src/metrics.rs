@@ -20,24 +20,22 @@ use dcflow_workflow::Pipeline;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::daemon::Daemon;
 
 const PAGE: &str = include_str!("status.html");
 
-/// Serves the endpoint until `shutdown`; also samples the throughput every 10 s.
-pub async fn serve(
-    address: SocketAddr,
-    pipeline: Arc<Pipeline>,
-    shutdown: CancellationToken,
-) -> Result<()> {
+/// Serves the endpoint until the daemon exits (after the drain: `/readyz` and the status page
+/// stay up while transfers finish); also samples the throughput every 10 s.
+pub async fn serve(address: SocketAddr, pipeline: Arc<Pipeline>, daemon: &Daemon) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("listening on [metrics] address {address}"))?;
     info!(%address, "metrics, health and status at http://{address}/");
     let sampler = pipeline.clone();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
+    let stop = daemon.exit_token();
+    daemon.spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         loop {
             tokio::select! {
@@ -46,7 +44,9 @@ pub async fn serve(
             }
         }
     });
-    tokio::spawn(async move {
+    let shutdown = daemon.exit_token();
+    let connections = daemon.tracker().clone();
+    daemon.spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -60,14 +60,18 @@ pub async fn serve(
                 _ = shutdown.cancelled() => break,
             };
             let pipeline = pipeline.clone();
-            tokio::spawn(async move {
+            let shutdown = shutdown.clone();
+            connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let pipeline = pipeline.clone();
                     async move { Ok::<_, Infallible>(route(&req, &pipeline)) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = shutdown.cancelled() => {}
+                }
             });
         }
     });

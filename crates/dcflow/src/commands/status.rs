@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde_json::Value;
+use std::path::Path;
+
+use super::{load_config, Failure};
 
 /// GET `http://address/status.json`.
 pub async fn fetch(address: &str) -> Result<Value> {
@@ -110,4 +113,34 @@ pub fn render(s: &Value) -> String {
         }
     }
     out
+}
+
+/// `dcflow status`: exit 1 when the daemon cannot be reached.
+pub async fn command(
+    config: Option<&Path>,
+    address: Option<String>,
+    json: bool,
+) -> Result<(), Failure> {
+    let address = match (address, config) {
+        (Some(a), _) => a,
+        (None, Some(config)) => match load_config(config)?.metrics_address {
+            Some(a) => a.to_string(),
+            None => {
+                return Err(Failure::setup(
+                    "dcflow status",
+                    anyhow::anyhow!("{} has no [metrics] address", config.display()),
+                ))
+            }
+        },
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let status = fetch(&address)
+        .await
+        .map_err(|e| Failure::work("dcflow status", e))?;
+    if json {
+        println!("{status}");
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
 }

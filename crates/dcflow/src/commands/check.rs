@@ -6,6 +6,8 @@ use dcflow_core::config::Origin;
 use dcflow_core::Config;
 use dcflow_transfer::Credentials;
 
+use super::{load_config, Failure};
+
 /// The summary, or the list of problems (configuration first, then credentials).
 pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<String>> {
     let creds = Credentials::load(&config.local.auth).map_err(|e| vec![e.to_string()])?;
@@ -146,4 +148,27 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
         }
     }
     Ok(out)
+}
+
+/// `dcflow check-config`: the summary on stdout, or every problem (exit 2).
+pub fn command(config: &std::path::Path) -> Result<(), Failure> {
+    let cfg = load_config(config)?;
+    match check(&cfg, config) {
+        Ok(summary) => {
+            print!("{summary}");
+            Ok(())
+        }
+        Err(problems) => Err(Failure::setup(
+            "dcflow",
+            anyhow::anyhow!(
+                "{}:\n{}",
+                config.display(),
+                problems
+                    .iter()
+                    .map(|p| format!("  {p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        )),
+    }
 }

@@ -1,4 +1,4 @@
-//! `dcflow dispatch`: scale-out beyond dCache's single billing partition.
+//! The dispatch loop (`dcflow dispatch`): scale-out beyond dCache's single billing partition.
 //!
 //! Consumes the billing topic (group `<consumergroup>-dispatch`), keeps the messages that
 //! announce an upload under `pool + folder`, and produces each, unchanged, to the work topic
@@ -10,11 +10,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::{CommitMode, KafkaSource, Received, TopicProducer};
 use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::workflow::EventKind;
 use dcflow_core::{Config, PathMapper, Record, RecordFile, Selector, Sorted};
-use dcflow_kafka::{CommitMode, KafkaSource, Received, TopicProducer};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;

@@ -12,6 +12,8 @@ use tracing::{info, warn};
 
 use dcflow_workflow::{Batch, Pipeline, Summary};
 
+use super::{finish_batch, load_pipeline, Failure};
+
 /// A billing message equivalent to a recorded failure: a completed pool upload of that
 /// pnfsid, path and size. `None` for rows without both (malformed messages: their text is
 /// in the error column, and the dead-letter topic keeps them whole).
@@ -77,4 +79,21 @@ pub async fn retry_dead_letters(pipeline: Arc<Pipeline>, kafka: &KafkaConfig) ->
             .await?;
     }
     batch.finish().await
+}
+
+/// `dcflow retry`: a failure CSV's rows, or the dead-letter topic.
+pub async fn command(
+    config: &Path,
+    failures: Option<&Path>,
+    dead_letters: bool,
+) -> Result<(), Failure> {
+    let (cfg, pipeline) = load_pipeline(config, None).await?;
+    let result = match (failures, cfg.kafka.as_ref()) {
+        (Some(csv), _) => retry_csv(pipeline.clone(), csv).await,
+        (None, Some(kafka)) if dead_letters => retry_dead_letters(pipeline.clone(), kafka).await,
+        _ => Err(anyhow::anyhow!(
+            "--dead-letters needs a [kafka] section with deadlettertopic"
+        )),
+    };
+    finish_batch(result, &pipeline)
 }

@@ -18,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use dcflow_workflow::{Admission, Pipeline, Summary};
+use std::path::Path;
+
+use super::{load_pipeline, Failure};
+use crate::daemon::Daemon;
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 const LAG_EVERY: Duration = Duration::from_secs(15);
@@ -226,4 +230,57 @@ fn log_lag(source: &Arc<KafkaSource>, pipeline: &Arc<Pipeline>) {
         }
         Err(e) => warn!(error = %e, "cannot read consumer lag"),
     });
+}
+
+/// `dcflow run`: the daemon, on the configured source, until a stop signal (or caught up).
+pub async fn command(
+    config: &Path,
+    drain_seconds: u64,
+    until_caught_up: bool,
+) -> Result<(), Failure> {
+    let daemon = Daemon::start();
+    let result = run(
+        config,
+        &daemon,
+        Duration::from_secs(drain_seconds),
+        until_caught_up,
+    )
+    .await;
+    daemon.finish().await;
+    result
+}
+
+async fn run(
+    config: &Path,
+    daemon: &Daemon,
+    drain: Duration,
+    until_caught_up: bool,
+) -> Result<(), Failure> {
+    let (cfg, pipeline) = load_pipeline(config, Some(daemon)).await?;
+    let shutdown = daemon.stop_token();
+    let result = match (cfg.kafka.clone(), cfg.sse.clone()) {
+        (Some(kafka), _) => run_kafka(pipeline, &kafka, shutdown, drain, until_caught_up).await,
+        (None, Some(sse)) => {
+            if until_caught_up {
+                eprintln!("dcflow run: --until-caught-up applies to Kafka only; ignored");
+            }
+            dcflow_sse::run_sse(
+                pipeline,
+                &sse,
+                cfg.dcache.url.clone(),
+                cfg.dcache.pool.clone(),
+                shutdown,
+                drain,
+            )
+            .await
+        }
+        (None, None) => Err(anyhow::anyhow!(
+            "{} has no source: add [kafka] (dCache's billing topic) or [sse] (dCache's storage \
+             events); `dcflow replay` reads a file",
+            config.display()
+        )),
+    };
+    let summary = result.map_err(|e| Failure::setup("dcflow run", e))?;
+    info!("stopped: {summary}");
+    Ok(())
 }

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use dcflow_workflow::{Stats, Summary};
 
+use super::Failure;
+
 pub struct DemoOptions {
     pub dir: Option<PathBuf>,
     pub files: usize,
@@ -301,7 +303,7 @@ successfultaskfile = "{dir}/success.csv"
     let daemon = {
         let (p, s) = (pipeline.clone(), shutdown.clone());
         tokio::spawn(async move {
-            crate::run::run_kafka(p, &kafka, s, Duration::from_secs(60), false).await
+            super::run::run_kafka(p, &kafka, s, Duration::from_secs(60), false).await
         })
     };
 
@@ -435,4 +437,58 @@ fn content(i: usize, size: u64) -> Vec<u8> {
                 .rotate_left(i as u32 % 31) as u8
         })
         .collect()
+}
+
+/// What `--dcache` and its companions say: the door URL, the billing topic, the proxy, the
+/// token, the CA folder.
+pub type DcacheArgs = (
+    url::Url,
+    String,
+    Option<PathBuf>,
+    Option<PathBuf>,
+    Option<PathBuf>,
+);
+
+/// `dcflow demo`: exit 0 when every file landed, 1 otherwise.
+pub async fn command(
+    dir: Option<PathBuf>,
+    files: usize,
+    max_size_mib: u64,
+    kafka: Option<String>,
+    dcache: Option<DcacheArgs>,
+) -> Result<(), Failure> {
+    let dcache = match dcache {
+        Some((url, topic, proxy, token, Some(capath))) if proxy.is_some() || token.is_some() => {
+            Some(RealDcache {
+                url,
+                topic,
+                proxy,
+                token,
+                capath,
+            })
+        }
+        Some(_) => {
+            return Err(Failure::setup(
+                "dcflow demo",
+                anyhow::anyhow!("--dcache needs --proxy or --token"),
+            ))
+        }
+        None => None,
+    };
+    match demo(DemoOptions {
+        dir,
+        files,
+        max_size: max_size_mib << 20,
+        kafka,
+        dcache,
+    })
+    .await
+    {
+        Ok((summary, _)) if summary.failed == 0 => Ok(()),
+        Ok(_) => Err(Failure::Work {
+            who: "dcflow demo",
+            error: None,
+        }),
+        Err(e) => Err(Failure::work("dcflow demo", e)),
+    }
 }

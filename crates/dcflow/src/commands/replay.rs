@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use dcflow_workflow::{Batch, Pipeline, Summary};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use super::{finish_batch, load_pipeline, Failure};
+
 /// Reads `input` (`-` = stdin) line by line; each line is one billing message.
 pub async fn replay(pipeline: Arc<Pipeline>, input: &Path) -> Result<Summary> {
     let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if input == Path::new("-") {
@@ -34,4 +36,10 @@ pub async fn replay(pipeline: Arc<Pipeline>, input: &Path) -> Result<Summary> {
         batch.push(&line, &format!("line {lineno}")).await?;
     }
     batch.finish().await
+}
+
+/// `dcflow replay`.
+pub async fn command(config: &Path, events: &Path) -> Result<(), Failure> {
+    let (_, pipeline) = load_pipeline(config, None).await?;
+    finish_batch(replay(pipeline.clone(), events).await, &pipeline)
 }

@@ -1,0 +1,170 @@
+//! The command line: `dcflow <command>`, as operators' scripts and systemd units call it
+//! (the contract in DESIGN.md). Each command is carried out by its module in `commands/`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "dcflow",
+    version,
+    about = "dCache storage events in, verified files out"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// The daemon: consume the configured Kafka topic until SIGTERM or SIGINT, which stop
+    /// fetching, let running transfers finish (up to --drain-seconds), commit and exit 0.
+    /// A second signal exits at once.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// How long running transfers may take to finish after a stop signal.
+        #[arg(long, default_value_t = 120)]
+        drain_seconds: u64,
+        /// Exit (0) once every assigned partition was read to its end and its transfers
+        /// finished: work off a backlog, or measure.
+        #[arg(long)]
+        until_caught_up: bool,
+    },
+    /// Run every billing message of a JSONL file (`-` = stdin) through the pipeline, then exit:
+    /// 0 if every selected file succeeded or was already present, 1 if any failed.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        /// JSONL file of dCache billing messages, one per line; `-` for stdin.
+        events: PathBuf,
+    },
+    /// Re-run recorded failures through the same pipeline: the rows of a failure CSV, or
+    /// (with --dead-letters) every message of the dead-letter topic. Exit codes as replay.
+    Retry {
+        #[arg(long)]
+        config: PathBuf,
+        /// Failure CSV (e.g. the configured failedtasksfile).
+        #[arg(
+            required_unless_present = "dead_letters",
+            conflicts_with = "dead_letters"
+        )]
+        failures: Option<PathBuf>,
+        /// Read the failures from [kafka] deadlettertopic instead.
+        #[arg(long)]
+        dead_letters: bool,
+    },
+    /// Validate a configuration and summarise what dcflow will do; exit 2 listing problems.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Scale-out: move the uploads announced on `[kafka] topic` to `[kafka] worktopic`, keyed by
+    /// pnfsid, for any number of `dcflow run` workers. Stops like `run`.
+    Dispatch {
+        #[arg(long)]
+        config: PathBuf,
+        /// Stop once every assigned partition of the billing topic is read to its end and
+        /// what was selected is on the work topic (a catch-up run).
+        #[arg(long)]
+        until_caught_up: bool,
+    },
+    /// List the rows of a workflow catalog (the `catalog` step's SQLite file) as CSV, or as
+    /// JSON lines with --json.
+    Catalog {
+        /// The configuration whose catalog steps name the database (or give --database).
+        #[arg(long, required_unless_present = "database")]
+        config: Option<PathBuf>,
+        /// The SQLite file; needed when the configuration names several.
+        #[arg(long)]
+        database: Option<PathBuf>,
+        /// Only rows of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only billing paths matching this glob (`*`, `?`, `[...]`), e.g. '/pnfs/*/raw/*'.
+        #[arg(long)]
+        path: Option<String>,
+        /// One JSON object per line instead of CSV.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the running daemon is doing, from its `[metrics] address`: counters, transfers
+    /// in flight, lag, recent failures. Exit 1 when it cannot be reached.
+    Status {
+        /// The daemon's configuration (its [metrics] address is asked).
+        #[arg(long, required_unless_present = "address")]
+        config: Option<PathBuf>,
+        /// The address to ask instead, e.g. 127.0.0.1:9464.
+        #[arg(long)]
+        address: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script: `dcflow completions bash > /etc/bash_completion.d/dcflow`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `dcflow man > /usr/share/man/man1/dcflow.1`.
+    Man,
+    /// The whole flow on an embedded default: dCache emulator, uploads, verified copies.
+    Demo {
+        /// Where to keep the emulator's state, the copies and the records (default: a new
+        /// folder under $TMPDIR).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Number of files to upload and copy.
+        #[arg(long, default_value_t = 24)]
+        files: usize,
+        /// Largest file size, in MiB.
+        #[arg(long, default_value_t = 100)]
+        max_size_mib: u64,
+        /// A real Kafka broker (host:port) instead of librdkafka's in-process mock cluster.
+        #[arg(long)]
+        kafka: Option<String>,
+        /// A real dCache instead of the emulator: its WebDAV door and a folder to work in
+        /// (the demo uploads into a new folder below it), e.g. https://door:2880/public.
+        /// Needs --kafka (the broker the door and pools publish billing to), --capath and
+        /// --proxy or --token (allowed to upload there).
+        #[arg(long, requires_all = ["kafka", "capath"])]
+        dcache: Option<url::Url>,
+        /// With --dcache: the billing topic.
+        #[arg(long, default_value = "billing", requires = "dcache")]
+        topic: String,
+        /// With --dcache: an X.509 proxy (or certificate and key) PEM.
+        #[arg(long, requires = "dcache")]
+        proxy: Option<PathBuf>,
+        /// With --dcache: a file holding a bearer token (a macaroon, say).
+        #[arg(long, requires = "dcache")]
+        token: Option<PathBuf>,
+        /// With --dcache: the trusted CA folder.
+        #[arg(long, requires = "dcache")]
+        capath: Option<PathBuf>,
+    },
+}
+
+pub fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DCFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
