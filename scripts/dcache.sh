@@ -5,11 +5,14 @@
 #
 #   scripts/dcache.sh build    build once into DCACHE_BASE (about 3-4 minutes on 2 cores from
 #                              an empty Maven repository; later calls do nothing)
-#   scripts/dcache.sh start    start it with billing to KAFKA (host:port, topic DCACHE_TOPIC),
+#   scripts/dcache.sh start    start it from the state it was built with (empty pools; set
+#                              KEEP_STATE=1 to keep the last run's files) with billing to KAFKA
+#                              (host:port, topic DCACHE_TOPIC),
 #                              wait until the door and the frontend answer; prints the
 #                              variables the tests read (`eval "$(scripts/dcache.sh start)"`)
 #   scripts/dcache.sh stop     stop it
-#   scripts/dcache.sh restart  stop and start again (the tests' restart during transfers)
+#   scripts/dcache.sh restart  stop and start again, files kept (the tests' restart during
+#                              transfers)
 #   scripts/dcache.sh env      print those variables without starting anything
 #
 # Environment: DCACHE_BASE (/var/tmp/dcflow-dcache: sources, build, Maven repository),
@@ -89,6 +92,9 @@ PY
   fi
   (cd dcache && mvn -s "$BASE/settings.xml" -B -q -Dstyle.color=never -T 2 -DskipTests -Dmaven.gitcommitid.skip=true \
      -am -pl packages/system-test package)
+  # The instance as built, before it first runs: `start` begins from it (empty pools, the
+  # test namespace as set up), so that runs do not fill the pools with earlier runs' files.
+  rm -rf "$D/var.pristine" && cp -a "$D/var" "$D/var.pristine"
   touch "$BASE/.built"
   echo "dcache.sh: dCache built in $((SECONDS - t0)) s: $D" >&2
 }
@@ -109,6 +115,13 @@ ENV
 start() {
   [ -n "${KAFKA:-}" ] || die "KAFKA=host:port of the broker dCache publishes billing to"
   build
+  if [ -z "${KEEP_STATE:-}" ]; then
+    if [ -d "$D/var.pristine" ]; then
+      rm -rf "$D/var" && cp -a "$D/var.pristine" "$D/var"
+    else
+      echo "dcache.sh: no pristine state (built before it was kept): the pools keep earlier runs' files" >&2
+    fi
+  fi
   local l=$D/etc/layouts/system-test.conf
   [ -f "$l.orig" ] || cp "$l" "$l.orig"
   {
@@ -143,7 +156,7 @@ case "${1:-}" in
   build) build ;;
   start) start ;;
   stop) stop ;;
-  restart) stop; start >/dev/null ;;
+  restart) stop; KEEP_STATE=1 start >/dev/null ;;
   env) print_env ;;
   *) die "usage: scripts/dcache.sh build|start|stop|restart|env" ;;
 esac

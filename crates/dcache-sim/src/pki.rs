@@ -71,6 +71,8 @@ impl Pki {
     }
 
     /// Creates the CA, host, user and proxy credentials under `dir`.
+    // Long on purpose: the test PKI's certificates one after the other (CA, host, user,
+    // proxies); each step is a few builder calls that read best in order.
     pub fn create(dir: &Path, proxy_key: ProxyKey) -> Result<Self> {
         let capath = dir.join("certificates");
         std::fs::create_dir_all(&capath)?;

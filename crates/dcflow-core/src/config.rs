@@ -6,7 +6,7 @@
 //! key. Validation does no I/O: environment fallbacks come in through [`Env`], and files are
 //! only looked at when credentials are loaded (`auth`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
@@ -15,19 +15,8 @@ use std::time::Duration;
 use url::Url;
 
 use crate::retry::RetryPolicy;
-
-/// One problem in a configuration file, naming its key (`section.key`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    pub key: String,
-    pub problem: String,
-}
-
-impl fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.problem)
-    }
-}
+pub use crate::section::ConfigProblem;
+use crate::section::{problem, Section};
 
 /// Every problem found in a configuration, in file order.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -361,6 +350,8 @@ impl Config {
     }
 
     /// Validates configuration text, reporting every problem at once.
+    // Long on purpose: the table of top-level sections, each parsed and its problems collected;
+    // one line of wiring per section.
     pub fn from_toml(text: &str, env: &Env) -> Result<Self, ConfigError> {
         let root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
             problems: vec![ConfigProblem {
@@ -517,153 +508,6 @@ impl Config {
             }
             _ => Err(ConfigError { problems: errs }),
         }
-    }
-}
-
-fn problem(key: &str, what: impl Into<String>) -> ConfigProblem {
-    ConfigProblem {
-        key: key.to_owned(),
-        problem: what.into(),
-    }
-}
-
-/// Typed access to one table that records every problem under `section.key` (the section
-/// may be nested: `workflow[0].step[1]`).
-pub(crate) struct Section<'a> {
-    name: String,
-    table: Option<&'a toml::Table>,
-    errs: &'a mut Vec<ConfigProblem>,
-}
-
-impl<'a> Section<'a> {
-    /// Reports every key of `table` not in `known`.
-    pub(crate) fn new(
-        name: impl Into<String>,
-        table: Option<&'a toml::Table>,
-        known: &[&str],
-        errs: &'a mut Vec<ConfigProblem>,
-    ) -> Self {
-        let name = name.into();
-        if let Some(t) = table {
-            let known: BTreeSet<&str> = known.iter().copied().collect();
-            for key in t.keys().filter(|k| !known.contains(k.as_str())) {
-                errs.push(problem(&format!("{name}.{key}"), "unknown key"));
-            }
-        }
-        Self { name, table, errs }
-    }
-
-    fn key(&self, key: &str) -> String {
-        format!("{}.{key}", self.name)
-    }
-
-    /// Where problems go, for tables nested in this one.
-    pub(crate) fn errs(&mut self) -> &mut Vec<ConfigProblem> {
-        self.errs
-    }
-
-    pub(crate) fn fail(&mut self, key: &str, what: impl Into<String>) {
-        let k = self.key(key);
-        self.errs.push(problem(&k, what));
-    }
-
-    pub(crate) fn get(&self, key: &str) -> Option<&'a toml::Value> {
-        self.table.and_then(|t| t.get(key))
-    }
-
-    pub(crate) fn string(&mut self, key: &str) -> Option<String> {
-        match self.get(key)? {
-            toml::Value::String(s) => Some(s.clone()),
-            other => {
-                self.fail(key, format!("must be a string, found {}", other.type_str()));
-                None
-            }
-        }
-    }
-
-    fn required_string(&mut self, key: &str) -> Option<String> {
-        let v = self.string(key);
-        if v.is_none() && self.get(key).is_none() {
-            self.fail(key, "is required");
-        }
-        v.filter(|s| !s.is_empty()).or_else(|| {
-            if self.get(key).is_some_and(|v| v.as_str() == Some("")) {
-                self.fail(key, "must not be empty");
-            }
-            None
-        })
-    }
-
-    /// A positive integer (seconds, counts) within `min..=max`.
-    pub(crate) fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
-        self.opt_int(key, min, max).unwrap_or(default)
-    }
-
-    /// An optional integer within `min..=max`.
-    pub(crate) fn opt_int(&mut self, key: &str, min: u64, max: u64) -> Option<u64> {
-        match self.get(key)? {
-            toml::Value::Integer(i) if (min as i128..=max as i128).contains(&(*i as i128)) => {
-                Some(*i as u64)
-            }
-            toml::Value::Integer(i) => {
-                self.fail(key, format!("{i} is out of range {min}..={max}"));
-                None
-            }
-            other => {
-                self.fail(
-                    key,
-                    format!("must be an integer, found {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, key: &str, default: bool) -> bool {
-        match self.get(key) {
-            None => default,
-            Some(toml::Value::Boolean(b)) => *b,
-            Some(other) => {
-                self.fail(
-                    key,
-                    format!("must be true or false, found {}", other.type_str()),
-                );
-                default
-            }
-        }
-    }
-
-    pub(crate) fn strings(&mut self, key: &str) -> Option<Vec<String>> {
-        match self.get(key)? {
-            toml::Value::Array(items) => {
-                let mut out = Vec::new();
-                for (i, item) in items.iter().enumerate() {
-                    match item.as_str() {
-                        Some(s) => out.push(s.to_owned()),
-                        None => self.fail(&format!("{key}[{i}]"), "must be a string"),
-                    }
-                }
-                Some(out)
-            }
-            other => {
-                self.fail(
-                    key,
-                    format!("must be an array of strings, found {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    fn path(&mut self, key: &str) -> Option<PathBuf> {
-        self.string(key).and_then(|s| {
-            if s.is_empty() {
-                self.fail(key, "must not be empty");
-                None
-            } else {
-                Some(PathBuf::from(s))
-            }
-        })
     }
 }
 

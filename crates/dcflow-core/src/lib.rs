@@ -8,6 +8,7 @@
 //! mapping  billing path → (source URL, destination) with escape checks
 //! publish  Publish: a topic to write messages to (implemented by dcflow-kafka)
 //! retry    RetryPolicy: attempts and back-off with jitter
+//! section  the raw TOML walk that reports every problem (used by config and workflow)
 //! records  success/failure CSV files
 //! watermark contiguous commit positions per partition (Kafka offsets, SSE ids)
 //! workflow [[workflow]] rules: which uploads start which ordered steps
@@ -19,6 +20,7 @@ pub mod mapping;
 pub mod publish;
 pub mod records;
 pub mod retry;
+mod section;
 pub mod watermark;
 pub mod workflow;
 

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::{ConfigProblem, Section};
+use crate::section::{ConfigProblem, Section};
 
 /// The placeholders a template may use, and the step kind that must come earlier for it.
 const PLACEHOLDERS: &[(&str, Option<&str>)] = &[
@@ -588,6 +588,8 @@ fn parse_match(at: &str, t: &toml::Table, errs: &mut Vec<ConfigProblem>) -> Opti
     (errs.len() == before).then_some(matcher)
 }
 
+// Long on purpose: one arm per step kind, each reading that kind's keys; splitting would spread
+// the key table over many functions.
 fn parse_steps(
     at: &str,
     items: &[toml::Value],

@@ -32,6 +32,8 @@ pub struct DispatchSummary {
 
 /// Runs until `shutdown`, or, with `until_caught_up`, until every assigned partition has been
 /// read to its end (then waits for the work topic's acknowledgements and commits).
+// Long on purpose: one consuming loop whose select arms share the in-flight produces, the
+// watermarks and the ticks.
 pub async fn dispatch(
     config: &Config,
     kafka: &KafkaConfig,

@@ -126,6 +126,8 @@ impl Source {
         Ok(())
     }
 
+    // Long on purpose: one loop over the event stream whose arms share the channel, the
+    // subscriptions, the tasks and the saved id; each arm is short.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn stream(
         self: &Arc<Self>,

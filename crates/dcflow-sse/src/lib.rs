@@ -94,6 +94,8 @@ enum Ended {
     Resubscribe(String),
 }
 
+// Long on purpose: the source's state machine (channel, subscribe, resynchronise, stream, back
+// off) in one loop, so that every transition is visible in one place.
 pub async fn run_sse(
     pipeline: Arc<Pipeline>,
     cfg: &SseConfig,

@@ -192,6 +192,8 @@ impl Engine {
         Ok((parent, lock.as_ref().expect("just set")))
     }
 
+    // Long on purpose: one transfer attempt in order (request, redirect, body to the writer
+    // thread, verify, publish); each step is a few lines and they share the attempt's state.
     async fn attempt(
         &self,
         job: &Job<'_>,

@@ -169,6 +169,8 @@ impl Pipeline {
     ///
     /// `origin` (where the message came from, for logs and records) is formatted only when
     /// it is needed: most messages are dismissed without it.
+    // Long on purpose: the admission decisions in the order they are taken (decode, kind,
+    // folder, rules, escape, merge, permit); each returns early.
     pub async fn admit(&self, raw: &[u8], origin: &(impl std::fmt::Display + ?Sized)) -> Admission {
         Stats::inc(&self.stats.events);
         // Most billing traffic is dismissed on its type and path alone.

@@ -178,6 +178,7 @@ impl Pipeline {
 
     /// One step of a run: the step kind's own module does the work. `Err` holds the error
     /// and the attempts made.
+    // Long on purpose: one arm per step kind, each a call into that kind's module.
     async fn run_step(
         &self,
         run: &mut Run<'_>,

@@ -66,6 +66,7 @@ pub struct Stats {
 }
 
 impl Default for Stats {
+    // Long on purpose: the registration of every exported metric, one after the other.
     fn default() -> Self {
         let mut registry = Registry::default();
         let skipped = Family::<Reason, Counter>::default();

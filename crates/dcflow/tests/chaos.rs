@@ -7,13 +7,11 @@
 //! when the tests run as root; both need root (or, for the permission test, a non-root user)
 //! and say SKIPPED otherwise, except under CI where that is a failure.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 use dcache_sim::Fault;
 use dcflow_core::RecordFile;
 

@@ -1,8 +1,6 @@
 //! End to end: the real `dcflow` binary against the dCache emulator, as an operator runs it.
 
-mod common;
-
-use common::*;
+use crate::util::*;
 use dcache_sim::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

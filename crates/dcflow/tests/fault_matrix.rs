@@ -4,13 +4,11 @@
 //! every later step done once; a persistent one in a failure recorded at the copy step, with
 //! nothing at a final path, no later step run and the source kept.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
-use common::{files_below, text, Site};
+use crate::util::{files_below, text, Site};
 use dcache_sim::Fault;
 
 /// A tar archive of one small file, built by Python's tarfile.
@@ -149,7 +147,7 @@ type = "delete-source"
         "retryseconds = 0\nretrytimes = 3\nstalltimeout = 2\ntimeout = 30",
         &workflows,
     );
-    let out = common::dcflow(&[
+    let out = crate::util::dcflow(&[
         "replay",
         "--config",
         config.to_str().unwrap(),
@@ -164,7 +162,7 @@ type = "delete-source"
 
     let called = std::fs::read_to_string(&calls).unwrap_or_default();
     let posted = posts.lock().unwrap().clone();
-    let rows = text(&common::dcflow(&["catalog", "--database", db.to_str().unwrap()]).stdout);
+    let rows = text(&crate::util::dcflow(&["catalog", "--database", db.to_str().unwrap()]).stdout);
     let failed = site.records("failed.csv");
     for (rel, door, body, ok) in &expected {
         let name = rel.rsplit('/').next().unwrap();

@@ -2,12 +2,10 @@
 //! The broker's address comes from `DCFLOW_KAFKA` (host:port). Without it these tests say so
 //! and pass, except under CI (`CI` set), where a missing broker is a failure.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 use dcache_sim::Fault;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -105,7 +103,7 @@ async fn full_transfer_slots_pause_fetching_and_nothing_is_skipped() {
     let log = site.path("run.log");
     let child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
         .args(["run", "--config", config.to_str().unwrap()])
-        .env("DCFLOW_LOG", "info,dcflow::run=debug")
+        .env("DCFLOW_LOG", "info,dcflow::commands::run=debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

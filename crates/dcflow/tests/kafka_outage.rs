@@ -1,18 +1,22 @@
 //! The broker stops and comes back while `dcflow run` works: it rides through and loses
-//! nothing. A test binary of its own, since it restarts the shared broker (scripts/kafka.sh,
+//! nothing. It has the broker to itself (`broker_alone`), since it restarts the shared broker (scripts/kafka.sh,
 //! whose state folder comes from `KAFKA_STATE`, as in .ci/run).
-
-mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 use dcache_sim::Fault;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The broker is held alone for the whole test: a std lock, since `broker()` is synchronous
+// (no test thread waits on it while holding another lock).
+#[allow(clippy::await_holding_lock)]
 async fn a_broker_restart_mid_run_loses_nothing() {
-    let Some(broker) = broker() else { return };
+    // Every other test that uses the broker waits while it restarts.
+    let Some((broker, _alone)) = broker_alone() else {
+        return;
+    };
     let site = Site::new().await;
     let mut expected = Vec::new();
     let mut lines = Vec::new();

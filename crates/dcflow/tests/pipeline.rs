@@ -1,12 +1,10 @@
 //! The pipeline in-process: a message merged into the copy of the same upload is released
 //! only when that copy ended, so its offset cannot be committed while the file is in flight.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::util::*;
 use dcache_sim::Fault;
 use dcflow_core::{Config, Env};
 use dcflow_workflow::{Admission, Pipeline};

@@ -5,12 +5,10 @@
 //! The door's root is the namespace root, so every configuration here says `pool = "/"`, and
 //! each test works in a folder of its own below `/public` (writable by all on this instance).
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::util::*;
 
 /// The tests share one dCache; the one that restarts it has it to itself.
 static DCACHE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
@@ -985,15 +983,16 @@ async fn a_dcache_restart_during_transfers_loses_and_corrupts_nothing() {
     eprintln!("restart during transfers: {retried} attempts retried");
 }
 
-/// The pool that holds the files fails under the copies: its movers are killed and it is
-/// disabled for ten seconds (the door finds no pool for the files), then enabled again. The
-/// copies are retried and land, verified; nothing partial at a final path.
+/// The pool fails under the copies: the movers that serve dcflow are killed through dCache's
+/// admin shell (a killed HTTP mover stops sending and leaves the connection open: a stall).
+/// The copies notice the stall, are retried and land, verified; nothing partial at a final
+/// path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_that_fails_during_transfers_loses_and_corrupts_nothing() {
     let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
         return;
     };
-    // Disabling the pool would fail the other tests' uploads.
+    // Killing movers would fail the other tests' transfers.
     let _alone = DCACHE.write().await;
     let dir = tempfile::tempdir().unwrap();
     let folder = format!("/public/{}", unique("pool-fault"));
@@ -1019,41 +1018,42 @@ async fn a_pool_that_fails_during_transfers_loses_and_corrupts_nothing() {
     );
     let text_config = std::fs::read_to_string(&config)
         .unwrap()
-        .replace("retrytimes = 5", "retrytimes = 10");
+        .replace("retrytimes = 5", "retrytimes = 10")
+        .replace("stalltimeout = 60", "stalltimeout = 10");
     std::fs::write(&config, text_config).unwrap();
     let log = dir.path().join("run.log");
     let child = start_run(&config, &log);
     let download = dir.path().join("download");
+    // The client movers (`h={Https`; p2p movers between pools are left alone) of every pool,
+    // until a copy has been retried.
     let mut killed = 0;
     wait_for(
-        "a mover of dcflow's on the pool",
-        Duration::from_secs(120),
+        "a copy retried after its mover was killed",
+        Duration::from_secs(240),
         || {
-            let movers = dcache.admin("\\s pool_write mover ls");
-            let ids: Vec<&str> = movers
-                .lines()
-                .filter(|l| l.contains("RUNNING") && l.contains("IoMode=[READ]"))
-                .filter_map(|l| l.split_whitespace().next())
-                .collect();
-            if ids.is_empty() {
-                return false;
-            }
-            dcache.admin("\\s pool_write pool disable -strict");
-            for id in ids {
-                if !dcache
-                    .admin(&format!("\\s pool_write mover kill {id}"))
-                    .contains("Unknown id")
+            let listing = dcache.admin("\\s pool_* mover ls");
+            let mut pool = "";
+            for line in listing.lines() {
+                if !line.starts_with(' ') {
+                    pool = line.split(':').next().unwrap_or("").trim();
+                } else if line.contains("RUNNING")
+                    && line.contains("IoMode=[READ]")
+                    && line.contains("h={Https")
                 {
-                    killed += 1;
+                    let id = line.split_whitespace().next().unwrap_or("");
+                    if dcache
+                        .admin(&format!("\\s {pool} mover kill {id}"))
+                        .contains("Kill initialized")
+                    {
+                        killed += 1;
+                    }
                 }
             }
-            true
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("COPY_RUN attempt"))
         },
     );
-    std::thread::sleep(Duration::from_secs(10));
-    dcache.admin("\\s pool_write pool enable");
     wait_for(
-        "every file after the pool came back",
+        "every file after the killed movers",
         Duration::from_secs(300),
         || files.iter().all(|(rel, body)| landed(&download, rel, body)),
     );

@@ -1,10 +1,8 @@
 //! `dcflow run` with `[sse]`: dCache's storage events from the emulator's frontend.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 
 fn sse_config(site: &Site) -> std::path::PathBuf {
     // dCache watches existing directories only: the folder exists before dcflow starts.

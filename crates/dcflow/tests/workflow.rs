@@ -1,17 +1,15 @@
 //! `[[workflow]]` end to end: the emulator, the real binary, real programs for `exec` and a
 //! real HTTP server (a plain socket) for `webhook`.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
-use common::{data, files_below, text, Site};
+use crate::util::{data, files_below, text, Site};
 use dcache_sim::Fault;
 
 fn replay(config: &std::path::Path, events: &std::path::Path) -> std::process::Output {
-    common::dcflow(&[
+    crate::util::dcflow(&[
         "replay",
         "--config",
         config.to_str().unwrap(),
@@ -165,7 +163,7 @@ argv = ["cp", "/proc/self/status", "{status}"]
         status = site.path("child-status").display(),
     );
     let config = site.write_workflow_config("", &workflows);
-    let out = common::dcflow(&[
+    let out = crate::util::dcflow(&[
         "replay",
         "--config",
         config.to_str().unwrap(),
@@ -226,7 +224,7 @@ timeout = 1
         program = program.display()
     );
     let config = site.write_workflow_config("", &workflows);
-    let out = common::dcflow(&[
+    let out = crate::util::dcflow(&[
         "replay",
         "--config",
         config.to_str().unwrap(),
@@ -440,15 +438,18 @@ async fn check_config_accepts_every_example() {
         let name = path.file_name().unwrap().to_str().unwrap();
         let local = site.path(name);
         std::fs::write(&local, &text).unwrap();
-        let out = common::dcflow(&["check-config", "--config", local.to_str().unwrap()]);
+        let out = crate::util::dcflow(&["check-config", "--config", local.to_str().unwrap()]);
         assert_eq!(
             out.status.code(),
             Some(0),
             "{name}: {}{}",
-            common::text(&out.stdout),
-            common::text(&out.stderr)
+            crate::util::text(&out.stdout),
+            crate::util::text(&out.stderr)
         );
-        assert!(common::text(&out.stdout).contains("workflows:"), "{name}");
+        assert!(
+            crate::util::text(&out.stdout).contains("workflows:"),
+            "{name}"
+        );
     }
     assert!(seen >= 5, "examples: {seen}");
 }
@@ -628,7 +629,7 @@ database = "{db}"
     let out = replay(&config, &events);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
-    let listed = common::dcflow(&["catalog", "--config", config.to_str().unwrap(), "--json"]);
+    let listed = crate::util::dcflow(&["catalog", "--config", config.to_str().unwrap(), "--json"]);
     assert_eq!(listed.status.code(), Some(0), "{}", text(&listed.stderr));
     let rows: Vec<serde_json::Value> = text(&listed.stdout)
         .lines()
@@ -649,7 +650,7 @@ database = "{db}"
         .as_str()
         .unwrap()
         .ends_with("cat/two.dat"));
-    let csv = common::dcflow(&[
+    let csv = crate::util::dcflow(&[
         "catalog",
         "--database",
         db.to_str().unwrap(),
@@ -715,7 +716,7 @@ database = "{db}"
 
     // `dcflow retry` of the failure, once the gate is open: it resumes at step 3.
     std::fs::write(&gate, b"").unwrap();
-    let retried = common::dcflow(&[
+    let retried = crate::util::dcflow(&[
         "retry",
         "--config",
         config.to_str().unwrap(),
@@ -745,7 +746,7 @@ database = "{db}"
     assert_eq!(count("second"), 2, "failed once, then resumed: {recorded}");
     assert_eq!(count("removed"), 1, "{recorded}");
     assert!(recorded.contains("\"remove\""));
-    let rows = common::dcflow(&["catalog", "--database", db.to_str().unwrap(), "--json"]);
+    let rows = crate::util::dcflow(&["catalog", "--database", db.to_str().unwrap(), "--json"]);
     let rows = text(&rows.stdout);
     assert!(rows.contains("\"status\":\"removed\""), "{rows}");
 }

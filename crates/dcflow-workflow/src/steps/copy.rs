@@ -21,6 +21,8 @@ use crate::stats::{Active, Stats};
 impl Pipeline {
     /// The verified copy, its logs and counters; fills `record` and the context's
     /// `local_path` and `checksum`. `Err` holds the error and the attempts made.
+    // Long on purpose: the copy's sequence (destination, lock, claim, already-deleted check,
+    // engine, counters, record) in order, sharing its guard.
     pub(crate) async fn copy_step(
         &self,
         upload: &Subject,

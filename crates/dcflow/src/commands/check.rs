@@ -9,6 +9,8 @@ use dcflow_transfer::Credentials;
 use super::{load_config, Failure};
 
 /// The summary, or the list of problems (configuration first, then credentials).
+// Long on purpose: one paragraph of the one-screen summary per configuration section, in the
+// order they are printed.
 pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<String>> {
     let creds = Credentials::load(&config.local.auth).map_err(|e| vec![e.to_string()])?;
     let d = &config.dcache;

@@ -177,118 +177,8 @@ pub async fn demo(opts: DemoOptions) -> Result<(Summary, PathBuf)> {
     let config_path = dir.join("dcflow.toml");
     let download = dir.join("download");
     let (door, config_text) = match &opts.dcache {
-        None => {
-            let mut sim_config = SimConfig::new(&dir.join("dcache"));
-            sim_config.kafka = Some(SimKafka {
-                brokers: brokers.clone(),
-                topic: topic.clone(),
-                partitions: 1,
-            });
-            let sim = Arc::new(
-                Sim::start(sim_config)
-                    .await
-                    .context("starting the dCache emulator")?,
-            );
-            println!(
-                "dCache emulator   door {} (state in {})",
-                sim.door_url,
-                dir.join("dcache").display()
-            );
-            println!("event bus         {bus}, topic {topic}");
-            let text = format!(
-                r#"# Written by `dcflow demo`: the emulator's door and credentials, the demo's broker.
-[kafka]
-topic = "{topic}"
-servers = ["{brokers}"]
-consumergroup = "dcflow-demo-{run_id}"
-[dcache]
-url = "{door}"
-pool = "/pnfs/example.org/data"
-folder = "/lsst/user/j/jdoe"
-retryseconds = 1
-retrytimes = 5
-maxdownloads = 4
-timeout = 120
-[local]
-proxy = "{proxy}"
-capath = "{capath}"
-downloadfolder = "{download}"
-permissions = '2750'
-failedtasksfile = "{dir}/failed.csv"
-successfultaskfile = "{dir}/success.csv"
-"#,
-                door = sim.door_url,
-                proxy = sim.pki.proxy.display(),
-                capath = sim.pki.capath.display(),
-                download = download.display(),
-                dir = dir.display(),
-            );
-            (Door::Sim(sim), text)
-        }
-        Some(real) => {
-            let mut origin = real.url.clone();
-            origin.set_path("");
-            let folder = format!(
-                "{}/dcflow-demo-{run_id}",
-                real.url.path().trim_end_matches('/')
-            );
-            println!("dCache            door {origin}, folder {folder}");
-            println!("event bus         {bus}, topic {}", real.topic);
-            let auth = match (&real.proxy, &real.token) {
-                (Some(p), _) => format!("proxy = \"{}\"", p.display()),
-                (None, Some(t)) => format!("token = \"{}\"", t.display()),
-                (None, None) => bail!("demo --dcache needs --proxy or --token"),
-            };
-            let text = format!(
-                r#"# Written by `dcflow demo --dcache`: the site's door, broker and credentials.
-[kafka]
-topic = "{topic}"
-servers = ["{brokers}"]
-consumergroup = "dcflow-demo-{run_id}"
-[dcache]
-url = "{origin}"
-pool = "/"
-folder = "{folder}"
-retryseconds = 1
-retrytimes = 5
-maxdownloads = 4
-timeout = 300
-[local]
-{auth}
-capath = "{capath}"
-downloadfolder = "{download}"
-permissions = '2750'
-failedtasksfile = "{dir}/failed.csv"
-successfultaskfile = "{dir}/success.csv"
-"#,
-                topic = real.topic,
-                origin = origin.as_str().trim_end_matches('/'),
-                capath = real.capath.display(),
-                download = download.display(),
-                dir = dir.display(),
-            );
-            std::fs::write(&config_path, &text)?;
-            let config =
-                Config::load(&config_path, &Env::from_process()).map_err(anyhow::Error::msg)?;
-            let creds = dcflow_transfer::Credentials::load(&config.local.auth)
-                .context("loading the credentials")?;
-            let tls = creds.tls_config().context("the TLS configuration")?;
-            let client = reqwest::Client::builder()
-                .use_preconfigured_tls(tls)
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .context("the upload client")?;
-            let token = creds.token.as_ref().map(|t| t.get().expose().to_owned());
-            (
-                Door::Real {
-                    client,
-                    token,
-                    origin,
-                    folder,
-                },
-                text,
-            )
-        }
+        None => emulator_site(&dir, &download, &brokers, &topic, &run_id, &bus).await?,
+        Some(real) => real_site(real, &dir, &download, &config_path, &brokers, &run_id, &bus)?,
     };
     std::fs::write(&config_path, config_text)?;
     let config = Config::load(&config_path, &Env::from_process()).map_err(anyhow::Error::msg)?;
@@ -437,6 +327,137 @@ fn content(i: usize, size: u64) -> Vec<u8> {
                 .rotate_left(i as u32 % 31) as u8
         })
         .collect()
+}
+
+/// The emulator's site: a dCache emulator publishing to the demo's broker, and its
+/// configuration.
+async fn emulator_site(
+    dir: &std::path::Path,
+    download: &std::path::Path,
+    brokers: &str,
+    topic: &str,
+    run_id: &str,
+    bus: &str,
+) -> Result<(Door, String)> {
+    let mut sim_config = SimConfig::new(&dir.join("dcache"));
+    sim_config.kafka = Some(SimKafka {
+        brokers: brokers.to_owned(),
+        topic: topic.to_owned(),
+        partitions: 1,
+    });
+    let sim = Arc::new(
+        Sim::start(sim_config)
+            .await
+            .context("starting the dCache emulator")?,
+    );
+    println!(
+        "dCache emulator   door {} (state in {})",
+        sim.door_url,
+        dir.join("dcache").display()
+    );
+    println!("event bus         {bus}, topic {topic}");
+    let text = format!(
+        r#"# Written by `dcflow demo`: the emulator's door and credentials, the demo's broker.
+[kafka]
+topic = "{topic}"
+servers = ["{brokers}"]
+consumergroup = "dcflow-demo-{run_id}"
+[dcache]
+url = "{door}"
+pool = "/pnfs/example.org/data"
+folder = "/lsst/user/j/jdoe"
+retryseconds = 1
+retrytimes = 5
+maxdownloads = 4
+timeout = 120
+[local]
+proxy = "{proxy}"
+capath = "{capath}"
+downloadfolder = "{download}"
+permissions = '2750'
+failedtasksfile = "{dir}/failed.csv"
+successfultaskfile = "{dir}/success.csv"
+"#,
+        door = sim.door_url,
+        proxy = sim.pki.proxy.display(),
+        capath = sim.pki.capath.display(),
+        download = download.display(),
+        dir = dir.display(),
+    );
+    Ok((Door::Sim(sim), text))
+}
+
+/// A site's own dCache (`--dcache`): its door, a folder of this run's, and its configuration.
+fn real_site(
+    real: &RealDcache,
+    dir: &std::path::Path,
+    download: &std::path::Path,
+    config_path: &std::path::Path,
+    brokers: &str,
+    run_id: &str,
+    bus: &str,
+) -> Result<(Door, String)> {
+    let mut origin = real.url.clone();
+    origin.set_path("");
+    let folder = format!(
+        "{}/dcflow-demo-{run_id}",
+        real.url.path().trim_end_matches('/')
+    );
+    println!("dCache            door {origin}, folder {folder}");
+    println!("event bus         {bus}, topic {}", real.topic);
+    let auth = match (&real.proxy, &real.token) {
+        (Some(p), _) => format!("proxy = \"{}\"", p.display()),
+        (None, Some(t)) => format!("token = \"{}\"", t.display()),
+        (None, None) => bail!("demo --dcache needs --proxy or --token"),
+    };
+    let text = format!(
+        r#"# Written by `dcflow demo --dcache`: the site's door, broker and credentials.
+[kafka]
+topic = "{topic}"
+servers = ["{brokers}"]
+consumergroup = "dcflow-demo-{run_id}"
+[dcache]
+url = "{origin}"
+pool = "/"
+folder = "{folder}"
+retryseconds = 1
+retrytimes = 5
+maxdownloads = 4
+timeout = 300
+[local]
+{auth}
+capath = "{capath}"
+downloadfolder = "{download}"
+permissions = '2750'
+failedtasksfile = "{dir}/failed.csv"
+successfultaskfile = "{dir}/success.csv"
+"#,
+        topic = real.topic,
+        origin = origin.as_str().trim_end_matches('/'),
+        capath = real.capath.display(),
+        download = download.display(),
+        dir = dir.display(),
+    );
+    std::fs::write(config_path, &text)?;
+    let config = Config::load(config_path, &Env::from_process()).map_err(anyhow::Error::msg)?;
+    let creds = dcflow_transfer::Credentials::load(&config.local.auth)
+        .context("loading the credentials")?;
+    let tls = creds.tls_config().context("the TLS configuration")?;
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("the upload client")?;
+    let token = creds.token.as_ref().map(|t| t.get().expose().to_owned());
+    Ok((
+        Door::Real {
+            client,
+            token,
+            origin,
+            folder,
+        },
+        text,
+    ))
 }
 
 /// What `--dcache` and its companions say: the door URL, the billing topic, the proxy, the

@@ -32,6 +32,8 @@ const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// dismissing the message itself.
 const CHECK_EVERY: u32 = 256;
 
+// Long on purpose: one consuming loop whose arms share the backlog, the tasks, the ticks and
+// the pause state; each arm is short and the order of the checks matters.
 pub async fn run_kafka(
     pipeline: Arc<Pipeline>,
     cfg: &KafkaConfig,

@@ -316,7 +316,42 @@ pub fn metric(text: &str, name: &str) -> f64 {
 
 /// The Kafka broker of the tests (`DCFLOW_KAFKA`, host:port). Without it a test says so and
 /// passes, except under CI (`CI` set), where a missing broker is a failure.
-pub fn broker() -> Option<String> {
+/// The tests share one broker; the one that restarts it has it to itself.
+static BROKER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// The test broker's address, held shared for as long as the value lives (a test that
+/// restarts the broker waits for it, see [`broker_alone`]).
+pub struct Broker {
+    address: String,
+    _shared: std::sync::RwLockReadGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Broker {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.address
+    }
+}
+
+impl std::fmt::Display for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.address)
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Broker {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.address.as_ref()
+    }
+}
+
+impl From<&Broker> for String {
+    fn from(b: &Broker) -> String {
+        b.address.clone()
+    }
+}
+
+fn broker_address() -> Option<String> {
     match std::env::var("DCFLOW_KAFKA") {
         Ok(b) if !b.is_empty() => Some(b),
         _ if std::env::var_os("CI").is_some() => {
@@ -329,6 +364,21 @@ pub fn broker() -> Option<String> {
             None
         }
     }
+}
+
+pub fn broker() -> Option<Broker> {
+    let address = broker_address()?;
+    let shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    Some(Broker {
+        address,
+        _shared: shared,
+    })
+}
+
+/// The broker, with no other test using it (for a test that stops and starts it).
+pub fn broker_alone() -> Option<(String, std::sync::RwLockWriteGuard<'static, ()>)> {
+    let address = broker_address()?;
+    Some((address, BROKER.write().unwrap_or_else(|e| e.into_inner())))
 }
 
 pub fn unique(prefix: &str) -> String {
