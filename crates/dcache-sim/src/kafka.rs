@@ -5,8 +5,14 @@
 #[cfg(not(feature = "kafka"))]
 use anyhow::Result;
 
-#[cfg(not(feature = "kafka"))]
-use crate::server::SimKafka;
+/// dCache's Kafka billing output.
+#[derive(Debug, Clone)]
+pub struct SimKafka {
+    pub brokers: String,
+    pub topic: String,
+    /// dCache's billing topic usually has one partition.
+    pub partitions: i32,
+}
 
 #[cfg(feature = "kafka")]
 mod real {
@@ -16,7 +22,7 @@ mod real {
     use rdkafka::types::RDKafkaErrorCode;
     use rdkafka::ClientConfig;
 
-    use crate::server::SimKafka;
+    use super::SimKafka;
 
     /// dCache's Kafka output: topic `billing` by default, null keys, the JSON text as value.
     pub struct KafkaSink {

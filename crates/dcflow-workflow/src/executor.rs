@@ -10,8 +10,9 @@ use dcflow_core::{Mapped, Record, Step, Workflow};
 use time::OffsetDateTime;
 use tracing::{error, info, warn, Instrument};
 
-use crate::admission::{Facts, Seen, Subject, Task};
+use crate::admission::{Facts, Subject, Task};
 use crate::pipeline::{FileOutcome, Pipeline, Unrecorded};
+use crate::seen::Seen;
 use crate::stats::{Ended, Stats, StepLabel};
 use crate::steps::{self, retrying, Context as StepContext, StepError};
 

@@ -4,6 +4,7 @@
 //! ```text
 //! pipeline   Pipeline: built from the Config; records, dead letters, halting
 //! admission  admit(): decode, select, dedupe (door request + pool transfer), take a permit
+//! seen       the uploads in flight and recently finished, for merging duplicates
 //! executor   run(): each matching workflow's steps in order, resumed from the state store,
 //!            then one success or failure record
 //! steps/     one module per step kind: copy, delete_source, unpack, exec, webhook, produce,
@@ -21,6 +22,7 @@ pub mod batch;
 pub mod catalog;
 pub mod executor;
 pub mod pipeline;
+mod seen;
 pub mod state;
 pub mod stats;
 pub mod steps;

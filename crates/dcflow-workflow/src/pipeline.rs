@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tracing::error;
 
-use crate::admission::{SeenMap, REMEMBER_FINISHED};
 use crate::catalog::Catalog;
+use crate::seen::{SeenMap, REMEMBER_FINISHED};
 use crate::state::StateStore;
 use crate::stats::{Activity, Stats};
 use crate::steps::webhook::Webhooks;

@@ -83,14 +83,7 @@ pub struct SimConfig {
     pub bill_reads: bool,
 }
 
-/// dCache's Kafka billing output.
-#[derive(Debug, Clone)]
-pub struct SimKafka {
-    pub brokers: String,
-    pub topic: String,
-    /// dCache's billing topic usually has one partition.
-    pub partitions: i32,
-}
+pub use crate::kafka::SimKafka;
 
 impl SimConfig {
     pub fn new(dir: &Path) -> Self {

@@ -35,7 +35,7 @@ impl Pipeline {
         let rel = match template {
             None => mapped.rel.clone(),
             Some(t) => {
-                let rendered = ctx.render(t).map_err(|e| (e.message, 0))?;
+                let rendered = ctx.render(t).map_err(|e| (e.to_string(), 0))?;
                 relative_destination(&rendered).map_err(|why| {
                     (
                         format!("destination {rendered:?} escapes the download folder: {why}"),

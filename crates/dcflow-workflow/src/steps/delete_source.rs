@@ -38,10 +38,10 @@ impl Pipeline {
                 )))
             }
             Err(e) => {
-                return Err(StepError {
-                    message: format!("checking the local copy before deleting: {e}"),
-                    retryable: e.is_retryable(),
-                })
+                return Err(StepError::transfer(
+                    "checking the local copy before deleting: ",
+                    &e,
+                ))
             }
         }
         match self.engine.delete(&mapped.source_url).await {
@@ -53,10 +53,7 @@ impl Pipeline {
                 info!(source = %mapped.source_url, "DELETE_SOURCE {} already gone", mapped.source_url);
                 Ok(())
             }
-            Err(e) => Err(StepError {
-                message: e.to_string(),
-                retryable: e.is_retryable(),
-            }),
+            Err(e) => Err(StepError::transfer("", &e)),
         }
     }
 }

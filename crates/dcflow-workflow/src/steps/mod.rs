@@ -63,31 +63,52 @@ impl Context {
     }
 }
 
-/// Why a step did not succeed.
-#[derive(Debug, Clone)]
-pub struct StepError {
-    pub message: String,
-    pub retryable: bool,
+/// Why a step did not succeed, and whether another attempt may help.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StepError {
+    /// The step cannot do its work for this event, and would fail again the same way: a
+    /// template placeholder the event lacks, a refused argument or destination, a program's
+    /// failure code, a 4xx, a copy that does not match.
+    #[error("{0}")]
+    Refused(String),
+    /// Worth another attempt: a timeout, a 5xx or a network error, a broker or database
+    /// that did not answer, a program's retry code.
+    #[error("{0}")]
+    Transient(String),
+    /// dCache or the local file system, as the transfer engine judged it
+    /// (`TransferError::is_retryable`).
+    #[error("{what}{error}")]
+    Transfer {
+        what: &'static str,
+        error: String,
+        retryable: bool,
+    },
 }
 
 impl StepError {
     pub fn fatal(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: false,
-        }
+        Self::Refused(message.into())
     }
-    pub fn retry(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: true,
-        }
-    }
-}
 
-impl std::fmt::Display for StepError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
+    pub fn retry(message: impl Into<String>) -> Self {
+        Self::Transient(message.into())
+    }
+
+    /// `what` (e.g. "checking the local copy before deleting: ") and the engine's error.
+    pub fn transfer(what: &'static str, e: &dcflow_transfer::TransferError) -> Self {
+        Self::Transfer {
+            what,
+            error: e.to_string(),
+            retryable: e.is_retryable(),
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Refused(_) => false,
+            Self::Transient(_) => true,
+            Self::Transfer { retryable, .. } => *retryable,
+        }
     }
 }
 
@@ -108,7 +129,7 @@ where
         n += 1;
         match attempt().await {
             Ok(()) => return Ok(n),
-            Err(e) if e.retryable && n < attempts => {
+            Err(e) if e.is_retryable() && n < attempts => {
                 let wait = policy.backoff(n, &mut rand::thread_rng());
                 warn!(
                     attempt = n,

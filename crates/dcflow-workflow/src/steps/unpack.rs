@@ -406,7 +406,7 @@ impl Pipeline {
         let root = self.engine.settings().download_folder.clone();
         let destination = match template {
             Some(t) => {
-                let rendered = ctx.render(t).map_err(|e| e.message)?;
+                let rendered = ctx.render(t).map_err(|e| e.to_string())?;
                 let rel = relative_destination(&rendered).map_err(|why| {
                     format!("destination {rendered:?} escapes the download folder: {why}")
                 })?;
