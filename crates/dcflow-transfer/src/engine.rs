@@ -208,8 +208,8 @@ impl Engine {
         // fetched (and the guard removes the file if the request fails). A new name for each
         // attempt, created exclusively: no other writer can ever share it.
         let name = job.rel.last().expect("non-empty rel");
-        let (part, file) = fsutil::create_part(parent, name, s.permissions.file_mode)?;
-        lock.holding(&part);
+        let (part, file) =
+            fsutil::create_part(parent, name, s.permissions.file_mode, |p| lock.holding(p))?;
         let guard = fsutil::PartGuard::new(part.clone());
         let resp = self.send(Method::GET, job.source).await?;
         let content_length = resp.content_length();

@@ -111,15 +111,19 @@ fn is_part_of(name: &str, final_name: &str) -> bool {
 }
 
 /// Creates the temporary file exclusively (`O_EXCL`: never an existing file, never through
-/// a link) with the file mode applied; a name already taken gets a new nonce.
+/// a link) with the file mode applied; a name already taken gets a new nonce. `note` is told
+/// each name *before* the file is created (the final path's lock records it), so that a
+/// copier killed at any moment leaves no temporary file that the next holder does not know.
 pub fn create_part(
     parent: &Path,
     final_name: &str,
     file_mode: u32,
+    note: impl Fn(&Path),
 ) -> Result<(PathBuf, File), TransferError> {
     let mut tries = 0;
     loop {
         let path = parent.join(part_name(final_name));
+        note(&path);
         match OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -471,8 +475,8 @@ mod tests {
     #[test]
     fn temporary_files_are_created_exclusively() {
         let tmp = tempfile::tempdir().unwrap();
-        let (a, _fa) = create_part(tmp.path(), "f", 0o640).unwrap();
-        let (b, _fb) = create_part(tmp.path(), "f", 0o640).unwrap();
+        let (a, _fa) = create_part(tmp.path(), "f", 0o640, |_| {}).unwrap();
+        let (b, _fb) = create_part(tmp.path(), "f", 0o640, |_| {}).unwrap();
         assert_ne!(
             a, b,
             "two attempts at one file never write into one temporary file"
@@ -492,14 +496,22 @@ mod tests {
             second.is_err(),
             "a second copier waits while the first holds the lock"
         );
-        // The first dies mid-attempt: its lock file names its temporary file.
-        let (part, _f) = create_part(tmp.path(), "f", 0o640).unwrap();
+        // The first dies mid-attempt: its lock file names its temporary file, noted before
+        // the file was created.
+        let lock_path = tmp.path().join(".f.dcflow-lock");
+        let (part, _f) = create_part(tmp.path(), "f", 0o640, |p| {
+            assert!(!p.exists(), "noted before it is created");
+            first.holding(p);
+            assert_eq!(
+                std::fs::read_to_string(&lock_path).unwrap(),
+                p.file_name().unwrap().to_string_lossy()
+            );
+        })
+        .unwrap();
         let mut first = first;
-        first.holding(&part);
         // Its death: the file is closed (and so unlocked) without the unlink.
         drop(first.file.take());
         drop(first);
-        let lock_path = tmp.path().join(".f.dcflow-lock");
         assert!(lock_path.exists());
         let third = FinalLock::acquire(tmp.path(), "f").await.unwrap();
         assert!(
