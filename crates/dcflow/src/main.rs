@@ -31,6 +31,20 @@ fn main() -> ExitCode {
         "info"
     };
     init_logging(cli.log_format, default_level);
+    // The commands that only print end quietly on a closed pipe (`dcflow status --json |
+    // head`), as Unix filters do, instead of panicking in println!. The others keep Rust's
+    // ignored SIGPIPE: the daemon's sockets must not kill it.
+    if matches!(
+        cli.command,
+        Command::Status { .. }
+            | Command::Catalog { .. }
+            | Command::CheckConfig { .. }
+            | Command::Man
+            | Command::Completions { .. }
+    ) {
+        // SAFETY: restores the default disposition of one signal, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let ended = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -298,6 +298,120 @@ async fn retry_from_the_failure_csv_reruns_only_the_failures() {
     );
 }
 
+/// A replay whose only line is malformed (text, then binary) writes a failure row and exits 1,
+/// naming where the failures are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_only_line_is_malformed_exits_1_and_names_the_failure_file() {
+    let site = Site::new().await;
+    let config = site.write_config(&site.proxy_auth(), "");
+    let failed = site.path("failed.csv");
+    for (n, line) in [b"{not json".to_vec(), vec![0xff, 0x00, 0xfe, 0x01]]
+        .into_iter()
+        .enumerate()
+    {
+        let mut input = line;
+        input.push(b'\n');
+        let out = dcflow_stdin(
+            &["replay", "--config", config.to_str().unwrap(), "-"],
+            Some(&input),
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        let said = text(&out.stdout);
+        assert!(
+            said.contains(&format!("failures recorded in {}", failed.display())),
+            "{said}"
+        );
+        assert_eq!(site.records("failed.csv").len(), n + 1);
+    }
+}
+
+/// `dcflow retry` of the configured failure file moves its rows aside first: afterwards the
+/// file holds what still fails, once, and the retried rows are kept beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_the_failure_file_leaves_in_it_only_what_still_fails() {
+    let site = Site::new().await;
+    let flaky = site.upload("m/flaky.dat", &data(7_000, 21)).await;
+    let broken = site.upload("m/broken.dat", &data(7_500, 22)).await;
+    site.sim
+        .add_fault(&flaky, Fault::Status { code: 503 }, None);
+    site.sim
+        .add_fault(&broken, Fault::Status { code: 503 }, None);
+    let config = site.write_config(&site.proxy_auth(), "");
+    assert_eq!(site.replay(&config).status.code(), Some(1));
+    assert_eq!(site.records("failed.csv").len(), 2);
+    site.sim.clear_faults();
+    site.sim
+        .add_fault(&broken, Fault::Status { code: 503 }, None);
+    let failed = site.path("failed.csv");
+    let out = dcflow(&[
+        "retry",
+        "--config",
+        config.to_str().unwrap(),
+        failed.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let still: Vec<_> = site.records("failed.csv");
+    assert_eq!(still.len(), 1, "{still:#?}");
+    assert!(still[0].billing_path.ends_with("m/broken.dat"));
+    let aside: Vec<_> = std::fs::read_dir(site.path(""))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("failed.csv.retried-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        dcflow_core::RecordFile::read_all(&aside[0]).unwrap().len(),
+        2,
+        "the retried rows are kept"
+    );
+    assert!(site.download().join("m/flaky.dat").exists());
+}
+
+/// `dcflow status --json | head`: a closed pipe ends the command quietly (no panic).
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    // A status endpoint that answers one large status.json.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = format!("{{\"filler\":\"{}\"}}", "x".repeat(4 << 20));
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let err = dir.path().join("stderr");
+    let status = dir.path().join("status");
+    let script = format!(
+        "{bin} status --address {address} --json 2>{err} | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}} >{status}",
+        bin = env!("CARGO_BIN_EXE_dcflow"),
+        err = err.display(),
+        status = status.display(),
+    );
+    let ran = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(ran.success());
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let code: i32 = std::fs::read_to_string(&status)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Ended by SIGPIPE (128 + 13), as a Unix filter is; not 101 (a panic).
+    assert!(code == 141 || code == 0, "exit status {code}: {stderr}");
+}
+
 #[test]
 fn help_man_page_and_completions_cover_every_command() {
     let commands = [

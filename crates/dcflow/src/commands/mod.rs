@@ -148,7 +148,8 @@ pub(crate) async fn load_pipeline(
     Ok((cfg, pipeline))
 }
 
-/// The end of a batch (replay, retry): 0 all selected files done, 1 a failure, 2 an error.
+/// The end of a batch (replay, retry): 0 all selected files done, 1 a failure row written (a
+/// file that failed or a malformed message), 2 an error.
 pub(crate) fn finish_batch(
     result: anyhow::Result<Summary>,
     pipeline: &Pipeline,
@@ -156,8 +157,14 @@ pub(crate) fn finish_batch(
     let summary = result.map_err(|e| Failure::setup("dcflow", e))?;
     tracing::info!("done: {summary}");
     println!("{summary}");
-    if summary.failed > 0 {
-        println!("failures recorded in {}", pipeline.failed_file().display());
+    // Every failure row counts: a malformed message is recorded as one too.
+    let rows = summary.failed + summary.malformed;
+    if rows > 0 {
+        println!(
+            "failures recorded in {} ({rows} row{})",
+            pipeline.failed_file().display(),
+            if rows == 1 { "" } else { "s" }
+        );
         return Err(Failure::Work {
             who: "dcflow",
             error: None,

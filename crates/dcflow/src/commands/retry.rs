@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use dcflow_workflow::{Batch, Pipeline, Summary};
 
-use super::{finish_batch, load_pipeline, Failure};
+use super::{finish_batch, load_config, load_pipeline, Failure};
 
 /// A billing message equivalent to a recorded failure: a completed pool upload of that
 /// pnfsid, path and size. `None` for rows without both (malformed messages: their text is
@@ -87,8 +87,14 @@ pub async fn command(
     failures: Option<&Path>,
     dead_letters: bool,
 ) -> Result<(), Failure> {
+    // Retrying the configured failure file: its rows are moved aside first, so that the file
+    // then holds what still fails, not the old rows and their new twins.
+    let moved = match failures {
+        Some(csv) => move_aside_if_recording(&load_config(config)?, csv)?,
+        None => None,
+    };
     let (cfg, pipeline) = load_pipeline(config, None).await?;
-    let result = match (failures, cfg.kafka.as_ref()) {
+    let result = match (moved.as_deref().or(failures), cfg.kafka.as_ref()) {
         (Some(csv), _) => retry_csv(pipeline.clone(), csv).await,
         (None, Some(kafka)) if dead_letters => retry_dead_letters(pipeline.clone(), kafka).await,
         _ => Err(anyhow::anyhow!(
@@ -96,4 +102,39 @@ pub async fn command(
         )),
     };
     finish_batch(result, &pipeline)
+}
+
+/// When `csv` is the configured failure file, renames it to `<name>.retried-<unix time>` and
+/// returns the new name; a new failure file is then opened by the pipeline.
+fn move_aside_if_recording(
+    cfg: &dcflow_core::Config,
+    csv: &Path,
+) -> Result<Option<std::path::PathBuf>, Failure> {
+    let same = match (csv.canonicalize(), cfg.local.failed_file.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same {
+        return Ok(None);
+    }
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut name = csv.as_os_str().to_owned();
+    name.push(format!(".retried-{stamp}"));
+    let aside = std::path::PathBuf::from(name);
+    std::fs::rename(csv, &aside).map_err(|e| {
+        Failure::setup(
+            "dcflow retry",
+            anyhow::anyhow!(
+                "cannot move {} aside to {}: {e}",
+                csv.display(),
+                aside.display()
+            ),
+        )
+    })?;
+    println!(
+        "retrying the rows of {} (moved aside from {}, which now records what still fails)",
+        aside.display(),
+        csv.display()
+    );
+    Ok(Some(aside))
 }
