@@ -144,6 +144,8 @@ fn names(i: usize) -> String {
     }
 }
 
+// Long on purpose: the demo's script in the order a user sees it (broker, site, daemon,
+// uploads, live progress, the byte comparison, the summary), each phase printing its lines.
 pub async fn demo(opts: DemoOptions) -> Result<(Summary, PathBuf)> {
     let dir = match opts.dir {
         Some(d) => d,
