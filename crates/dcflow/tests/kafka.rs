@@ -181,7 +181,8 @@ async fn a_poison_message_at_the_head_does_not_block_the_rest() {
     );
 
     // Both failures are on the dead-letter topic; once the cause is gone, a retry from it
-    // copies the file (the malformed message is recorded again, not a file failure).
+    // copies the file. The malformed message is recorded again (a failure row, so exit 1,
+    // naming the failure file), not as a file failure.
     site.sim.clear_faults();
     let out = dcflow(&[
         "retry",
@@ -189,7 +190,12 @@ async fn a_poison_message_at_the_head_does_not_block_the_rest() {
         config.to_str().unwrap(),
         "--dead-letters",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("failures recorded in"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(
         text(&out.stdout).contains("2 messages: 1 files selected, 1 copied"),
         "{}",
