@@ -17,7 +17,7 @@
 #
 # Environment: DCACHE_BASE (/var/tmp/dcflow-dcache: sources, build, Maven repository),
 # DCACHE_SOURCES (the source archives: shared/real-dcache/src beside the clone), KAFKA,
-# DCACHE_TOPIC (billing), DCACHE_POOL_SIZE (8G).
+# DCACHE_TOPIC (billing), DCACHE_POOL_SIZE (8G), DCACHE_POOL_GAP (256m: below it a pool is full).
 #
 # What the instance is (ports, users, CA): testbed/dcache/README.md.
 set -euo pipefail
@@ -32,7 +32,9 @@ D="$T/dcache"
 die() { echo "dcache.sh: $*" >&2; exit 1; }
 
 build() {
-  if [ -f "$BASE/.built" ] && [ -d "$D" ]; then return 0; fi
+  # A cache built before `start` began from the built state has no var.pristine: build again
+  # (the steps that are done are skipped), or its pools would keep every earlier run's files.
+  if [ -f "$BASE/.built" ] && [ -d "$D/var.pristine" ]; then return 0; fi
   # Maven writes colour resets to stdout even with -q -B: `start` prints only its exports there.
   build_steps >&2
 }
@@ -131,7 +133,17 @@ start() {
     printf '\n[dCacheDomain/webdav]\nwebdav.cell.name=WebDAV-R-${host.name}\nwebdav.net.port=2885\nwebdav.authn.protocol=https\nwebdav.authz.anonymous-operations=READONLY\nwebdav.redirect.on-read=true\nwebdav.redirect.on-write=true\n'
   } > "$l"
   # The stock pools hold 1 GiB each: too little for the large-file tests and benchmarks.
-  sed -i "s/^set max diskspace .*/set max diskspace ${DCACHE_POOL_SIZE:-8G}/" "$D"/var/pools/*/setup
+  # A pool counts itself full once `free + removable - size <= gap`, free being capped by the
+  # file system's usable space, and the gap defaults to min(4 GiB, size / 4): with 8G pools a
+  # disk with less than 2 GiB free made every PUT a 507 "All pools are full". A 256 MiB gap.
+  sed -i -e "s/^set max diskspace .*/set max diskspace ${DCACHE_POOL_SIZE:-8G}/" -e '/^set gap /d' \
+    -e "s/^set max diskspace .*/&\nset gap ${DCACHE_POOL_GAP:-256m}/" "$D"/var/pools/*/setup
+  local free_mib
+  free_mib=$(df -Pm "$D/var/pools" | awk 'NR==2 {print $4}')
+  echo "dcache.sh: ${free_mib} MiB free for the pools ($D/var/pools)" >&2
+  if [ "${free_mib:-0}" -lt 4096 ]; then
+    echo "dcache.sh: warning: less than 4 GiB free under $D/var/pools; the large-file tests need about 4 GiB" >&2
+  fi
   "$D/bin/dcache" check-config >/dev/null
   "$T/bin/ctlcluster" start >&2
   local i

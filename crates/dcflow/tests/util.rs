@@ -381,6 +381,61 @@ pub fn broker_alone() -> Option<(String, std::sync::RwLockWriteGuard<'static, ()
     Some((address, BROKER.write().unwrap_or_else(|e| e.into_inner())))
 }
 
+/// A broker of one test's own (scripts/kafka.sh with its own state folder and port), for a
+/// test that takes it away without disturbing the others. Stopped when dropped.
+pub struct PrivateBroker {
+    pub address: String,
+    state: tempfile::TempDir,
+}
+
+impl PrivateBroker {
+    /// `None` where the tests have no Kafka (see [`broker`]).
+    pub fn start() -> Option<Self> {
+        broker_address()?;
+        let state = tempfile::tempdir().unwrap();
+        let out = Self::script(state.path(), "start");
+        let address = text(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("export DCFLOW_KAFKA=").map(str::to_owned))
+            .unwrap_or_else(|| panic!("kafka.sh start: {}", text(&out.stderr)));
+        Some(Self { address, state })
+    }
+
+    fn script(state: &Path, verb: &str) -> Output {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/kafka.sh");
+        let out = Command::new("bash")
+            .args([script, verb])
+            .env("KAFKA_STATE", state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kafka.sh {verb}: {}",
+            text(&out.stderr)
+        );
+        out
+    }
+
+    pub fn stop(&self) {
+        Self::script(self.state.path(), "stop");
+    }
+
+    /// Starts it again on the same port, with its data.
+    pub fn restart(&self) {
+        Self::script(self.state.path(), "restart");
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/kafka.sh");
+        let _ = Command::new("bash")
+            .args([script, "stop"])
+            .env("KAFKA_STATE", self.state.path())
+            .output();
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -454,6 +509,23 @@ pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// [`wait_for`], and on a timeout the last 60 lines of `log` in the panic message.
+pub fn wait_for_logged(what: &str, timeout: Duration, log: &Path, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() >= deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            panic!(
+                "timed out waiting for {what}; the end of {}:\n{tail}",
+                log.display()
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -553,6 +625,8 @@ pub struct RealDcache {
     pub usercert: PathBuf,
     pub userkey: PathBuf,
     pub topic: String,
+    /// The domain's log (pools included).
+    pub log: PathBuf,
 }
 
 /// The admin user of the test instance (`etc/dcache.kpwd`).
@@ -570,6 +644,7 @@ pub fn real_dcache() -> Option<RealDcache> {
             usercert: var("DCFLOW_DCACHE_USERCERT").unwrap_or_default().into(),
             userkey: var("DCFLOW_DCACHE_USERKEY").unwrap_or_default().into(),
             topic: var("DCFLOW_DCACHE_TOPIC").unwrap_or_else(|| "billing".into()),
+            log: var("DCFLOW_DCACHE_LOG").unwrap_or_default().into(),
         }),
         _ if std::env::var_os("CI").is_some() => {
             panic!("DCFLOW_DCACHE_DOOR is not set: .ci/run must start dCache (scripts/dcache.sh start)")
@@ -584,23 +659,42 @@ pub fn real_dcache() -> Option<RealDcache> {
 impl RealDcache {
     /// curl with the instance's CA and the admin user.
     fn curl(&self) -> Command {
+        self.curl_failing("--fail")
+    }
+
+    /// curl as [`Self::curl`], with `--fail` or `--fail-with-body` (curl refuses both).
+    fn curl_failing(&self, fail: &str) -> Command {
         let mut c = Command::new("curl");
-        c.args(["-sS", "--fail", "--retry", "3", "--cacert"])
+        c.args(["-sS", fail, "--retry", "3", "--cacert"])
             .arg(&self.ca)
             .args(["-u", DCACHE_ADMIN]);
         c
     }
 
     /// PUT through the redirecting door (307 to a pool mover, followed).
+    /// A failure names dCache's own reason (its error page) and the free space under the
+    /// pools: a 507 "All pools are full" is a disk short of dCache's gap, not a dcflow bug.
     pub fn upload(&self, path: &str, file: &Path) {
         let out = self
-            .curl()
-            .args(["-L", "-o", "/dev/null", "-T"])
+            .curl_failing("--fail-with-body")
+            .args(["-L", "-o", "-", "-T"])
             .arg(file)
             .arg(self.url(path))
             .output()
             .unwrap();
-        assert!(out.status.success(), "PUT {path}: {}", text(&out.stderr));
+        if !out.status.success() {
+            let df = Command::new("df")
+                .args(["-h", "/var/tmp", "/tmp"])
+                .output()
+                .map(|o| text(&o.stdout))
+                .unwrap_or_default();
+            let body = text(&out.stdout);
+            panic!(
+                "PUT {path}: {}\ndCache answered: {}\nfree space:\n{df}",
+                text(&out.stderr),
+                body.chars().take(2000).collect::<String>()
+            );
+        }
     }
 
     pub fn delete(&self, path: &str) {
@@ -659,6 +753,57 @@ impl RealDcache {
         }
         let out = child.wait_with_output().unwrap();
         text(&out.stdout)
+    }
+
+    /// Makes every pool log the requests its HTTP movers receive, headers included: with
+    /// `org.dcache.http.HttpTransferService` at debug, a pool puts netty's `LoggingHandler`
+    /// behind its HTTP decoder, which logs each decoded request (`READ: DefaultHttpRequest`,
+    /// then the request line and its headers). The handler's logger exists only once a
+    /// mover has served a connection, so this is called again until a request shows up in
+    /// [`Self::mover_requests`]. `on = false` turns it off again.
+    pub fn log_mover_requests(&self, on: bool) {
+        let (service, netty) = if on {
+            ("DEBUG", "DEBUG")
+        } else {
+            ("INFO", "OFF")
+        };
+        self.admin(&format!(
+            "\\s pool_* log set stdout org.dcache.http.HttpTransferService {service}"
+        ));
+        self.admin(&format!(
+            "\\s pool_* log set stdout io.netty.handler.logging.LoggingHandler {netty}"
+        ));
+    }
+
+    /// The requests that pool movers logged (see [`Self::log_mover_requests`]) whose request
+    /// line names a path under `folder`: each its request line and its header lines.
+    pub fn mover_requests(&self, folder: &str) -> Vec<(String, Vec<String>)> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        // Every line of dCache's log starts with its date: "04 Dec 2026 15:39:14 (pool_read) ...".
+        let dated = |l: &str| {
+            let b = l.as_bytes();
+            b.len() > 11 && b[0].is_ascii_digit() && b[2] == b' ' && b[6] == b' '
+        };
+        let mut requests = Vec::new();
+        let mut lines = log.lines().peekable();
+        while let Some(line) = lines.next() {
+            if !(dated(line) && line.contains("READ: DefaultHttpRequest")) {
+                continue;
+            }
+            let Some(request) = lines.next() else { break };
+            let mut headers = Vec::new();
+            while let Some(h) = lines.next_if(|l| !dated(l)) {
+                headers.push(h.to_owned());
+            }
+            if request
+                .split(' ')
+                .nth(1)
+                .is_some_and(|t| t.starts_with(folder))
+            {
+                requests.push((request.to_owned(), headers));
+            }
+        }
+        requests
     }
 
     /// Whether the door has the file (HEAD).
