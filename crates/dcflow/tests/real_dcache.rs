@@ -175,6 +175,102 @@ async fn replay_of_real_billing_messages_with_a_macaroon_and_with_a_proxy() {
     }
 }
 
+/// The pool movers that serve dcflow's copies receive no credentials: the door gets the
+/// macaroon, the redirect to the mover does not carry it (DESIGN: the pool ignores
+/// `Authorization`; do not forward credentials across hosts). Seen on the wire by the pools
+/// themselves, which log each request's headers; curl `--location-trusted`, which does forward
+/// them, shows first that such a header would be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_movers_receive_no_credentials_from_dcflow() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let _shared = DCACHE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("/public/{}", unique("no-creds"));
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("m{i}.dat"), data(70_000 + i * 13, 610 + i as u32)))
+        .collect();
+    for (rel, body) in &files {
+        put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
+    }
+    let control = format!("{folder}/control.dat");
+    put(&dcache, dir.path(), &control, &data(5_000, 7));
+    let macaroon = dcache.macaroon(&folder, "DOWNLOAD,LIST");
+    // The control: curl forwards the macaroon to the mover; the pool logs it.
+    wait_for(
+        "a pool that logs its movers' request headers",
+        Duration::from_secs(60),
+        || {
+            dcache.log_mover_requests(true);
+            let out = std::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "--fail",
+                    "-L",
+                    "--location-trusted",
+                    "-o",
+                    "/dev/null",
+                ])
+                .arg("--cacert")
+                .arg(&dcache.ca)
+                .arg("-H")
+                .arg(format!("Authorization: Bearer {macaroon}"))
+                .arg(dcache.url(&control))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "control GET: {}", text(&out.stderr));
+            dcache.mover_requests(&control).iter().any(|(_, headers)| {
+                headers
+                    .iter()
+                    .any(|h| h.to_ascii_lowercase().starts_with("authorization: bearer"))
+            })
+        },
+    );
+
+    let events = dir.path().join("events.jsonl");
+    billing_events(&broker, &dcache.topic, &folder, files.len() + 1, &events);
+    let token = dir.path().join("macaroon");
+    std::fs::write(&token, &macaroon).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let auth = format!("token = \"{}\"", token.display());
+    let config = dcache.config(dir.path(), &folder, &auth, None, "");
+    let out = dcflow(&[
+        "replay",
+        "--config",
+        config.to_str().unwrap(),
+        events.to_str().unwrap(),
+    ]);
+    dcache.log_mover_requests(false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let download = dir.path().join("download");
+    for (rel, body) in &files {
+        assert!(landed(&download, rel, body), "{rel}");
+        let path = format!("{folder}/{rel}");
+        let seen = dcache.mover_requests(&path);
+        assert!(!seen.is_empty(), "no mover request logged for {path}");
+        for (request, headers) in seen {
+            assert!(
+                request.contains("dcache-http-uuid="),
+                "not a mover request: {request}"
+            );
+            let sent: Vec<_> = headers
+                .iter()
+                .filter(|h| {
+                    let h = h.to_ascii_lowercase();
+                    h.starts_with("authorization:") || h.contains(&macaroon.to_ascii_lowercase())
+                })
+                .collect();
+            assert!(
+                sent.is_empty(),
+                "{request} carried {} credential header(s)",
+                sent.len()
+            );
+        }
+    }
+}
+
 /// `delete-source` against the real door, and the `remove` messages dCache then publishes
 /// going through a remove workflow, once per file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
