@@ -270,6 +270,9 @@ pub struct Config {
     pub workflow_rules: Vec<crate::workflow::Workflow>,
     /// `[metrics] address`: where /metrics, /healthz, /readyz and the status page are served.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// `[metrics] outagegrace`: how long the brokers, the frontend or the door may be
+    /// unreachable before `/readyz` answers 503.
+    pub outage_grace: Duration,
     /// `[sse]`: dCache's storage events from its frontend, the source without Kafka.
     pub sse: Option<SseConfig>,
 }
@@ -366,7 +369,7 @@ impl Config {
             if !known {
                 errs.push(problem(
                     key,
-                    "unknown section (expected [kafka], [dcache], [local], [metrics], [[workflow]])",
+                    "unknown section (expected [kafka], [sse], [dcache], [local], [metrics], [[workflow]])",
                 ));
             } else if key != "workflow" && !value.is_table() {
                 errs.push(problem(key, "must be a table, e.g. [dcache]"));
@@ -391,63 +394,16 @@ impl Config {
             ),
             env,
         );
-        let metrics_address = {
-            let mut m = Section::new(
-                "metrics",
-                root.get("metrics").and_then(toml::Value::as_table),
-                &["address"],
-                &mut errs,
-            );
-            m.string("address").and_then(|a| match a.parse() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    m.fail(
-                        "address",
-                        format!("{a:?} is not an IP address and port, e.g. \"127.0.0.1:9464\""),
-                    );
-                    None
-                }
-            })
-        };
+        let metrics = metrics_section(Section::new(
+            "metrics",
+            root.get("metrics").and_then(toml::Value::as_table),
+            &["address", "outagegrace"],
+            &mut errs,
+        ));
         let sse = root
             .get("sse")
             .and_then(toml::Value::as_table)
-            .and_then(|t| {
-                let mut s = Section::new(
-                    "sse",
-                    Some(t),
-                    &["url", "paths", "clientid", "channeltimeout", "statefile"],
-                    &mut errs,
-                );
-                let url = s.required_string("url").and_then(|u| match Url::parse(&u) {
-                    Ok(u) if !u.username().is_empty() || u.password().is_some() => {
-                        s.fail("url", CREDENTIALS_IN_URL);
-                        None
-                    }
-                    Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
-                    Ok(_) => {
-                        s.fail("url", "must be an https URL of dCache's frontend");
-                        None
-                    }
-                    Err(e) => {
-                        s.fail("url", format!("not a URL: {e}"));
-                        None
-                    }
-                });
-                let paths = s.strings("paths").unwrap_or_default();
-                for (i, p) in paths.iter().enumerate() {
-                    if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) {
-                        s.fail(
-                            &format!("paths[{i}]"),
-                            "must be an absolute namespace path without a trailing /",
-                        );
-                    }
-                }
-                let client_id = s.string("clientid").unwrap_or_else(|| "dcflow".to_owned());
-                let channel_timeout = s.int("channeltimeout", 3600, 60, 86_400);
-                let state_file = s.path("statefile");
-                Some((url?, paths, client_id, channel_timeout, state_file))
-            });
+            .and_then(|t| sse_section(Section::new("sse", Some(t), SSE_KEYS, &mut errs)));
         if root.contains_key("sse") && root.contains_key("kafka") {
             errs.push(problem(
                 "sse",
@@ -473,40 +429,116 @@ impl Config {
         }
         match (kafka, dcache, local) {
             (kafka, Some(dcache), Some(local)) if errs.is_empty() => {
-                let sse = sse.map(|(url, paths, client_id, channel_timeout, state_file)| {
-                    let prefix = format!("{}{}", dcache.pool, dcache.folder);
-                    SseConfig {
-                        url,
-                        paths: if paths.is_empty() {
-                            vec![if prefix.is_empty() {
-                                "/".to_owned()
-                            } else {
-                                prefix
-                            }]
-                        } else {
-                            paths
-                        },
-                        client_id,
-                        channel_timeout,
-                        state_file: state_file.unwrap_or_else(|| {
-                            local
-                                .failed_file
-                                .parent()
-                                .unwrap_or(Path::new(""))
-                                .join("dcflow-sse.json")
-                        }),
-                    }
-                });
+                let sse = sse.map(|raw| raw.complete(&dcache, &local));
                 Ok(Config {
                     kafka: kafka.flatten(),
                     dcache,
                     local,
                     workflow_rules,
-                    metrics_address,
+                    metrics_address: metrics.address,
+                    outage_grace: metrics.outage_grace,
                     sse,
                 })
             }
             _ => Err(ConfigError { problems: errs }),
+        }
+    }
+}
+
+const SSE_KEYS: &[&str] = &["url", "paths", "clientid", "channeltimeout", "statefile"];
+
+struct MetricsSection {
+    address: Option<std::net::SocketAddr>,
+    outage_grace: Duration,
+}
+
+fn metrics_section(mut m: Section<'_>) -> MetricsSection {
+    let address = m.string("address").and_then(|a| match a.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            m.fail(
+                "address",
+                format!("{a:?} is not an IP address and port, e.g. \"127.0.0.1:9464\""),
+            );
+            None
+        }
+    });
+    MetricsSection {
+        address,
+        outage_grace: Duration::from_secs(m.int("outagegrace", 60, 0, 86_400)),
+    }
+}
+
+/// `[sse]` as written; [`RawSse::complete`] fills in the defaults that depend on other sections.
+struct RawSse {
+    url: Url,
+    paths: Vec<String>,
+    client_id: String,
+    channel_timeout: u64,
+    state_file: Option<PathBuf>,
+}
+
+fn sse_section(mut s: Section<'_>) -> Option<RawSse> {
+    let url = s.required_string("url").and_then(|u| match Url::parse(&u) {
+        Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+            s.fail("url", CREDENTIALS_IN_URL);
+            None
+        }
+        Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
+        Ok(_) => {
+            s.fail("url", "must be an https URL of dCache's frontend");
+            None
+        }
+        Err(e) => {
+            s.fail("url", format!("not a URL: {e}"));
+            None
+        }
+    });
+    let paths = s.strings("paths").unwrap_or_default();
+    for (i, p) in paths.iter().enumerate() {
+        if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) {
+            s.fail(
+                &format!("paths[{i}]"),
+                "must be an absolute namespace path without a trailing /",
+            );
+        }
+    }
+    let client_id = s.string("clientid").unwrap_or_else(|| "dcflow".to_owned());
+    let channel_timeout = s.int("channeltimeout", 3600, 60, 86_400);
+    let state_file = s.path("statefile");
+    Some(RawSse {
+        url: url?,
+        paths,
+        client_id,
+        channel_timeout,
+        state_file,
+    })
+}
+
+impl RawSse {
+    /// The watched paths default to `pool + folder`, the state file to the records' folder.
+    fn complete(self, dcache: &DcacheConfig, local: &LocalConfig) -> SseConfig {
+        let prefix = format!("{}{}", dcache.pool, dcache.folder);
+        SseConfig {
+            url: self.url,
+            paths: if self.paths.is_empty() {
+                vec![if prefix.is_empty() {
+                    "/".to_owned()
+                } else {
+                    prefix
+                }]
+            } else {
+                self.paths
+            },
+            client_id: self.client_id,
+            channel_timeout: self.channel_timeout,
+            state_file: self.state_file.unwrap_or_else(|| {
+                local
+                    .failed_file
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join("dcflow-sse.json")
+            }),
         }
     }
 }

@@ -48,11 +48,14 @@ pub async fn dispatch(
         .await
         .with_context(|| format!("creating work topic {work_topic}"))?;
     let group = format!("{}-dispatch", kafka.consumer_group);
+    // Outages are told once (and their end), as `run` tells them.
+    let health = Arc::new(dcflow_core::Health::new(config.outage_grace));
     let source = Arc::new(KafkaSource::try_new(
         kafka,
         &kafka.topic,
         &group,
         until_caught_up,
+        Some(health),
     )?);
     let producer = Arc::new(TopicProducer::try_new(kafka, work_topic)?);
     let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
@@ -90,7 +93,7 @@ pub async fn dispatch(
                     continue;
                 }
                 Err(e) => {
-                    warn!(error = %e, "kafka consumer error");
+                    source.report(&e);
                     continue;
                 }
             },

@@ -23,6 +23,7 @@
 //! the consuming task when either queue stops being empty.
 
 pub mod dispatch;
+pub mod report;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_void, CString};
@@ -32,9 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dcflow_core::config::KafkaConfig;
-use dcflow_core::{Ticket, Watermarks};
+use dcflow_core::{Health, Ticket, Watermarks};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -44,8 +44,9 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use rdkafka_sys as rdsys;
+pub use report::Reporter;
 use tokio::sync::Notify;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 /// A Kafka client error. librdkafka's error is its text; no rdkafka type is part of this
 /// crate's interface, so that no other crate depends on rdkafka.
@@ -342,37 +343,23 @@ impl Shared {
     }
 }
 
-/// Maps librdkafka's callbacks to logs and watermark state.
+/// Maps librdkafka's callbacks to logs, the upstream's health and watermark state.
 pub struct Context {
     shared: Arc<Shared>,
+    report: Reporter,
 }
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                error!(facility = fac, "kafka: {message}")
-            }
-            RDKafkaLogLevel::Warning => warn!(facility = fac, "kafka: {message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                info!(facility = fac, "kafka: {message}")
-            }
-            RDKafkaLogLevel::Debug => debug!(facility = fac, "kafka: {message}"),
-        }
+        self.report.log(level, fac, message)
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error,
-            KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
-        ) {
-            return; // reaching the end of a partition is not a problem
-        }
-        // Broker outages land here; librdkafka reconnects by itself.
-        warn!(error = %error, "kafka: {reason}");
+        self.report.error(error, reason)
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.report.stats_raw(statistics)
     }
 }
 
@@ -729,11 +716,14 @@ impl KafkaSource {
     ///
     /// With `report_end`, [`Incoming::next`] returns [`Received::End`] each
     /// time a partition's end is reached (for `--until-caught-up`).
+    ///
+    /// Whether the brokers answer is reported to `health` (see [`report`]).
     pub fn try_new(
         cfg: &KafkaConfig,
         topic: &str,
         group: &str,
         report_end: bool,
+        health: Option<Arc<Health>>,
     ) -> Result<Self, Error> {
         let topic_c = CString::new(topic)
             .map_err(|_| KafkaError::ClientCreation("a topic name with a NUL byte".into()))?;
@@ -749,18 +739,25 @@ impl KafkaSource {
         // librdkafka stops fetching once its queue holds queued.min.messages and, by default,
         // waits a whole second before fetching again: a consumer that drains 100,000 messages
         // in half a second then idles for the other half.
-        let consumer: BaseConsumer<Context> = base_config(cfg, &[("fetch.queue.backoff.ms", "10")])
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set(
-                "enable.partition.eof",
-                if report_end { "true" } else { "false" },
-            )
-            .set("auto.offset.reset", cfg.offset_reset.as_str())
-            .create_with_context(Context {
-                shared: shared.clone(),
-            })?;
+        let consumer: BaseConsumer<Context> = base_config(
+            cfg,
+            &[
+                ("fetch.queue.backoff.ms", "10"),
+                ("statistics.interval.ms", report::STATISTICS_MS),
+            ],
+        )
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "enable.partition.eof",
+            if report_end { "true" } else { "false" },
+        )
+        .set("auto.offset.reset", cfg.offset_reset.as_str())
+        .create_with_context(Context {
+            shared: shared.clone(),
+            report: Reporter::new(health),
+        })?;
         let rk = consumer.client().native_ptr();
         // SAFETY: a live consumer; both handles are released before it (field order).
         let (messages, events) = unsafe {
@@ -785,6 +782,12 @@ impl KafkaSource {
             shared,
             report_end,
         })
+    }
+
+    /// Reports an error that [`Incoming::next`] returned: during an outage, once (see
+    /// [`report`]); otherwise at most once a minute.
+    pub fn report(&self, error: &Error) {
+        self.consumer.context().report.consumer_error(&error.0);
     }
 
     /// The messages of the subscription, for one consuming loop at a time.
@@ -905,7 +908,7 @@ fn base_config(cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
 
 /// Produces to one topic and waits for the broker's acknowledgement of each message.
 pub struct TopicProducer {
-    producer: FutureProducer,
+    producer: FutureProducer<Reporter>,
     topic: String,
 }
 
@@ -915,7 +918,7 @@ impl TopicProducer {
         let producer = base_config(cfg, &[])
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .create()?;
+            .create_with_context(Reporter::default())?;
         Ok(Self {
             producer,
             topic: topic.to_owned(),
@@ -947,7 +950,8 @@ impl TopicProducer {
         topic: &str,
         partitions: i32,
     ) -> Result<(), Error> {
-        let admin: AdminClient<DefaultClientContext> = base_config(cfg, &[]).create()?;
+        let admin: AdminClient<Reporter> =
+            base_config(cfg, &[]).create_with_context(Reporter::default())?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         let results = admin.create_topics([&new], &AdminOptions::new()).await;
         // Destroying a librdkafka client takes about 100 ms (its main thread's timers): not
@@ -994,10 +998,10 @@ pub fn read_topic(
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<Vec<u8>>, Error> {
-    let consumer: BaseConsumer = base_config(cfg, &[])
+    let consumer: BaseConsumer<Reporter> = base_config(cfg, &[])
         .set("group.id", "dcflow-topic-reader")
         .set("enable.auto.commit", "false")
-        .create()?;
+        .create_with_context(Reporter::default())?;
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let mut tpl = TopicPartitionList::new();
     let mut remaining = BTreeMap::new();

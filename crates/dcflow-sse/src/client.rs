@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use url::Url;
 
+use dcflow_core::Upstream;
+
 use crate::listing::plain_name;
 use crate::state::Saved;
 use crate::{Ended, Source, COMMIT_EVERY, STREAM_IDLE};
@@ -156,12 +158,29 @@ impl Source {
             r = req.send() => r,
             _ = shutdown.cancelled() => return Ended::Stop,
         };
+        let health = &self.pipeline.health;
         let resp = match resp {
             Ok(r) if r.status() == StatusCode::NOT_FOUND => return Ended::ChannelGone,
             Ok(r) if r.status().is_success() => r,
-            Ok(r) => return Ended::Reconnect(format!("GET {channel}: {}", r.status())),
-            Err(e) => return Ended::Reconnect(e.without_url().to_string()),
+            Ok(r) => {
+                let why = format!("GET {channel}: {}", r.status());
+                if r.status().is_server_error() {
+                    health.down(Upstream::Frontend, &why);
+                }
+                return Ended::Reconnect(why);
+            }
+            Err(e) => {
+                let why = format!(
+                    "GET {channel}: {}",
+                    dcflow_core::text::causes(&e.without_url())
+                );
+                health.down(Upstream::Frontend, &why);
+                return Ended::Reconnect(why);
+            }
         };
+        health.up(Upstream::Frontend);
+        // Ready from the first open stream on; an outage later is `/readyz`'s own check.
+        self.pipeline.activity.set_ready(true);
         info!(%channel, last_event_id = ?last_event_id, "event stream open");
         let mut events = lossy_utf8(resp.bytes_stream()).eventsource();
         let mut commit_tick = tokio::time::interval(COMMIT_EVERY);

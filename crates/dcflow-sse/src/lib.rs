@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use dcflow_core::config::SseConfig;
-use dcflow_core::{Ticket, Watermarks};
+use dcflow_core::{Ticket, Upstream, Watermarks};
 use reqwest::Method;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -161,7 +161,7 @@ pub async fn run_sse(
                         continue;
                     }
                     Err(e) => {
-                        warn!(error = %format!("{e:#}"), "cannot subscribe; retrying in {} s", backoff.as_secs());
+                        source.unreachable("cannot subscribe", &e, backoff);
                         sleep_or_stop(&shutdown, &mut backoff).await;
                         continue;
                     }
@@ -175,7 +175,7 @@ pub async fn run_sse(
                         .subscribe_tree(&c, &cfg.paths, &mut subscriptions)
                         .await
                     {
-                        warn!(error = %format!("{e:#}"), "cannot subscribe; retrying in {} s", backoff.as_secs());
+                        source.unreachable("cannot subscribe", &e, backoff);
                         sleep_or_stop(&shutdown, &mut backoff).await;
                         continue;
                     }
@@ -195,7 +195,7 @@ pub async fn run_sse(
                     c
                 }
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), "cannot create an event channel; retrying in {} s", backoff.as_secs());
+                    source.unreachable("cannot create an event channel", &e, backoff);
                     sleep_or_stop(&shutdown, &mut backoff).await;
                     continue;
                 }
@@ -238,7 +238,12 @@ pub async fn run_sse(
             }
             Ended::Reconnect(why) => {
                 dcflow_workflow::Stats::inc(&pipeline.stats.sse_reconnects);
-                warn!(why, last_event_id = ?received, "event stream ended; reconnecting in {} s", backoff.as_secs());
+                // An outage is told once, by Health; a stream that just ended is told here.
+                if pipeline.health.is_down(Upstream::Frontend) {
+                    debug!(why, last_event_id = ?received, "event stream ended; reconnecting in {} s", backoff.as_secs());
+                } else {
+                    warn!(why, last_event_id = ?received, "event stream ended; reconnecting in {} s", backoff.as_secs());
+                }
                 // Without an id to resume from, dCache replays nothing: list instead.
                 needs_resync |= received.is_none() || source.is_resync_pending();
                 sleep_or_stop(&shutdown, &mut backoff).await;
@@ -285,6 +290,25 @@ async fn sleep_or_stop(shutdown: &CancellationToken, backoff: &mut Duration) {
 }
 
 impl Source {
+    /// A request to the frontend failed: an outage of the frontend when no answer came (told
+    /// once, by Health), else a warning.
+    fn unreachable(&self, what: &str, e: &anyhow::Error, backoff: Duration) {
+        let answered = e.chain().any(|c| {
+            c.downcast_ref::<reqwest::Error>()
+                .is_some_and(|r| r.is_status())
+        }) || !e.chain().any(|c| c.is::<reqwest::Error>());
+        if answered {
+            warn!(error = %format!("{e:#}"), "{what}; retrying in {} s", backoff.as_secs());
+        } else {
+            let why = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<reqwest::Error>())
+                .map(|r| format!("{what}: {}", dcflow_core::text::causes(r)))
+                .unwrap_or_else(|| format!("{what}: {e:#}"));
+            self.pipeline.health.down(Upstream::Frontend, &why);
+        }
+    }
+
     /// A request to the frontend or the door (channel, subscription, HEAD), bounded by
     /// `[dcache] stalltimeout`.
     fn api(&self, method: Method, url: Url) -> reqwest::RequestBuilder {

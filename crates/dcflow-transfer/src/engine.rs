@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dcflow_core::config::Permissions;
-use dcflow_core::{ChecksumAlgo, RetryPolicy};
+use dcflow_core::{ChecksumAlgo, Health, RetryPolicy, Upstream};
 use futures_util::StreamExt;
 use reqwest::header::{HeaderValue, AUTHORIZATION, LOCATION};
 use reqwest::{Method, StatusCode};
@@ -93,6 +93,8 @@ pub struct Engine {
     settings: EngineSettings,
     want_digest: HeaderValue,
     publisher: fsutil::Publisher,
+    /// Told whether the door answers (not the pools: a mover is a host of its own).
+    health: Option<Arc<Health>>,
 }
 
 impl Engine {
@@ -124,7 +126,15 @@ impl Engine {
             settings,
             want_digest,
             publisher: Default::default(),
+            health: None,
         })
+    }
+
+    /// Reports to `health` whether the door answers: any HTTP answer is up; a refused or
+    /// reset connection, a DNS or TLS failure, or no answer within `stalltimeout` is down.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     pub fn settings(&self) -> &EngineSettings {
@@ -260,7 +270,8 @@ impl Engine {
                             expected: exp,
                         },
                         _ => TransferError::Network {
-                            context: "reading body",
+                            context: "reading the body of",
+                            url: strip(job.source),
                             source: e.without_url(),
                         },
                     });
@@ -527,12 +538,20 @@ impl Engine {
                     req = req.header(AUTHORIZATION, value);
                 }
             }
-            let resp = tokio::time::timeout(self.settings.stall_timeout, req.send())
+            let at_door = current.origin() == door;
+            let sent = tokio::time::timeout(self.settings.stall_timeout, req.send())
                 .await
                 .map_err(|_| TransferError::Stalled {
                     seconds: self.settings.stall_timeout.as_secs(),
-                })?
-                .map_err(|e| self.network_error(&current, e))?;
+                })
+                .and_then(|r| r.map_err(|e| self.network_error(&current, e)));
+            if let (true, Some(health)) = (at_door, &self.health) {
+                match &sent {
+                    Ok(_) => health.up(Upstream::Door),
+                    Err(e) => health.down(Upstream::Door, &e.to_string()),
+                }
+            }
+            let resp = sent?;
             let status = resp.status();
             if status.is_redirection() {
                 let next = resp
@@ -608,7 +627,8 @@ impl Engine {
             };
         }
         TransferError::Network {
-            context: "request failed",
+            context: "request to",
+            url: strip(url),
             source: e.without_url(),
         }
     }

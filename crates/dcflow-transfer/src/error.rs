@@ -8,10 +8,14 @@ use crate::checksum::Checksum;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    /// Connection refused or reset, TLS failure, broken body: the network's fault.
-    #[error("{context}: {source}")]
+    /// Connection refused or reset, TLS failure, broken body: the network's fault. Shown with
+    /// its whole cause chain ("tcp connect error: Connection refused (os error 111)"):
+    /// reqwest's own text is only "error sending request".
+    #[error("{context} {url}: {}", causes(source))]
     Network {
         context: &'static str,
+        /// Scheme, host, port and path (no query).
+        url: String,
         source: reqwest::Error,
     },
     /// An HTTP status dCache answered with. `hint` names a likely cause.
@@ -65,6 +69,8 @@ pub enum TransferError {
         source: std::io::Error,
     },
 }
+
+pub use dcflow_core::text::causes;
 
 impl TransferError {
     /// Whether another attempt may succeed. Timeouts, resets, stalls, 5xx, 429, 404 (not

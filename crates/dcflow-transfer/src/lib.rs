@@ -19,4 +19,4 @@ pub mod fsutil;
 pub use checksum::Checksum;
 pub use credentials::{CredentialError, Credentials};
 pub use engine::{Copied, Engine, EngineSettings, Failed, Job, LocalCopy};
-pub use error::TransferError;
+pub use error::{causes, TransferError};

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use dcflow_core::workflow::EventKind;
 use dcflow_core::{
-    Config, Connect, PathMapper, Publish, Record, RecordFile, Selector, Step, Workflow,
+    Config, Connect, Health, PathMapper, Publish, Record, RecordFile, Selector, Step, Workflow,
 };
 use dcflow_transfer::{Credentials, Engine};
 use time::OffsetDateTime;
@@ -83,6 +83,9 @@ pub struct Pipeline {
     pub stats: Stats,
     /// Copies in flight and recent results, for the status page.
     pub activity: Activity,
+    /// Whether the brokers, the frontend and the door answer (the sources and the engine
+    /// report to it).
+    pub health: Arc<Health>,
 }
 
 /// The dead-letter message: the original event (as JSON where it parses, else as text),
@@ -110,7 +113,9 @@ impl Pipeline {
     pub fn try_new(config: &Config, connect: Option<Connect<'_>>) -> Result<Self> {
         let creds = Arc::new(Credentials::load(&config.local.auth).context("loading credentials")?);
         let webhooks = Webhooks::try_new(&creds).context("building the webhook client")?;
-        let engine = Engine::try_new(crate::engine_settings(config), creds)?;
+        let health = Arc::new(Health::new(config.outage_grace));
+        let engine =
+            Engine::try_new(crate::engine_settings(config), creds)?.with_health(health.clone());
         let open = |topic: &str, what: &str| -> Result<Arc<dyn Publish>> {
             let connect = connect.with_context(|| format!("{what} needs [kafka]"))?;
             connect(topic)
@@ -175,6 +180,7 @@ impl Pipeline {
             halt_reason: Mutex::default(),
             stats: Stats::default(),
             activity: Activity::default(),
+            health,
         })
     }
 
@@ -225,6 +231,19 @@ impl Pipeline {
             }
         });
         stop
+    }
+
+    /// `/metrics`: the run's counters and the upstreams' states.
+    pub fn encode_metrics(&self) -> String {
+        self.stats.set_upstreams(&self.health.states());
+        self.stats.encode()
+    }
+
+    /// What the status page and `dcflow status` show.
+    pub fn status(&self) -> serde_json::Value {
+        let mut status = self.activity.snapshot(&self.stats);
+        status["upstreams"] = crate::stats::upstreams_json(&self.health.states());
+        status
     }
 
     /// Why the pipeline halted, if it did.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dcflow_core::health::UpstreamState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -24,6 +25,11 @@ struct Reason {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabel {
     pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +66,10 @@ pub struct Stats {
     /// SSE source: stream reconnections, and resynchronisations (listings of the tree).
     pub sse_reconnects: Counter,
     pub sse_resyncs: Counter,
+    /// Per upstream (kafka, frontend, door): 1 when it answers, 0 during an outage; and the
+    /// errors reported (mirrored from `dcflow_core::Health` when `/metrics` is read).
+    upstream_up: Family<UpstreamLabel, Gauge>,
+    upstream_errors: Family<UpstreamLabel, Counter>,
     /// The last consumer lag per partition, as logged (also in `lag`).
     last_lag: Mutex<BTreeMap<i32, i64>>,
     registry: Registry,
@@ -95,6 +105,8 @@ impl Default for Stats {
             steps: Family::default(),
             sse_reconnects: Counter::default(),
             sse_resyncs: Counter::default(),
+            upstream_up: Family::default(),
+            upstream_errors: Family::default(),
             last_lag: Mutex::default(),
             registry: Registry::default(),
         };
@@ -179,6 +191,16 @@ impl Default for Stats {
             "Workflow steps ended, by workflow, step kind and result",
             stats.steps.clone(),
         );
+        r.register(
+            "dcflow_upstream_up",
+            "1 while the upstream (kafka, frontend, door) answers, 0 during an outage",
+            stats.upstream_up.clone(),
+        );
+        r.register(
+            "dcflow_upstream_errors",
+            "Errors reported by or about the upstream (kafka, frontend, door)",
+            stats.upstream_errors.clone(),
+        );
         Self { registry, ..stats }
     }
 }
@@ -189,6 +211,20 @@ impl Stats {
     }
     pub fn inc(c: &Counter) {
         c.inc();
+    }
+
+    /// Mirrors the upstreams' states into `dcflow_upstream_up` and `dcflow_upstream_errors`.
+    pub fn set_upstreams(&self, states: &[UpstreamState]) {
+        for state in states {
+            let label = UpstreamLabel {
+                upstream: state.upstream.name().to_owned(),
+            };
+            self.upstream_up
+                .get_or_create(&label)
+                .set(i64::from(state.up));
+            let errors = self.upstream_errors.get_or_create(&label);
+            errors.inc_by(state.errors.saturating_sub(errors.get()));
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -348,6 +384,29 @@ impl Activity {
             "throughput": throughput,
         })
     }
+}
+
+/// The upstreams' states for the status page and `dcflow status`: per name, whether it is
+/// up, since when it is down, the last error and when it came.
+pub fn upstreams_json(states: &[UpstreamState]) -> serde_json::Value {
+    let t = |t: OffsetDateTime| dcflow_core::health::rfc3339(t);
+    let map: serde_json::Map<String, serde_json::Value> = states
+        .iter()
+        .map(|s| {
+            (
+                s.upstream.name().to_owned(),
+                json!({
+                    "up": s.up,
+                    "down_since": s.down_since.map(t),
+                    "down_seconds": s.down_for.map(|d| d.as_secs()),
+                    "last_error": s.last_error.as_ref().map(|(_, e)| e),
+                    "last_error_time": s.last_error.as_ref().map(|(at, _)| t(*at)),
+                    "errors": s.errors,
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 impl Stats {

@@ -4,7 +4,8 @@
 //! ```text
 //! /metrics       Prometheus text format (a Grafana dashboard in contrib/)
 //! /healthz       200 while the process serves requests (liveness)
-//! /readyz        200 once the source is connected (partitions assigned), else 503
+//! /readyz        200 once the source is connected (partitions assigned) and no upstream
+//!                (brokers, frontend, door) has been unreachable longer than `outagegrace`
 //! /              the status page: transfers in flight, recent results, throughput, lag
 //! /status.json   what the page and `dcflow status` show
 //! ```
@@ -91,7 +92,7 @@ fn route(req: &Request<Incoming>, pipeline: &Pipeline) -> Response<Full<Bytes>> 
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            pipeline.stats.encode(),
+            pipeline.encode_metrics(),
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if pipeline.halted().is_some() => reply(
@@ -102,9 +103,14 @@ fn route(req: &Request<Incoming>, pipeline: &Pipeline) -> Response<Full<Bytes>> 
                 pipeline.halted().unwrap_or_default()
             ),
         ),
-        "/readyz" if pipeline.activity.is_ready() => {
-            reply(StatusCode::OK, "text/plain", "ready\n".into())
-        }
+        "/readyz" if pipeline.activity.is_ready() => match pipeline.health.outages() {
+            outages if outages.is_empty() => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            outages => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {}\n", outages.join("; ")),
+            ),
+        },
         "/readyz" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -113,7 +119,7 @@ fn route(req: &Request<Incoming>, pipeline: &Pipeline) -> Response<Full<Bytes>> 
         "/status.json" => reply(
             StatusCode::OK,
             "application/json",
-            pipeline.activity.snapshot(&pipeline.stats).to_string(),
+            pipeline.status().to_string(),
         ),
         "/" | "/status" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.into()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

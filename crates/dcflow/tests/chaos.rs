@@ -542,3 +542,99 @@ async fn records_that_cannot_be_written_stop_the_run_before_anything_unrecorded_
     }
     wait_committed_to_end(&broker, &topic, &group);
 }
+
+/// The door goes away while copies run (the emulator halted): the log says so once, with the
+/// cause ("Connection refused"), `/readyz` answers 503 after `outagegrace`, the status shows
+/// the door's outage and last error; when it is back, the copies land and all of it clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_door_outage_is_told_once_and_readyz_follows_it() {
+    let Some(broker) = broker() else { return };
+    let (topic, group) = (unique("door-outage"), unique("group"));
+    let mut site = Site::with_kafka(&broker, &topic).await;
+    let mut expected = Vec::new();
+    let mut door_paths = Vec::new();
+    for i in 0..4usize {
+        let rel = format!("door-outage/f-{i}.dat");
+        let size = 1_500_000 + i;
+        let door_path = site.upload(&rel, &data(size, 70 + i as u32)).await;
+        site.sim.add_fault(
+            &door_path,
+            Fault::SlowLink {
+                bytes_per_second: 500_000,
+            },
+            Some(1),
+        );
+        door_paths.push(door_path);
+        expected.push((rel, size, 70 + i as u32));
+    }
+    site.sim.flush_billing();
+    let address = free_address();
+    let config = site.write_kafka_config(
+        &kafka_keys(&topic, &broker, &group),
+        "retryseconds = 1\nretrytimes = 30\nmaxdownloads = 2",
+    );
+    let mut text_cfg = std::fs::read_to_string(&config).unwrap();
+    text_cfg.push_str(&format!(
+        "\n[metrics]\naddress = \"{address}\"\noutagegrace = 2\n"
+    ));
+    std::fs::write(&config, text_cfg).unwrap();
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    wait_for("a transfer under way", Duration::from_secs(60), || {
+        door_paths.iter().any(|p| site.sim.faults_fired(p) > 0)
+    });
+    // Every transfer slot busy from the start (a backlog) is no reason to say "not ready".
+    wait_for_logged(
+        "ready with every slot busy",
+        Duration::from_secs(30),
+        &log,
+        || {
+            let (_, s) = http_get(&address, "/status.json");
+            let busy = serde_json::from_str::<serde_json::Value>(&s)
+                .is_ok_and(|s| s["active"].as_array().is_some_and(|a| a.len() == 2));
+            busy && http_get(&address, "/readyz").0 == 200
+        },
+    );
+    site.sim.halt();
+    wait_for_logged(
+        "/readyz 503 naming the door",
+        Duration::from_secs(60),
+        &log,
+        || {
+            let (code, body) = http_get(&address, "/readyz");
+            code == 503 && body.contains("WebDAV door is unreachable")
+        },
+    );
+    let (_, status) = http_get(&address, "/status.json");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let door = &status["upstreams"]["door"];
+    assert_eq!(door["up"], false, "{status}");
+    let error = door["last_error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("Connection refused") || error.contains("connection reset"),
+        "the cause, not only \"error sending request\": {error}"
+    );
+    let outage_warnings = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("WebDAV door is unreachable")
+        .count();
+    assert_eq!(outage_warnings, 1, "the outage is told once");
+
+    site.sim.resume().await.expect("the emulator listens again");
+    wait_for(
+        "every file after the outage",
+        Duration::from_secs(120),
+        || site.records("success.csv").len() == expected.len(),
+    );
+    wait_for("ready again", Duration::from_secs(30), || {
+        http_get(&address, "/readyz").0 == 200
+    });
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("WebDAV door is reachable again after"),
+        "{logged}"
+    );
+    assert_eq!(stop(child), 0);
+    let t = tally(&site, &expected);
+    assert_eq!((t.lost, t.corrupt, t.failed), (0, 0, 0), "{t:?}");
+}

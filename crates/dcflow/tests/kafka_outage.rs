@@ -102,3 +102,115 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         site.sim.pool_gets()
     );
 }
+
+/// The brokers go away under a running daemon (a broker of the test's own, stopped): the log
+/// says so once (not once per reconnection: librdkafka alone used to write about 40 lines a
+/// second), `/readyz` answers 503 after `outagegrace`, the status page, `dcflow status` and
+/// `/metrics` show the outage and its error; when the broker is back, all of it clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_is_told_once_and_readyz_follows_it() {
+    let Some(kafka) = PrivateBroker::start() else {
+        return;
+    };
+    let topic = unique("outage-told");
+    let site = Site::with_kafka(&kafka.address, &topic).await;
+    for i in 0..3 {
+        site.upload(&format!("told/f-{i}.dat"), &data(10_000 + i, i as u32))
+            .await;
+    }
+    site.sim.flush_billing();
+    let address = free_address();
+    let config = site.write_kafka_config(
+        &format!(
+            "topic = \"{topic}\"\nservers = [\"{}\"]\nconsumergroup = \"{}\"",
+            kafka.address,
+            unique("g")
+        ),
+        "",
+    );
+    let mut text_cfg = std::fs::read_to_string(&config).unwrap();
+    text_cfg.push_str(&format!(
+        "\n[metrics]\naddress = \"{address}\"\noutagegrace = 3\n"
+    ));
+    std::fs::write(&config, text_cfg).unwrap();
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    wait_for("the three files", Duration::from_secs(60), || {
+        site.records("success.csv").len() == 3
+    });
+    wait_for("ready", Duration::from_secs(30), || {
+        http_get(&address, "/readyz").0 == 200
+    });
+    let lines = |from: usize| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .skip(from)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let before = lines(0).len();
+
+    kafka.stop();
+    let stopped = Instant::now();
+    wait_for(
+        "/readyz 503 naming the brokers",
+        Duration::from_secs(40),
+        || {
+            let (code, body) = http_get(&address, "/readyz");
+            code == 503 && body.contains("Kafka brokers are unreachable")
+        },
+    );
+    // Some seconds of outage: the log holds the outage's warning, not a line per attempt.
+    let quiet_for = Duration::from_secs(20);
+    std::thread::sleep(quiet_for.saturating_sub(stopped.elapsed()));
+    let during = lines(before);
+    eprintln!("the log during the outage:\n{}", during.join("\n"));
+    assert!(
+        during
+            .iter()
+            .any(|l| l.contains("Kafka brokers are unreachable")),
+        "no outage warning: {during:#?}"
+    );
+    assert!(
+        during.len() <= 12,
+        "{} lines in {} s of outage: {during:#?}",
+        during.len(),
+        stopped.elapsed().as_secs()
+    );
+    let (_, status) = http_get(&address, "/status.json");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let k = &status["upstreams"]["kafka"];
+    assert_eq!(k["up"], false, "{status}");
+    assert!(
+        k["down_since"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{k}"
+    );
+    assert!(!k["last_error"].as_str().unwrap_or("").is_empty(), "{k}");
+    let out = dcflow(&["status", "--address", &address]);
+    assert!(
+        text(&out.stdout).contains("kafka: UNREACHABLE since"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (_, metrics) = http_get(&address, "/metrics");
+    assert!(
+        metrics.contains("dcflow_upstream_up{upstream=\"kafka\"} 0"),
+        "{metrics}"
+    );
+
+    kafka.restart();
+    wait_for("ready again", Duration::from_secs(60), || {
+        http_get(&address, "/readyz").0 == 200
+    });
+    let (_, metrics) = http_get(&address, "/metrics");
+    assert!(metrics.contains("dcflow_upstream_up{upstream=\"kafka\"} 1"));
+    assert!(
+        lines(before)
+            .iter()
+            .any(|l| l.contains("Kafka brokers are reachable again after")),
+        "{:#?}",
+        lines(before)
+    );
+    assert_eq!(stop(child), 0);
+}

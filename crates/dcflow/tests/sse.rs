@@ -472,3 +472,63 @@ async fn the_token_goes_only_to_the_configured_frontend() {
         "the token went to {elsewhere}"
     );
 }
+
+/// dCache's frontend goes away under the SSE source (the emulator halted): the log says so
+/// once, `/readyz` answers 503 after `outagegrace`, the status names the frontend and the
+/// cause; when it is back, the stream reopens, `/readyz` is 200 again and new files land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frontend_outage_is_told_once_and_readyz_follows_it() {
+    let mut site = Site::new().await;
+    let address = free_address();
+    let config = sse_config_with(
+        &site,
+        &site.proxy_auth(),
+        "retryseconds = 0",
+        &format!("\n[metrics]\naddress = \"{address}\"\noutagegrace = 2\n"),
+    );
+    let log = site.path("run.log");
+    let child = start_run(&config, &log);
+    wait_for_stream(&log);
+    let before = vec![("o/before.dat".to_owned(), data(20_000, 5))];
+    site.upload(&before[0].0, &before[0].1).await;
+    wait_for("the first file", &log, || all_landed(&site, &before));
+    wait_for("ready", &log, || http_get(&address, "/readyz").0 == 200);
+    site.sim.halt();
+    wait_for("/readyz 503 naming the frontend", &log, || {
+        let (code, body) = http_get(&address, "/readyz");
+        code == 503 && body.contains("frontend (SSE) is unreachable")
+    });
+    let (_, status) = http_get(&address, "/status.json");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let frontend = &status["upstreams"]["frontend"];
+    assert_eq!(frontend["up"], false, "{status}");
+    assert!(
+        frontend["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Connection refused")),
+        "{frontend}"
+    );
+    // Through a few reconnection attempts (back-off 1, 2, 4 s...): told once.
+    std::thread::sleep(Duration::from_secs(8));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        logged.matches("frontend (SSE) is unreachable").count(),
+        1,
+        "{logged}"
+    );
+    site.sim.resume().await.unwrap();
+    wait_for("ready again", &log, || {
+        http_get(&address, "/readyz").0 == 200
+    });
+    wait_for("the stream again", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("frontend (SSE) is reachable again after")
+    });
+    let after = vec![("o/after.dat".to_owned(), data(30_000, 6))];
+    site.upload(&after[0].0, &after[0].1).await;
+    wait_for("the file after the outage", &log, || {
+        all_landed(&site, &after)
+    });
+    assert_eq!(stop(child), 0);
+}

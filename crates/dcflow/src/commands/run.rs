@@ -44,8 +44,14 @@ pub async fn run_kafka(
     // With a work topic, `dcflow dispatch` feeds it and workers consume it.
     let topic = cfg.work_topic.as_deref().unwrap_or(&cfg.topic);
     let source = Arc::new(
-        KafkaSource::try_new(cfg, topic, &cfg.consumer_group, until_caught_up)
-            .context("creating the Kafka consumer")?,
+        KafkaSource::try_new(
+            cfg,
+            topic,
+            &cfg.consumer_group,
+            until_caught_up,
+            Some(pipeline.health.clone()),
+        )
+        .context("creating the Kafka consumer")?,
     );
     // An offset is committed only once the records of the work it covers are durable.
     let records = pipeline.clone();
@@ -110,9 +116,13 @@ pub async fn run_kafka(
                         Ok(Received::Work(d)) => backlog.push_back(d),
                         Ok(Received::Dismissed { count }) => pipeline.dismissed(count),
                         Ok(Received::NotOwned | Received::End { .. }) => {}
-                        Err(e) => warn!(error = %e, "kafka consumer error"),
+                        Err(e) => source.report(&e),
                     },
-                    _ = commit_tick.tick() => commit(&source, CommitMode::Async),
+                    // Busy from the start (a backlog): ready all the same once assigned.
+                    _ = commit_tick.tick() => {
+                        commit(&source, CommitMode::Async);
+                        pipeline.activity.set_ready(source.assigned() > 0);
+                    }
                     _ = shutdown.cancelled() => break 'consume,
                 }
             }
@@ -145,8 +155,8 @@ pub async fn run_kafka(
                         continue;
                     }
                     Err(e) => {
-                        // Broker outages: librdkafka reconnects; say so and go on.
-                        warn!(error = %e, "kafka consumer error");
+                        // Broker outages: librdkafka reconnects; told once, then go on.
+                        source.report(&e);
                         continue;
                     }
                 },

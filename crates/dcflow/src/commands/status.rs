@@ -59,6 +59,25 @@ pub fn render(s: &Value) -> String {
             "not connected"
         }
     );
+    if let Some(ups) = s["upstreams"].as_object() {
+        for (name, u) in ups {
+            if u["up"].as_bool() == Some(false) {
+                let _ = writeln!(
+                    out,
+                    "{name}: UNREACHABLE since {} ({} s): {}",
+                    u["down_since"].as_str().unwrap_or("?"),
+                    u["down_seconds"].as_u64().unwrap_or(0),
+                    u["last_error"].as_str().unwrap_or("")
+                );
+            } else if let Some(e) = u["last_error"].as_str() {
+                let _ = writeln!(
+                    out,
+                    "{name}: up; last error at {}: {e}",
+                    u["last_error_time"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
     let _ = writeln!(
         out,
         "events {}  selected {}  copied {} ({})  already present {}  failed {}  retries {}  malformed {}",
