@@ -17,7 +17,8 @@
 #
 # Environment: DCACHE_BASE (/var/tmp/dcflow-dcache: sources, build, Maven repository),
 # DCACHE_SOURCES (the source archives: shared/real-dcache/src beside the clone), KAFKA,
-# DCACHE_TOPIC (billing), DCACHE_POOL_SIZE (8G), DCACHE_POOL_GAP (256m: below it a pool is full).
+# DCACHE_TOPIC (billing), DCACHE_POOL_SIZE (32G; the free disk caps it), DCACHE_POOL_GAP (256m:
+# below it a pool is full).
 #
 # What the instance is (ports, users, CA): testbed/dcache/README.md.
 set -euo pipefail
@@ -132,11 +133,13 @@ start() {
     # The stock HTTPS door (2881) does not redirect; sites' doors do: one that does.
     printf '\n[dCacheDomain/webdav]\nwebdav.cell.name=WebDAV-R-${host.name}\nwebdav.net.port=2885\nwebdav.authn.protocol=https\nwebdav.authz.anonymous-operations=READONLY\nwebdav.redirect.on-read=true\nwebdav.redirect.on-write=true\n'
   } > "$l"
-  # The stock pools hold 1 GiB each: too little for the large-file tests and benchmarks.
+  # The stock pools hold 1 GiB each: too little for the large-file tests and benchmarks. Every
+  # read is also copied pool to pool (pool_write -> pool_read): a run of the tests takes about
+  # 4 GiB on each of the two; 32G leaves room for several runs (KEEP_STATE, restart).
   # A pool counts itself full once `free + removable - size <= gap`, free being capped by the
   # file system's usable space, and the gap defaults to min(4 GiB, size / 4): with 8G pools a
   # disk with less than 2 GiB free made every PUT a 507 "All pools are full". A 256 MiB gap.
-  sed -i -e "s/^set max diskspace .*/set max diskspace ${DCACHE_POOL_SIZE:-8G}/" -e '/^set gap /d' \
+  sed -i -e "s/^set max diskspace .*/set max diskspace ${DCACHE_POOL_SIZE:-32G}/" -e '/^set gap /d' \
     -e "s/^set max diskspace .*/&\nset gap ${DCACHE_POOL_GAP:-256m}/" "$D"/var/pools/*/setup
   local free_mib
   free_mib=$(df -Pm "$D/var/pools" | awk 'NR==2 {print $4}')

@@ -343,25 +343,38 @@ impl Config {
 
     /// Reads and validates a configuration file.
     pub fn load(path: &Path, env: &Env) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            problems: vec![ConfigProblem {
-                key: path.display().to_string(),
-                problem: format!("cannot read: {e}"),
-            }],
-        })?;
-        Self::from_toml(&text, env)
+        Self::load_checked(path, env).0
+    }
+
+    /// [`Config::load`], and the credentials' settings whenever `[local]` itself is valid, so
+    /// that `check-config` reports credential problems beside the other ones.
+    pub fn load_checked(path: &Path, env: &Env) -> (Result<Self, ConfigError>, Option<AuthConfig>) {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, env),
+            Err(e) => (
+                Err(ConfigError {
+                    problems: vec![ConfigProblem {
+                        key: path.display().to_string(),
+                        problem: format!("cannot read: {e}"),
+                    }],
+                }),
+                None,
+            ),
+        }
     }
 
     /// Validates configuration text, reporting every problem at once.
+    pub fn from_toml(text: &str, env: &Env) -> Result<Self, ConfigError> {
+        Self::parse(text, env).0
+    }
+
     // Long on purpose: the table of top-level sections, each parsed and its problems collected;
     // one line of wiring per section.
-    pub fn from_toml(text: &str, env: &Env) -> Result<Self, ConfigError> {
-        let root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
-            problems: vec![ConfigProblem {
-                key: "(file)".into(),
-                problem: format!("not valid TOML: {}", e.message().trim()),
-            }],
-        })?;
+    fn parse(text: &str, env: &Env) -> (Result<Self, ConfigError>, Option<AuthConfig>) {
+        let root: toml::Table = match text.parse() {
+            Ok(root) => root,
+            Err(e) => return (Err(syntax_error(text, &e)), None),
+        };
         let mut errs = Vec::new();
         for (key, value) in &root {
             let known =
@@ -404,6 +417,19 @@ impl Config {
             .get("sse")
             .and_then(toml::Value::as_table)
             .and_then(|t| sse_section(Section::new("sse", Some(t), SSE_KEYS, &mut errs)));
+        if let (Some(sse), Some(dcache)) = (&sse, &dcache) {
+            let prefix = format!("{}{}", dcache.pool, dcache.folder);
+            for (i, p) in sse.paths.iter().enumerate() {
+                let under =
+                    prefix.is_empty() || p == &prefix || p.starts_with(&format!("{prefix}/"));
+                if !under {
+                    errs.push(problem(
+                        &format!("sse.paths[{i}]"),
+                        format!("{p} is not under pool + folder ({prefix}): its files could not be fetched"),
+                    ));
+                }
+            }
+        }
         if root.contains_key("sse") && root.contains_key("kafka") {
             errs.push(problem(
                 "sse",
@@ -427,7 +453,8 @@ impl Config {
                 }
             }
         }
-        match (kafka, dcache, local) {
+        let auth = local.as_ref().map(|l| l.auth.clone());
+        let config = match (kafka, dcache, local) {
             (kafka, Some(dcache), Some(local)) if errs.is_empty() => {
                 let sse = sse.map(|raw| raw.complete(&dcache, &local));
                 Ok(Config {
@@ -441,7 +468,27 @@ impl Config {
                 })
             }
             _ => Err(ConfigError { problems: errs }),
+        };
+        (config, auth)
+    }
+}
+
+/// A TOML syntax error with where it is: "line 12, column 5".
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let key = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}")
         }
+        None => "(file)".into(),
+    };
+    ConfigError {
+        problems: vec![ConfigProblem {
+            key,
+            problem: format!("not valid TOML: {}", e.message().trim()),
+        }],
     }
 }
 
@@ -733,6 +780,15 @@ fn dcache_section(mut s: Section<'_>) -> Option<DcacheConfig> {
         s.fail(
             "checksums",
             "must name at least one algorithm (adler32, md5)",
+        );
+    }
+    if stall > timeout {
+        s.fail(
+            "stalltimeout",
+            format!(
+                "{stall} s is longer than timeout ({timeout} s): an attempt is ended by the \
+                 timeout before a stall could be noticed; make it shorter"
+            ),
         );
     }
     let require_checksum = s.boolean("requirechecksum", true);

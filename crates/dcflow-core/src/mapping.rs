@@ -35,13 +35,23 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b';')
     .add(b'/');
 
-/// A billing path whose relative part would leave the download folder.
+/// A billing path that cannot be a destination: its relative part would leave the download
+/// folder, or it is longer than a file system takes. Never retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("path {path:?} escapes the download folder: {why}")]
+#[error("path {:?} {why}", crate::text::bounded(path, SHOWN))]
 pub struct PathEscapes {
     pub path: String,
     pub why: &'static str,
 }
+
+/// How much of a refused path its error shows (a 10 MB path must not make a 10 MB error).
+const SHOWN: usize = 512;
+/// The longest file name POSIX file systems take (NAME_MAX); dCache's own limit too.
+pub const NAME_MAX: usize = 255;
+/// The longest path the kernel takes (PATH_MAX, with its NUL).
+pub const PATH_MAX: usize = 4096;
+const NAME_TOO_LONG: &str =
+    "is refused: a name longer than 255 bytes (NAME_MAX): no file system takes it";
 
 /// Where one file comes from and goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,11 +100,27 @@ impl PathMapper {
             why,
         };
         let mut rel = Vec::new();
+        if billing_path.len() >= PATH_MAX {
+            return Err(escapes(if rest.split('/').any(|p| p.len() > NAME_MAX) {
+                NAME_TOO_LONG
+            } else {
+                "is refused: longer than 4095 bytes (PATH_MAX): no file system takes it"
+            }));
+        }
         for part in rest.split('/') {
             match part {
-                "" => return Err(escapes("empty component (// or a trailing /)")),
-                "." | ".." => return Err(escapes("a . or .. component")),
-                p if p.contains('\0') => return Err(escapes("a NUL byte")),
+                "" => {
+                    return Err(escapes(
+                        "escapes the download folder: empty component (// or a trailing /)",
+                    ))
+                }
+                "." | ".." => {
+                    return Err(escapes("escapes the download folder: a . or .. component"))
+                }
+                p if p.contains('\0') => {
+                    return Err(escapes("escapes the download folder: a NUL byte"))
+                }
+                p if p.len() > NAME_MAX => return Err(escapes(NAME_TOO_LONG)),
                 p => rel.push(p.to_owned()),
             }
         }
@@ -112,6 +138,11 @@ impl PathMapper {
         source_url.set_path(&url_path);
         let mut destination = self.download_folder.clone();
         destination.extend(&rel);
+        if destination.as_os_str().len() >= PATH_MAX {
+            return Err(escapes(
+                "is refused: its destination would be longer than 4095 bytes (PATH_MAX)",
+            ));
+        }
         Ok(Some(Mapped {
             rel,
             source_url,
@@ -217,5 +248,36 @@ mod tests {
         ] {
             assert!(m.map(p).is_err(), "{p:?}");
         }
+    }
+
+    /// Issue 17, item 3: a 5,000-byte name was retried as a network error ("builder error")
+    /// until the run timed out, and a 10 MB path made a 31 MB CSV row.
+    #[test]
+    fn names_and_paths_no_file_system_takes_are_refused_and_shown_cut() {
+        let m = mapper("");
+        let base = "/pnfs/example.org/data/lsst/";
+        let ok = format!("{base}{}", "n".repeat(255));
+        assert!(
+            m.map(&ok).unwrap().is_some(),
+            "255 bytes is NAME_MAX itself"
+        );
+        let long_name = format!("{base}{}", "n".repeat(5_000));
+        let e = m.map(&long_name).unwrap_err();
+        assert!(e.to_string().contains("NAME_MAX"), "{e}");
+        assert!(
+            e.to_string().len() < 700,
+            "the error shows a part of the path"
+        );
+        // Many short names: every one fits, the whole does not.
+        let deep = format!("{base}{}", ["d"; 2100].join("/"));
+        let e = m.map(&deep).unwrap_err();
+        assert!(e.to_string().contains("PATH_MAX"), "{e}");
+        let huge = format!("{base}{}", "x/".repeat(5_000_000));
+        let e = m.map(&huge).unwrap_err();
+        assert!(
+            e.to_string().contains("…[cut] (10000028 bytes)"),
+            "{}",
+            &e.to_string()[..100]
+        );
     }
 }

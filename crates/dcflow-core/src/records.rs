@@ -41,20 +41,25 @@ pub struct Record {
     pub error: String,
 }
 
+/// The longest text field a record holds: paths (PATH_MAX), URLs and errors fit; a 10 MB path
+/// is cut with a marker (Python's csv module refuses fields over 128 KiB by default).
+pub const FIELD_MAX: usize = 8192;
+
 impl Record {
     fn fields(&self) -> [String; 10] {
         let time = self.time.unwrap_or_else(OffsetDateTime::now_utc);
+        let cut = |f: &str| crate::text::bounded(f, FIELD_MAX).into_owned();
         [
             time.format(&Rfc3339).unwrap_or_default(),
-            self.pnfsid.clone(),
-            self.billing_path.clone(),
-            self.source_url.clone(),
-            self.destination.clone(),
+            cut(&self.pnfsid),
+            cut(&self.billing_path),
+            cut(&self.source_url),
+            cut(&self.destination),
             self.size.map(|s| s.to_string()).unwrap_or_default(),
-            self.checksum.clone(),
+            cut(&self.checksum),
             self.attempts.to_string(),
             format!("{:.3}", self.seconds),
-            self.error.clone(),
+            cut(&self.error),
         ]
     }
 

@@ -47,7 +47,14 @@ impl<'a> Section<'a> {
         if let Some(t) = table {
             let known: BTreeSet<&str> = known.iter().copied().collect();
             for key in t.keys().filter(|k| !known.contains(k.as_str())) {
-                errs.push(problem(&format!("{name}.{key}"), "unknown key"));
+                let hint = match closest(key, known.iter().copied()) {
+                    Some(k) => format!("unknown key (did you mean {k}?)"),
+                    None => format!(
+                        "unknown key (the keys of [{name}]: {})",
+                        known.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                };
+                errs.push(problem(&format!("{name}.{key}"), hint));
             }
         }
         Self { name, table, errs }
@@ -164,5 +171,68 @@ impl<'a> Section<'a> {
                 Some(PathBuf::from(s))
             }
         })
+    }
+}
+
+/// The known name nearest to `typed`, if it is near enough to be what was meant: at most a
+/// third of its letters wrong (`maxdownload` → `maxdownloads`, `retrytime` → `retrytimes`).
+pub(crate) fn closest<'a>(typed: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let typed = typed.to_ascii_lowercase();
+    known
+        .map(|k| (edit_distance(&typed, k), k))
+        // Distance 0 is a key written in other case: keys are case-sensitive.
+        .filter(|&(d, k)| d <= (k.len().max(typed.len()) / 3).max(1))
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_near_miss_names_the_key_that_was_meant() {
+        let keys = [
+            "maxdownloads",
+            "retrytimes",
+            "retryseconds",
+            "timeout",
+            "stalltimeout",
+        ];
+        assert_eq!(
+            closest("maxdownload", keys.iter().copied()),
+            Some("maxdownloads")
+        );
+        assert_eq!(
+            closest("MaxDownloads", keys.iter().copied()),
+            Some("maxdownloads")
+        );
+        assert_eq!(
+            closest("retrytime", keys.iter().copied()),
+            Some("retrytimes")
+        );
+        assert_eq!(
+            closest("stall_timeout", keys.iter().copied()),
+            Some("stalltimeout")
+        );
+        assert_eq!(closest("colour", keys.iter().copied()), None);
     }
 }

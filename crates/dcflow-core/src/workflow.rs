@@ -438,7 +438,14 @@ pub fn parse_workflows(
     };
     let mut names = BTreeSet::new();
     for (i, item) in items.iter().enumerate() {
-        let at = format!("workflow[{i}]");
+        // Named by its name where it has one of its own: `workflow "archive".step[0].argv`;
+        // by its place otherwise: `workflow[1].name`.
+        let at = match item.get("name").and_then(toml::Value::as_str) {
+            Some(n) if !n.is_empty() && n.len() <= 64 && !names.contains(n) => {
+                format!("workflow {n:?}")
+            }
+            _ => format!("workflow[{i}]"),
+        };
         let Some(t) = item.as_table() else {
             errs.push(problem(&at, "must be a table"));
             continue;
@@ -1003,15 +1010,15 @@ name = "a"
         .unwrap_err();
         let joined = errs.join("\n");
         for expected in [
-            "workflow[0].colour: unknown key",
-            "workflow[0].match.kinds[1]: unknown event kind \"explode\"",
-            "workflow[0].match.paths[0]: not a valid glob",
-            "workflow[0].match.maxsize: 5 is below minsize 10",
-            "workflow[0].step[0].type: delete-source needs a copy step",
-            "workflow[0].step[1].argv[2]: unknown placeholder {bogus}",
-            "workflow[0].step[2].url: must be an http or https URL",
-            "workflow[0].step[2].format: unknown format",
-            "workflow[0].step[3].type: unknown step \"teleport\"",
+            "workflow \"a\".colour: unknown key",
+            "workflow \"a\".match.kinds[1]: unknown event kind \"explode\"",
+            "workflow \"a\".match.paths[0]: not a valid glob",
+            "workflow \"a\".match.maxsize: 5 is below minsize 10",
+            "workflow \"a\".step[0].type: delete-source needs a copy step",
+            "workflow \"a\".step[1].argv[2]: unknown placeholder {bogus}",
+            "workflow \"a\".step[2].url: must be an http or https URL",
+            "workflow \"a\".step[2].format: unknown format",
+            "workflow \"a\".step[3].type: unknown step \"teleport\"",
             "workflow[1].name: \"a\" is used by an earlier workflow",
             "workflow[1].step: at least one",
         ] {

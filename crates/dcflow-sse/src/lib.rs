@@ -104,12 +104,7 @@ pub async fn run_sse(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> Result<Summary> {
-    let prefix = pipeline.mapper().prefix().to_owned();
-    for p in &cfg.paths {
-        if p != &prefix && !p.starts_with(&format!("{prefix}/")) {
-            bail!("[sse] paths: {p} is not under pool + folder ({prefix}): its files could not be fetched");
-        }
-    }
+    // [sse] paths are under pool + folder: the configuration checks it (sse.paths[i]).
     let source = Arc::new(Source {
         pipeline: pipeline.clone(),
         cfg: cfg.clone(),

@@ -19,8 +19,12 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error("CA folder {path}: {why}")]
-    CaPath { path: PathBuf, why: String },
+    #[error("CA folder {path} ({origin}): {why}")]
+    CaPath {
+        path: PathBuf,
+        origin: String,
+        why: String,
+    },
     #[error("proxy {path} ({origin}): {why}")]
     Proxy {
         path: PathBuf,
@@ -54,12 +58,18 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Trusted CAs: every certificate in `*.0`..`*.9`, `*.pem` and `*.crt` files of the folder;
 /// CRLs (`*.r0`), signing policies, namespaces and other files are skipped.
-pub fn load_roots(capath: &Path) -> Result<(RootCertStore, usize), CredentialError> {
+pub fn load_roots(capath: &CredentialPath) -> Result<(RootCertStore, usize), CredentialError> {
     let err = |why: String| CredentialError::CaPath {
-        path: capath.to_owned(),
+        path: capath.path.clone(),
+        origin: capath.origin.to_string(),
         why,
     };
-    let entries = std::fs::read_dir(capath).map_err(|e| err(format!("cannot read: {e}")))?;
+    let entries = std::fs::read_dir(&capath.path).map_err(|e| {
+        err(format!(
+            "cannot read: {e}; set [local] capath, or $X509_CERT_DIR, to the folder of the \
+             trusted CA certificates (hashed *.0 files, as in /etc/grid-security/certificates)"
+        ))
+    })?;
     let mut roots = RootCertStore::empty();
     let mut files = 0;
     for entry in entries.flatten() {
@@ -117,6 +127,18 @@ fn read_proxy(
         why,
     };
     let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    // Grid tools refuse a proxy that others can read (its key is in it); so does dcflow.
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "readable by others (mode {mode:04o}): its private key is exposed; \
+                 `chmod 600 {}` (voms-proxy-init writes 0600)",
+                path.display()
+            )));
+        }
+    }
     let mut chain = Vec::new();
     let mut key: Option<PrivateKeyDer<'static>> = None;
     for item in rustls_pemfile::read_all(&mut bytes.as_slice()) {
@@ -253,61 +275,68 @@ pub struct Credentials {
     pub token: Option<Arc<TokenSource>>,
 }
 
+/// The first proxy candidate that exists (an explicitly named one must), checked.
+fn load_proxy(auth: &AuthConfig) -> Result<Option<Arc<ProxyResolver>>, CredentialError> {
+    let provider = provider();
+    for candidate in &auth.proxy {
+        if !candidate.required() && !candidate.path.exists() {
+            continue;
+        }
+        let (key, info) = read_proxy(&candidate.path, &candidate.origin, &provider)?;
+        if info.expired() {
+            return Err(CredentialError::Proxy {
+                path: info.path.clone(),
+                origin: info.origin.to_string(),
+                why: format!(
+                    "expired at {}: renew it (voms-proxy-init / grid-proxy-init)",
+                    info.not_after
+                ),
+            });
+        }
+        let stamp = mtime(&candidate.path);
+        return Ok(Some(Arc::new(ProxyResolver {
+            provider: provider.clone(),
+            cached: Mutex::new((stamp, key, info)),
+        })));
+    }
+    Ok(None)
+}
+
+/// The first bearer token candidate that is available (a named file must be).
+fn load_token(auth: &AuthConfig) -> Result<Option<TokenSource>, CredentialError> {
+    for candidate in &auth.token {
+        match candidate {
+            TokenCandidate::Value(v) => {
+                return Ok(Some(TokenSource {
+                    file: None,
+                    origin: "$BEARER_TOKEN".into(),
+                    cached: Mutex::new((None, Secret(v.clone()))),
+                }));
+            }
+            TokenCandidate::File(c) if !c.required() && !c.path.exists() => continue,
+            TokenCandidate::File(c) => {
+                let secret = TokenSource::read(&c.path).map_err(|why| CredentialError::Token {
+                    what: format!("{} ({})", c.path.display(), c.origin),
+                    why,
+                })?;
+                return Ok(Some(TokenSource {
+                    file: Some(c.path.clone()),
+                    origin: c.origin.to_string(),
+                    cached: Mutex::new((mtime(&c.path), secret)),
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
 impl Credentials {
     /// Loads credentials as configured; an explicitly named file that is missing or bad is an
     /// error, a default location that does not exist is skipped.
     pub fn load(auth: &AuthConfig) -> Result<Self, CredentialError> {
-        let provider = provider();
-        let (roots, ca_files) = load_roots(&auth.capath.path)?;
-        let mut proxy = None;
-        for candidate in &auth.proxy {
-            if !candidate.required() && !candidate.path.exists() {
-                continue;
-            }
-            let (key, info) = read_proxy(&candidate.path, &candidate.origin, &provider)?;
-            if info.expired() {
-                return Err(CredentialError::Proxy {
-                    path: info.path.clone(),
-                    origin: info.origin.to_string(),
-                    why: format!(
-                        "expired at {}: renew it (voms-proxy-init / grid-proxy-init)",
-                        info.not_after
-                    ),
-                });
-            }
-            let stamp = mtime(&candidate.path);
-            proxy = Some(Arc::new(ProxyResolver {
-                provider: provider.clone(),
-                cached: Mutex::new((stamp, key, info)),
-            }));
-            break;
-        }
-        let mut token = None;
-        for candidate in &auth.token {
-            match candidate {
-                TokenCandidate::Value(v) => {
-                    token = Some(TokenSource {
-                        file: None,
-                        origin: "$BEARER_TOKEN".into(),
-                        cached: Mutex::new((None, Secret(v.clone()))),
-                    });
-                }
-                TokenCandidate::File(c) if !c.required() && !c.path.exists() => continue,
-                TokenCandidate::File(c) => {
-                    let secret =
-                        TokenSource::read(&c.path).map_err(|why| CredentialError::Token {
-                            what: format!("{} ({})", c.path.display(), c.origin),
-                            why,
-                        })?;
-                    token = Some(TokenSource {
-                        file: Some(c.path.clone()),
-                        origin: c.origin.to_string(),
-                        cached: Mutex::new((mtime(&c.path), secret)),
-                    });
-                }
-            }
-            break;
-        }
+        let (roots, ca_files) = load_roots(&auth.capath)?;
+        let proxy = load_proxy(auth)?;
+        let token = load_token(auth)?;
         Ok(Self {
             roots,
             ca_files,
@@ -315,6 +344,19 @@ impl Credentials {
             proxy,
             token: token.map(Arc::new),
         })
+    }
+
+    /// Every problem of the credentials at once (the CA folder, the proxy, the token, each
+    /// checked on its own), for `check-config`; [`Credentials::load`] stops at the first.
+    pub fn problems(auth: &AuthConfig) -> Vec<CredentialError> {
+        [
+            load_roots(&auth.capath).err(),
+            load_proxy(auth).err(),
+            load_token(auth).err(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// The TLS configuration for every connection: these roots, this client certificate.

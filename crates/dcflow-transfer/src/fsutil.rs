@@ -40,18 +40,20 @@ pub fn prepare_parent(
             why,
         })
     };
-    let (_, dirs) = rel.split_last().ok_or_else(|| escapes("empty path"))?;
+    let (_, dirs) = rel
+        .split_last()
+        .ok_or_else(|| escapes("escapes the download folder: empty path"))?;
     let mut current = root.to_path_buf();
     for part in dirs {
         current.push(part);
         match std::fs::symlink_metadata(&current) {
             Ok(m) if m.file_type().is_symlink() => {
-                let target = current
-                    .canonicalize()
-                    .map_err(|_| escapes("a dangling symlink on the way"))?;
+                let target = current.canonicalize().map_err(|_| {
+                    escapes("escapes the download folder: a dangling symlink on the way")
+                })?;
                 if !target.starts_with(canonical_root()?) || !target.is_dir() {
                     return Err(escapes(
-                        "a symlinked directory pointing outside the download folder",
+                        "escapes the download folder: a symlinked directory points outside it",
                     ));
                 }
             }

@@ -161,6 +161,16 @@ impl Pipeline {
                 return Admission::Skip;
             }
             Err(escape) => {
+                // The twin message of the same upload (door and pool) finds it refused.
+                let key = (upload.kind, upload.pnfsid.clone(), upload.precedes_commit);
+                {
+                    let mut seen = self.seen.lock().expect("seen lock");
+                    if seen.get(&key).is_some() {
+                        Stats::inc(&self.stats.duplicates);
+                        return Admission::Skip;
+                    }
+                    seen.finish(&key, Seen::Failed);
+                }
                 Stats::inc(&self.stats.selected);
                 Stats::inc(&self.stats.failed);
                 error!(pnfsid = %upload.pnfsid, %origin, "refused: {escape}");

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+/// Where the configuration is when neither `--config` nor `$DCFLOW_CONFIG` says.
+pub const DEFAULT_CONFIG: &str = "/etc/dcflow/dcflow.toml";
 
 #[derive(Parser)]
 #[command(
@@ -15,8 +18,23 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// More detail in the log: -v debug, -vv trace (DCFLOW_LOG, when set, decides instead).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Less: -q warnings and errors only, -qq errors only.
+    #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `-c/--config FILE`, as every command that needs a configuration takes it.
+#[derive(Args, Clone)]
+pub struct ConfigFile {
+    /// The configuration file (TOML; see examples/dcflow.toml for every key). Default:
+    /// $DCFLOW_CONFIG, then /etc/dcflow/dcflow.toml.
+    #[arg(short = 'c', long = "config", value_name = "FILE", env = "DCFLOW_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub path: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -27,12 +45,13 @@ pub enum LogFormat {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// The daemon: consume the configured Kafka topic until SIGTERM or SIGINT, which stop
-    /// fetching, let running transfers finish (up to --drain-seconds), commit and exit 0.
-    /// A second signal exits at once.
+    /// The daemon: take events from the configured source (the [kafka] billing topic, or
+    /// dCache's storage events with [sse]) until SIGTERM or SIGINT, which stop taking events,
+    /// let running transfers finish (up to --drain-seconds), acknowledge what finished (Kafka
+    /// commit, SSE saved event id) and exit 0. A second signal exits at once (130).
     Run {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// How long running transfers may take to finish after a stop signal.
         #[arg(long, default_value_t = 120)]
         drain_seconds: u64,
@@ -44,16 +63,16 @@ pub enum Command {
     /// Run every billing message of a JSONL file (`-` = stdin) through the pipeline, then exit:
     /// 0 if every selected file succeeded or was already present, 1 if any failed.
     Replay {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// JSONL file of dCache billing messages, one per line; `-` for stdin.
         events: PathBuf,
     },
     /// Re-run recorded failures through the same pipeline: the rows of a failure CSV, or
     /// (with --dead-letters) every message of the dead-letter topic. Exit codes as replay.
     Retry {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Failure CSV (e.g. the configured failedtasksfile).
         #[arg(
             required_unless_present = "dead_letters",
@@ -66,14 +85,14 @@ pub enum Command {
     },
     /// Validate a configuration and summarise what dcflow will do; exit 2 listing problems.
     CheckConfig {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Scale-out: move the uploads announced on `[kafka] topic` to `[kafka] worktopic`, keyed by
     /// pnfsid, for any number of `dcflow run` workers. Stops like `run`.
     Dispatch {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         /// Stop once every assigned partition of the billing topic is read to its end and
         /// what was selected is on the work topic (a catch-up run).
         #[arg(long)]
@@ -83,7 +102,8 @@ pub enum Command {
     /// JSON lines with --json.
     Catalog {
         /// The configuration whose catalog steps name the database (or give --database).
-        #[arg(long, required_unless_present = "database")]
+        /// Default: $DCFLOW_CONFIG, then /etc/dcflow/dcflow.toml.
+        #[arg(short = 'c', long, value_name = "FILE", env = "DCFLOW_CONFIG")]
         config: Option<PathBuf>,
         /// The SQLite file; needed when the configuration names several.
         #[arg(long)]
@@ -101,8 +121,9 @@ pub enum Command {
     /// What the running daemon is doing, from its `[metrics] address`: counters, transfers
     /// in flight, lag, recent failures. Exit 1 when it cannot be reached.
     Status {
-        /// The daemon's configuration (its [metrics] address is asked).
-        #[arg(long, required_unless_present = "address")]
+        /// The daemon's configuration (its [metrics] address is asked). Default:
+        /// $DCFLOW_CONFIG, then /etc/dcflow/dcflow.toml.
+        #[arg(short = 'c', long, value_name = "FILE", env = "DCFLOW_CONFIG")]
         config: Option<PathBuf>,
         /// The address to ask instead, e.g. 127.0.0.1:9464.
         #[arg(long)]
@@ -152,6 +173,20 @@ pub enum Command {
         #[arg(long, requires = "dcache")]
         capath: Option<PathBuf>,
     },
+}
+
+/// The log filter for `-v`/`-q` from a command's usual level (`DCFLOW_LOG` overrides both).
+pub fn log_level(usual: &str, verbose: u8, quiet: u8) -> String {
+    const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+    let base = LEVELS
+        .iter()
+        .position(|l| usual.starts_with(l))
+        .unwrap_or(2);
+    let level = (base + usize::from(verbose)).saturating_sub(usize::from(quiet));
+    if verbose == 0 && quiet == 0 {
+        return usual.to_owned();
+    }
+    LEVELS[level.min(LEVELS.len() - 1)].to_owned()
 }
 
 pub fn init_logging(format: LogFormat, default: &str) {

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    init_logging(cli.log_format, default_level);
+    init_logging(
+        cli.log_format,
+        &dcflow::cli::log_level(default_level, cli.verbose, cli.quiet),
+    );
     // The commands that only print end quietly on a closed pipe (`dcflow status --json |
     // head`), as Unix filters do, instead of panicking in println!. The others keep Rust's
     // ignored SIGPIPE: the daemon's sockets must not kill it.

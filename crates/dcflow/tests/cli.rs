@@ -128,8 +128,9 @@ async fn bad_input_is_recorded_or_skipped_and_good_files_still_land() {
         .filter(|r| r.error.contains("escapes the download folder"))
         .count();
     assert_eq!(
-        escapes, 8,
-        "4 traversal paths, recorded each time they arrive"
+        escapes, 4,
+        "4 traversal paths, each recorded once (the second pass finds them refused, as the \
+         twin message of a failed upload does)"
     );
     assert_eq!(
         files_below(&site.download()).len(),
@@ -139,7 +140,7 @@ async fn bad_input_is_recorded_or_skipped_and_good_files_still_land() {
     assert!(!site.dir.path().join("escape.dat").exists());
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("2 copied") && stdout.contains("8 failed"),
+        stdout.contains("2 copied") && stdout.contains("4 failed"),
         "{stdout}"
     );
 }
@@ -449,6 +450,80 @@ fn help_man_page_and_completions_cover_every_command() {
         assert_eq!(out.status.code(), Some(0), "{shell}");
         assert!(text(&out.stdout).contains("check-config"), "{shell}");
     }
+    // Issue 17, item 8: the sections a man page has, and no pages that do not exist.
+    for section in [
+        ".SH \"EXIT STATUS\"",
+        ".SH ENVIRONMENT",
+        ".SH FILES",
+        "DCFLOW_CONFIG",
+    ] {
+        assert!(man.contains(section), "{section} missing from the man page");
+    }
+    assert!(
+        !man.contains("dcflow-run(1)"),
+        "the man page names pages that do not exist"
+    );
+    let run = text(&dcflow(&["run", "--help"]).stdout);
+    for said in [
+        "-c, --config <FILE>",
+        "DCFLOW_CONFIG",
+        "/etc/dcflow/dcflow.toml",
+        "[sse]",
+        "[kafka]",
+    ] {
+        assert!(run.contains(said), "run --help does not say {said}:\n{run}");
+    }
+    let top = text(&top.stdout);
+    assert!(
+        top.contains("-v, --verbose") && top.contains("-q, --quiet"),
+        "{top}"
+    );
+}
+
+/// `-c` and `$DCFLOW_CONFIG` name the configuration as `--config` does; without any, the
+/// default path is named in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configuration_comes_from_c_or_dcflow_config_or_the_default_path() {
+    let site = Site::new().await;
+    let config = site.write_config(&site.proxy_auth(), "");
+    let short = dcflow(&["check-config", "-c", config.to_str().unwrap()]);
+    assert_eq!(short.status.code(), Some(0), "{}", text(&short.stderr));
+    let from_env = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .arg("check-config")
+        .env("DCFLOW_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        from_env.status.code(),
+        Some(0),
+        "{}",
+        text(&from_env.stderr)
+    );
+    assert!(text(&from_env.stdout).contains(config.to_str().unwrap()));
+    if !std::path::Path::new("/etc/dcflow/dcflow.toml").exists() {
+        let none = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
+            .arg("check-config")
+            .env_remove("DCFLOW_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(none.status.code(), Some(2));
+        assert!(
+            text(&none.stderr).contains("/etc/dcflow/dcflow.toml"),
+            "{}",
+            text(&none.stderr)
+        );
+    }
+    // -q leaves warnings and errors; -v adds debug lines (without DCFLOW_LOG, which wins).
+    let replay = |flag: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"));
+        c.args(flag)
+            .args(["replay", "-c", config.to_str().unwrap(), "/dev/null"]);
+        text(&c.env_remove("DCFLOW_LOG").output().unwrap().stderr)
+    };
+    let (usual, quiet, verbose) = (replay(None), replay(Some("-q")), replay(Some("-v")));
+    assert!(usual.contains(" INFO "), "{usual}");
+    assert!(!quiet.contains(" INFO "), "{quiet}");
+    assert!(verbose.contains(" DEBUG "), "{verbose}");
 }
 
 /// The packaged unit passes `systemd-analyze verify` (where systemd is installed), pointed
@@ -600,4 +675,176 @@ async fn a_putdone_after_its_twin_ran_out_of_retries_still_copies_the_file() {
     // The pool message's copy failed for real (after its retries): that stays on record.
     assert_eq!(site.records("failed.csv").len(), 1, "{stderr}");
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+}
+
+/// Issue 17, item 3: a billing path with a 5,000-byte name was retried as a network error
+/// until the run timed out; a 10 MB path wrote 73 MB of log and a 31 MB CSV row that
+/// Python's csv module could not read. Now both are refused at once, once each, with short
+/// logs and rows that csv readers take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_paths_longer_than_a_file_system_takes_are_refused_at_once() {
+    let site = Site::new().await;
+    site.upload("long/a.dat", &data(1_000, 3)).await;
+    site.upload("long/b.dat", &data(1_000, 4)).await;
+    site.sim.flush_billing();
+    let billing = std::fs::read_to_string(site.billing()).unwrap();
+    let long_name = format!("long/{}.dat", "n".repeat(5_000));
+    let huge = format!("long/{}f.dat", "x/".repeat(5_000_000));
+    // Each upload's door and pool message, its name made too long (a) or its path (b).
+    let mut input = String::new();
+    for line in billing.lines() {
+        input.push_str(
+            &line
+                .replace("long/a.dat", &long_name)
+                .replace("long/b.dat", &huge),
+        );
+        input.push('\n');
+    }
+    let config = site.write_config(&site.proxy_auth(), "retryseconds = 1\nretrytimes = 5");
+    let started = std::time::Instant::now();
+    let out = dcflow_stdin(
+        &["replay", "--config", config.to_str().unwrap(), "-"],
+        Some(input.as_bytes()),
+    );
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        out.stderr.len() < 64 * 1024,
+        "{} bytes of log",
+        out.stderr.len()
+    );
+    let failed = site.records("failed.csv");
+    // One row per upload: its door and pool messages are one file.
+    assert_eq!(failed.len(), 2, "{failed:#?}");
+    assert!(
+        failed.iter().all(|r| r.attempts == 0),
+        "refused, not retried"
+    );
+    assert!(failed.iter().any(|r| r.error.contains("NAME_MAX")));
+    assert!(failed.iter().any(|r| r.error.contains("PATH_MAX")));
+    let csv = std::fs::read(site.path("failed.csv")).unwrap();
+    assert!(csv.len() < 64 * 1024, "a {} byte failure file", csv.len());
+    let python = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import csv, sys; print(sum(1 for _ in csv.reader(open(sys.argv[1], newline=''))))",
+        ])
+        .arg(site.path("failed.csv"))
+        .output()
+        .expect("python3");
+    assert_eq!(text(&python.stdout).trim(), "3", "{}", text(&python.stderr));
+    assert!(site.records("success.csv").is_empty());
+    eprintln!("refused in {secs:.1} s");
+}
+
+/// Issue 17, items 5 and 6: check-config said OK for runs that then failed, and its errors were
+/// hard to locate. Each case here is refused with its key, all of them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_finds_what_would_stop_a_run_and_says_where() {
+    let site = Site::new().await;
+    let good = site.write_config(&site.proxy_auth(), "");
+    let out = dcflow(&["check-config", "--config", good.to_str().unwrap()]);
+    assert!(
+        text(&out.stdout).contains("metrics:     not served"),
+        "{}",
+        text(&out.stdout)
+    );
+    let good_text = std::fs::read_to_string(&good).unwrap();
+    let check = |name: &str, text: &str| {
+        let path = site.path(name);
+        std::fs::write(&path, text).unwrap();
+        let out = dcflow(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}: {}",
+            crate::util::text(&out.stdout)
+        );
+        crate::util::text(&out.stderr)
+    };
+
+    // A record folder that cannot be created (below a regular file): run would exit 2.
+    let blocker = site.path("a-file");
+    std::fs::write(&blocker, "x").unwrap();
+    let failed = site.path("failed.csv").display().to_string();
+    let err = check(
+        "records.toml",
+        &good_text.replace(&failed, &format!("{}/sub/failed.csv", blocker.display())),
+    );
+    assert!(
+        err.contains("local.failedtasksfile:") && err.contains("is not a folder"),
+        "{err}"
+    );
+
+    // [sse] paths outside pool + folder; stalltimeout longer than timeout.
+    let err = check(
+        "sse.toml",
+        &format!(
+            "{}\n[sse]\nurl = \"{}\"\npaths = [\"/elsewhere\"]\n",
+            good_text.replace("stalltimeout = 5", "stalltimeout = 900"),
+            site.sim.door_url
+        ),
+    );
+    assert!(
+        err.contains("sse.paths[0]: /elsewhere is not under"),
+        "{err}"
+    );
+    assert!(
+        err.contains("dcache.stalltimeout: 900 s is longer than timeout"),
+        "{err}"
+    );
+
+    // A proxy that others can read: grid tools refuse it, so does dcflow.
+    let open = site.path("open-proxy.pem");
+    std::fs::copy(&site.sim.pki.proxy, &open).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = check(
+        "open-proxy.toml",
+        &good_text.replace(
+            &site.sim.pki.proxy.display().to_string(),
+            &open.display().to_string(),
+        ),
+    );
+    assert!(err.contains("readable by others (mode 0644)"), "{err}");
+
+    // A configuration problem and a credential problem, both listed; the CA folder's
+    // problem names the key and the environment variable.
+    let err = check(
+        "both.toml",
+        &good_text
+            .replace("maxdownloads = 4", "maxdownload = 4")
+            .replace(
+                &site.sim.pki.capath.display().to_string(),
+                "/nonexistent/certificates",
+            ),
+    );
+    assert!(
+        err.contains("dcache.maxdownload: unknown key (did you mean maxdownloads?)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("credentials: CA folder /nonexistent/certificates (config key local.capath)")
+            && err.contains("X509_CERT_DIR"),
+        "{err}"
+    );
+
+    // Where a TOML syntax error is; workflows named by their name; [sse] in the hint.
+    let err = check(
+        "syntax.toml",
+        "[dcache]\nurl = \"https://x\"\npool = /pnfs\n",
+    );
+    assert!(err.contains("line 3, column 8: not valid TOML"), "{err}");
+    let err = check(
+        "named.toml",
+        &format!("{good_text}\n[[workflow]]\nname = \"nightly\"\n[[workflow.step]]\ntype = \"teleport\"\n[stream]\n"),
+    );
+    assert!(
+        err.contains("workflow \"nightly\".step[0].type: unknown step"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stream: unknown section (expected [kafka], [sse]"),
+        "{err}"
+    );
 }

@@ -21,7 +21,15 @@ pub fn command(
     let database = match (database, config) {
         (Some(d), _) => d,
         (None, Some(config)) => the_catalog_of(config)?,
-        (None, None) => unreachable!("clap requires one"),
+        (None, None) => {
+            return Err(Failure::setup(
+                WHO,
+                anyhow::anyhow!(
+                    "which catalog? give --database FILE, or --config FILE (also \
+                     $DCFLOW_CONFIG; /etc/dcflow/dcflow.toml does not exist)"
+                ),
+            ))
+        }
     };
     query(&database, workflow, glob)
         .and_then(|rows| print(&rows, json))

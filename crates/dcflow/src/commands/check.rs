@@ -2,13 +2,106 @@
 
 use std::fmt::Write as _;
 
+use std::path::Path;
+
 use dcflow_core::config::Origin;
-use dcflow_core::Config;
+use dcflow_core::{Config, Env};
 use dcflow_transfer::Credentials;
 
-use super::{load_config, Failure};
+use super::Failure;
 
-/// The summary, or the list of problems (configuration first, then credentials).
+/// Every problem that would stop a run, at once: the configuration's, the credentials' (even
+/// when the configuration has problems of its own), and folders that cannot be written.
+pub fn problems(path: &Path) -> Result<Config, Vec<String>> {
+    let (config, auth) = Config::load_checked(path, &Env::from_process());
+    let mut problems: Vec<String> = match &config {
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+        Ok(_) => Vec::new(),
+    };
+    if let Some(auth) = &auth {
+        problems.extend(
+            Credentials::problems(auth)
+                .iter()
+                .map(|e| format!("credentials: {e}")),
+        );
+    }
+    if let Ok(c) = &config {
+        problems.extend(folder_problems(c));
+    }
+    match config {
+        Ok(c) if problems.is_empty() => Ok(c),
+        _ => Err(problems),
+    }
+}
+
+/// The folders a run writes to: each must exist and be writable, or be creatable (its nearest
+/// existing parent writable). A run that cannot create them stops at once (exit 2).
+fn folder_problems(c: &Config) -> Vec<String> {
+    let parent = |p: &Path| p.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let l = &c.local;
+    let mut folders = vec![
+        ("local.downloadfolder", l.download_folder.clone()),
+        ("local.successfultaskfile", parent(&l.success_file)),
+        ("local.failedtasksfile", parent(&l.failed_file)),
+    ];
+    if !c.workflow_rules.is_empty() {
+        folders.push(("local.statefile", parent(&l.state_file)));
+    }
+    if let Some(sse) = &c.sse {
+        folders.push(("sse.statefile", parent(&sse.state_file)));
+    }
+    folders
+        .into_iter()
+        .filter_map(|(key, dir)| writable(&dir).err().map(|why| format!("{key}: {why}")))
+        .collect()
+}
+
+/// Whether this user can write in `dir`, or create it.
+fn writable(dir: &Path) -> Result<(), String> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(format!("{} is not a folder", at.display())),
+            // Not there, or below a file: look at what is above.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match at.parent() {
+                    Some(up) if !up.as_os_str().is_empty() => at = up,
+                    _ => at = Path::new("."),
+                }
+            }
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+    }
+    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{}: a NUL byte in the path", at.display()))?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        return Ok(());
+    }
+    let uid = unsafe { libc::geteuid() };
+    Err(if at == dir {
+        format!("{} is not writable by this user (uid {uid})", dir.display())
+    } else {
+        format!(
+            "{} cannot be created: {} is not writable by this user (uid {uid})",
+            dir.display(),
+            at.display()
+        )
+    })
+}
+
+/// The one-screen summary of a valid configuration.
 // Long on purpose: one paragraph of the one-screen summary per configuration section, in the
 // order they are printed.
 pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<String>> {
@@ -134,6 +227,14 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
         l.success_file.display(),
         l.failed_file.display()
     );
+    let _ = match config.metrics_address {
+        Some(a) => writeln!(
+            out,
+            "metrics:     http://{a}/ (status page, /metrics, /healthz, /readyz: 503 after {} s of an unreachable broker, frontend or door)",
+            config.outage_grace.as_secs()
+        ),
+        None => writeln!(out, "metrics:     not served (no [metrics] address)"),
+    };
     if config.workflow_rules.is_empty() {
         let _ = writeln!(
             out,
@@ -154,23 +255,24 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
 
 /// `dcflow check-config`: the summary on stdout, or every problem (exit 2).
 pub fn command(config: &std::path::Path) -> Result<(), Failure> {
-    let cfg = load_config(config)?;
-    match check(&cfg, config) {
-        Ok(summary) => {
-            print!("{summary}");
-            Ok(())
-        }
-        Err(problems) => Err(Failure::setup(
+    let listed = |problems: Vec<String>| {
+        Failure::setup(
             "dcflow",
             anyhow::anyhow!(
-                "{}:\n{}",
+                "{}: {} problem{}:\n{}",
                 config.display(),
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" },
                 problems
                     .iter()
                     .map(|p| format!("  {p}"))
                     .collect::<Vec<_>>()
                     .join("\n")
             ),
-        )),
-    }
+        )
+    };
+    let cfg = problems(config).map_err(listed)?;
+    let summary = check(&cfg, config).map_err(listed)?;
+    print!("{summary}");
+    Ok(())
 }

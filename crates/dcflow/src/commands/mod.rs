@@ -62,18 +62,18 @@ pub async fn execute(command: Command) -> Result<(), Failure> {
             config,
             drain_seconds,
             until_caught_up,
-        } => run::command(&config, drain_seconds, until_caught_up).await,
-        Command::Replay { config, events } => replay::command(&config, &events).await,
+        } => run::command(&config.path, drain_seconds, until_caught_up).await,
+        Command::Replay { config, events } => replay::command(&config.path, &events).await,
         Command::Retry {
             config,
             failures,
             dead_letters,
-        } => retry::command(&config, failures.as_deref(), dead_letters).await,
-        Command::CheckConfig { config } => check::command(&config),
+        } => retry::command(&config.path, failures.as_deref(), dead_letters).await,
+        Command::CheckConfig { config } => check::command(&config.path),
         Command::Dispatch {
             config,
             until_caught_up,
-        } => dispatch::command(&config, until_caught_up).await,
+        } => dispatch::command(&config.path, until_caught_up).await,
         Command::Catalog {
             config,
             database,
@@ -81,7 +81,7 @@ pub async fn execute(command: Command) -> Result<(), Failure> {
             path,
             json,
         } => catalog::command(
-            config.as_deref(),
+            config.or_else(default_config).as_deref(),
             database,
             workflow.as_deref(),
             path.as_deref(),
@@ -91,7 +91,7 @@ pub async fn execute(command: Command) -> Result<(), Failure> {
             config,
             address,
             json,
-        } => status::command(config.as_deref(), address, json).await,
+        } => status::command(config.or_else(default_config).as_deref(), address, json).await,
         Command::Completions { shell } => man::completions(shell),
         Command::Man => man::man(),
         #[cfg(feature = "demo")]
@@ -121,6 +121,13 @@ pub async fn execute(command: Command) -> Result<(), Failure> {
             anyhow::anyhow!("this dcflow was built without the demo (cargo feature `demo`)"),
         )),
     }
+}
+
+/// `/etc/dcflow/dcflow.toml` where it exists, for the commands whose configuration is
+/// optional (`status`, `catalog`).
+fn default_config() -> Option<std::path::PathBuf> {
+    let p = std::path::PathBuf::from(crate::cli::DEFAULT_CONFIG);
+    p.exists().then_some(p)
 }
 
 pub(crate) fn load_config(path: &Path) -> Result<Config, Failure> {

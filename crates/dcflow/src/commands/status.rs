@@ -151,7 +151,15 @@ pub async fn command(
                 ))
             }
         },
-        (None, None) => unreachable!("clap requires one"),
+        (None, None) => {
+            return Err(Failure::setup(
+                "dcflow status",
+                anyhow::anyhow!(
+                    "which daemon? give --address HOST:PORT, or --config FILE (also \
+                     $DCFLOW_CONFIG; /etc/dcflow/dcflow.toml does not exist)"
+                ),
+            ))
+        }
     };
     let status = fetch(&address)
         .await
