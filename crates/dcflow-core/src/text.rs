@@ -41,6 +41,25 @@ pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     format!("{}{CUT} ({} bytes)", &text[..end], text.len()).into()
 }
 
+/// A size as operators read it, in decimal units with three significant digits: "999 B",
+/// "3.50 GB", "35.2 MB", "217 MB". Every place dcflow shows a size (logs, demo, `status`,
+/// the status page) uses this rule, so that the same number reads the same everywhere.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 999.5 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    match (unit, v) {
+        (0, _) => format!("{bytes} B"),
+        (_, v) if v < 9.995 => format!("{v:.2} {}", UNITS[unit]),
+        (_, v) if v < 99.95 => format!("{v:.1} {}", UNITS[unit]),
+        _ => format!("{v:.0} {}", UNITS[unit]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +92,16 @@ mod tests {
             causes(&Outer(io)),
             "error sending request: connect 127.0.0.1:1: connection refused"
         );
+    }
+
+    #[test]
+    fn sizes_have_three_significant_digits() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(3_500_000_000), "3.50 GB");
+        assert_eq!(human_bytes(35_230_000), "35.2 MB");
+        assert_eq!(human_bytes(217_300_000), "217 MB");
+        assert_eq!(human_bytes(999_600), "1.00 MB");
     }
 
     #[test]

@@ -149,6 +149,11 @@ impl Watermarks {
             .map(|h| h + 1)
     }
 
+    /// The last commit of a partition that the broker confirmed in this process, if any.
+    pub fn confirmed(&self, partition: i32) -> Option<i64> {
+        self.partitions.get(&partition).and_then(|p| p.committed)
+    }
+
     /// Partitions owned now (assigned and not revoked).
     pub fn owned(&self) -> impl Iterator<Item = i32> + '_ {
         self.partitions.keys().copied()

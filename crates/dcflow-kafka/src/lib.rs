@@ -871,25 +871,42 @@ impl KafkaSource {
         Ok(self.consumer.resume(&self.consumer.assignment()?)?)
     }
 
-    /// Per assigned partition: messages between the committed position and the end of the
-    /// partition. Blocking (asks the broker); call it off the async threads.
-    pub fn lag(&self, timeout: Duration) -> Result<BTreeMap<i32, i64>, Error> {
-        let assignment = self.consumer.assignment()?;
-        let committed = self
-            .consumer
-            .committed_offsets(assignment.clone(), timeout)?;
+    /// Messages between the committed position and the end, per owned partition, from what
+    /// is known here already: no round trip, so it never waits on a broker (a lag read that
+    /// did held the consumer for up to 10 s past the end of a run). The end is the high
+    /// watermark of librdkafka's last fetch; the position is the last commit the broker
+    /// confirmed, else the next offset to read, else librdkafka's fetch position.
+    pub fn lag(&self) -> BTreeMap<i32, i64> {
+        let rk = self.consumer.client().native_ptr();
+        let positions = self.consumer.position().unwrap_or_default();
+        let w = self.shared.watermarks.lock().expect("watermarks lock");
         let mut out = BTreeMap::new();
-        for e in committed.elements() {
-            let (low, high) = self
-                .consumer
-                .fetch_watermarks(e.topic(), e.partition(), timeout)?;
-            let position = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => low,
+        for p in w.owned() {
+            let (mut low, mut high) = (-1, -1);
+            // SAFETY: a live client; librdkafka only reads its cached offsets.
+            let err = unsafe {
+                rdsys::rd_kafka_get_watermark_offsets(
+                    rk,
+                    self.shared.topic_c.as_ptr(),
+                    p,
+                    &mut low,
+                    &mut high,
+                )
             };
-            out.insert(e.partition(), (high - position).max(0));
+            if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || high < 0 {
+                continue;
+            }
+            let fetched = positions
+                .find_partition(&self.shared.topic, p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            if let Some(position) = w.confirmed(p).or(w.next_to_read(p)).or(fetched) {
+                out.insert(p, (high - position).max(0));
+            }
         }
-        Ok(out)
+        out
     }
 }
 

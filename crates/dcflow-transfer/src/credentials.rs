@@ -256,6 +256,12 @@ impl TokenSource {
         cached.1.clone()
     }
 
+    /// When the token expires, if it says: the `exp` claim of a JWT (WLCG, SciTokens, OIDC).
+    /// A macaroon's validity is a caveat that only dCache reads: `None`.
+    pub fn expires(&self) -> Option<i64> {
+        jwt_exp(self.get().expose())
+    }
+
     /// Where the token comes from, for summaries and error hints.
     pub fn describe(&self) -> String {
         match &self.file {
@@ -263,6 +269,19 @@ impl TokenSource {
             None => self.origin.clone(),
         }
     }
+}
+
+/// The `exp` claim (Unix seconds) of a JWT's payload, without checking the signature (only
+/// for telling the operator when it runs out).
+fn jwt_exp(token: &str) -> Option<i64> {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("exp")?.as_i64()
 }
 
 /// Everything needed to talk to the door.
@@ -359,6 +378,19 @@ impl Credentials {
         .collect()
     }
 
+    /// When each credential in use expires (Unix seconds), for `/metrics`: the proxy's
+    /// `notAfter` (re-read when the file changes), a JWT token's `exp`.
+    pub fn expiries(&self) -> Vec<(&'static str, i64)> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.proxy {
+            out.push(("proxy", p.info().not_after.unix_timestamp()));
+        }
+        if let Some(exp) = self.token.as_ref().and_then(|t| t.expires()) {
+            out.push(("token", exp));
+        }
+        out
+    }
+
     /// The TLS configuration for every connection: these roots, this client certificate.
     pub fn tls_config(&self) -> Result<rustls::ClientConfig, rustls::Error> {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
@@ -401,5 +433,24 @@ impl Credentials {
             hints.push("no credential is configured (set local.proxy or local.token)".into());
         }
         hints.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_jwt_tells_when_it_expires_and_a_macaroon_does_not() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"ES256"}"#),
+            b64(r#"{"sub":"x","exp":1796400000}"#)
+        );
+        assert_eq!(super::jwt_exp(&jwt), Some(1796400000));
+        assert_eq!(
+            super::jwt_exp("MDAxY2xvY2F0aW9uIE9wdGlvbmFsLmVtcHR5CjAwMThpZGVudGlmaWVy"),
+            None
+        );
     }
 }

@@ -141,6 +141,11 @@ impl Engine {
         &self.settings
     }
 
+    /// The credentials in use (for their expiry dates in `/metrics`).
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
     /// Copies one file with retries. Every attempt is bounded by `timeout`; the wait for
     /// another copier of the same final path (see [`fsutil::FinalLock`]) is not.
     pub async fn copy(&self, job: &Job<'_>) -> Result<Copied, Failed> {
@@ -773,17 +778,4 @@ pub fn mbps(bytes: u64, elapsed: Duration) -> f64 {
 }
 
 /// `217 MB`, decimal units as the original tool printed.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1000.0 && unit < UNITS.len() - 1 {
-        v /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.0} {}", UNITS[unit])
-    }
-}
+pub use dcflow_core::text::human_bytes;

@@ -236,6 +236,9 @@ impl Pipeline {
     /// `/metrics`: the run's counters and the upstreams' states.
     pub fn encode_metrics(&self) -> String {
         self.stats.set_upstreams(&self.health.states());
+        self.stats
+            .set_credential_expiries(&self.engine.credentials().expiries());
+        self.stats.refresh_process();
         self.stats.encode()
     }
 

@@ -33,6 +33,11 @@ struct UpstreamLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialLabel {
+    credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabel {
     pub workflow: String,
     pub step: String,
@@ -70,6 +75,10 @@ pub struct Stats {
     /// errors reported (mirrored from `dcflow_core::Health` when `/metrics` is read).
     upstream_up: Family<UpstreamLabel, Gauge>,
     upstream_errors: Family<UpstreamLabel, Counter>,
+    /// When the proxy and the token run out (Unix seconds), per credential.
+    credential_expiry: Family<CredentialLabel, Gauge>,
+    /// This process, as Prometheus's own clients name it (read from /proc at each scrape).
+    process: ProcessMetrics,
     /// The last consumer lag per partition, as logged (also in `lag`).
     last_lag: Mutex<BTreeMap<i32, i64>>,
     registry: Registry,
@@ -107,6 +116,8 @@ impl Default for Stats {
             sse_resyncs: Counter::default(),
             upstream_up: Family::default(),
             upstream_errors: Family::default(),
+            credential_expiry: Family::default(),
+            process: ProcessMetrics::default(),
             last_lag: Mutex::default(),
             registry: Registry::default(),
         };
@@ -201,6 +212,12 @@ impl Default for Stats {
             "Errors reported by or about the upstream (kafka, frontend, door)",
             stats.upstream_errors.clone(),
         );
+        r.register(
+            "dcflow_credential_expiry_timestamp_seconds",
+            "Unix time at which the credential (proxy, token) expires",
+            stats.credential_expiry.clone(),
+        );
+        stats.process.register(r);
         Self { registry, ..stats }
     }
 }
@@ -227,6 +244,22 @@ impl Stats {
         }
     }
 
+    /// Sets `dcflow_credential_expiry_timestamp_seconds` per credential.
+    pub fn set_credential_expiries(&self, expiries: &[(&str, i64)]) {
+        for (credential, at) in expiries {
+            self.credential_expiry
+                .get_or_create(&CredentialLabel {
+                    credential: (*credential).to_owned(),
+                })
+                .set(*at);
+        }
+    }
+
+    /// Reads this process's figures from /proc (at each scrape).
+    pub fn refresh_process(&self) {
+        self.process.refresh();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -234,6 +267,122 @@ impl Stats {
             .expect("writing to a String");
         out
     }
+}
+
+/// The `process_*` metrics of Prometheus's client libraries: CPU seconds, resident and virtual
+/// memory, start time, open and allowed file descriptors, threads.
+#[derive(Debug, Default)]
+struct ProcessMetrics {
+    cpu_seconds: Counter<f64, AtomicU64>,
+    resident_bytes: Gauge,
+    virtual_bytes: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    threads: Gauge,
+}
+
+impl ProcessMetrics {
+    fn register(&self, r: &mut Registry) {
+        // A counter: prometheus-client writes it as process_cpu_seconds_total.
+        r.register(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            self.cpu_seconds.clone(),
+        );
+        r.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            self.resident_bytes.clone(),
+        );
+        r.register(
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            self.virtual_bytes.clone(),
+        );
+        r.register(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds",
+            self.start_time.clone(),
+        );
+        r.register(
+            "process_open_fds",
+            "Number of open file descriptors",
+            self.open_fds.clone(),
+        );
+        r.register(
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            self.max_fds.clone(),
+        );
+        r.register(
+            "process_threads",
+            "Number of OS threads in the process",
+            self.threads.clone(),
+        );
+    }
+
+    /// From /proc/self/stat (fields 14, 15, 20, 22, 23, 24 of proc(5)), /proc/stat's btime,
+    /// /proc/self/fd and RLIMIT_NOFILE. A field that cannot be read keeps its last value.
+    fn refresh(&self) {
+        // SAFETY: sysconf and getrlimit only read process-wide values.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+                libc::sysconf(libc::_SC_PAGESIZE).max(1) as i64,
+            )
+        };
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // The command name may hold spaces and parentheses: fields start after the last ')'.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            // `rest` starts at field 3 (state): field n is fields[n - 3].
+            let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<i64>().ok());
+            if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+                // Counters only go up: by what the kernel counted since the last scrape.
+                let total = (utime + stime) as f64 / ticks;
+                let seen = self.cpu_seconds.get();
+                if total > seen {
+                    self.cpu_seconds.inc_by(total - seen);
+                }
+            }
+            if let Some(t) = field(20) {
+                self.threads.set(t);
+            }
+            if let (Some(start), Some(boot)) = (field(22), boot_time()) {
+                self.start_time.set(boot as f64 + start as f64 / ticks);
+            }
+            if let Some(v) = field(23) {
+                self.virtual_bytes.set(v);
+            }
+            if let Some(rss) = field(24) {
+                self.resident_bytes.set(rss * page);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid pointer to a rlimit.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            self.max_fds.set(limit.rlim_cur.min(i64::MAX as u64) as i64);
+        }
+    }
+}
+
+fn boot_time() -> Option<i64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A copy running now.
@@ -283,6 +432,16 @@ impl Activity {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.active.lock().expect("activity lock").insert(id, a);
         id
+    }
+
+    /// Bytes received so far by the copies running now.
+    pub fn bytes_in_flight(&self) -> u64 {
+        self.active
+            .lock()
+            .expect("activity lock")
+            .values()
+            .map(|a| a.bytes.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn stop(&self, id: u64) {

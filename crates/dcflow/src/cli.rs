@@ -178,15 +178,19 @@ pub enum Command {
 /// The log filter for `-v`/`-q` from a command's usual level (`DCFLOW_LOG` overrides both).
 pub fn log_level(usual: &str, verbose: u8, quiet: u8) -> String {
     const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
-    let base = LEVELS
-        .iter()
-        .position(|l| usual.starts_with(l))
-        .unwrap_or(2);
-    let level = (base + usize::from(verbose)).saturating_sub(usize::from(quiet));
     if verbose == 0 && quiet == 0 {
         return usual.to_owned();
     }
-    LEVELS[level.min(LEVELS.len() - 1)].to_owned()
+    // The level first, then the usual per-target exceptions (`warn,librdkafka=off`).
+    let (level, rest) = usual.split_once(',').unwrap_or((usual, ""));
+    let base = LEVELS.iter().position(|l| *l == level).unwrap_or(2);
+    let level = (base + usize::from(verbose)).saturating_sub(usize::from(quiet));
+    let level = LEVELS[level.min(LEVELS.len() - 1)];
+    if rest.is_empty() {
+        level.to_owned()
+    } else {
+        format!("{level},{rest}")
+    }
 }
 
 pub fn init_logging(format: LogFormat, default: &str) {

@@ -23,10 +23,12 @@ fn main() -> ExitCode {
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     let cli = Cli::parse();
     // The demo prints its own progress; its logs would scroll it away (DCFLOW_LOG=info shows
-    // them). The emulator's and the mock cluster's own clients (rdkafka::client) report the
-    // cluster going away at the end.
+    // them). The emulator's and the mock cluster's own clients log through rdkafka's default
+    // context (targets `librdkafka` and `rdkafka::client`; dcflow's own clients log through
+    // dcflow_kafka::report): at the end they report the cluster going away, an ERROR that is
+    // not one.
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
-        "warn,rdkafka::client=off"
+        "warn,librdkafka=off,rdkafka::client=off"
     } else {
         "info"
     };

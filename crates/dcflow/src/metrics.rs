@@ -89,9 +89,11 @@ fn route(req: &Request<Incoming>, pipeline: &Pipeline) -> Response<Full<Bytes>> 
             .expect("valid response")
     };
     match req.uri().path() {
+        // prometheus-client writes the OpenMetrics text format (`# EOF`, `_total` on
+        // counters only): said as such, Prometheus parses it as such.
         "/metrics" => reply(
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
             pipeline.encode_metrics(),
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),

@@ -564,21 +564,25 @@ fn the_systemd_unit_verifies() {
 #[test]
 fn demo_runs_the_whole_flow_on_the_mock_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dcflow(&[
-        "demo",
-        "--files",
-        "10",
-        "--max-size-mib",
-        "3",
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    // As a user runs it: the demo's own log level (no DCFLOW_LOG).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args(["demo", "--files", "10", "--max-size-mib", "3", "--dir"])
+        .arg(dir.path())
+        .env_remove("DCFLOW_LOG")
+        .output()
+        .unwrap();
     let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("librdkafka mock cluster"), "{stdout}");
     assert!(stdout.contains("identical         10/10 files"), "{stdout}");
     assert!(stdout.contains("failed            0"), "{stdout}");
-    assert!(stdout.contains("progress          10/10 files"), "{stdout}");
+    assert!(stdout.contains("10/10 files done"), "{stdout}");
+    // Issue 17, item 1: a successful demo printed a librdkafka ERROR at its end.
+    assert!(
+        !stderr.contains("ERROR") && !stderr.contains("WARN"),
+        "{stderr}"
+    );
     let copied = files_below(&dir.path().join("download"));
     assert_eq!(copied.len(), 10, "{copied:?}");
     assert_eq!(

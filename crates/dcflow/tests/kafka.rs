@@ -617,6 +617,35 @@ async fn metrics_status_page_and_status_command_follow_a_run() {
         metrics.contains("dcflow_consumer_lag{partition=\"0\"}"),
         "{metrics}"
     );
+    // Issue 17, item 9: the format said as it is written, the process's own figures, and
+    // when the proxy runs out.
+    let (_, headers, _) = http_get_with_headers(&address, "/metrics");
+    assert!(
+        headers.contains("application/openmetrics-text; version=1.0.0"),
+        "{headers}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"));
+    assert!(
+        metric(&metrics, "process_resident_memory_bytes") > 1e6,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "process_cpu_seconds_total") > 0.0,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "process_open_fds") > 3.0, "{metrics}");
+    assert!(
+        metric(&metrics, "process_start_time_seconds") > 1.7e9,
+        "{metrics}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        metric(&metrics, "dcflow_credential_expiry_timestamp_seconds") > now,
+        "{metrics}"
+    );
 
     let out = dcflow(&["status", "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -679,6 +708,20 @@ async fn metrics_status_page_and_status_command_follow_a_run() {
         );
         eprintln!("status page screenshot: {}", shot.display());
     }
+    // Once every message is handled, the lag shown is 0, not the last figure of a backlog.
+    wait_for(
+        "every file ended and no lag",
+        Duration::from_secs(90),
+        || {
+            let (_, body) = http_get(&address, "/status.json");
+            serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|s| {
+                s["counters"]["copied"] == 5
+                    && s["lag"]
+                        .as_object()
+                        .is_some_and(|l| !l.is_empty() && l.values().all(|v| v == 0))
+            })
+        },
+    );
     assert_eq!(stop(child), 0);
 }
 

@@ -278,9 +278,15 @@ pub fn free_address() -> String {
 }
 
 pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = http_get_with_headers(address, path);
+    (status, body)
+}
+
+/// [`http_get`], with the response's header lines.
+pub fn http_get_with_headers(address: &str, path: &str) -> (u16, String, String) {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(address) else {
-        return (0, String::new());
+        return (0, String::new(), String::new());
     };
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
@@ -296,11 +302,11 @@ pub fn http_get(address: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = raw
+    let (headers, body) = raw
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
+        .map(|(h, b)| (h.to_owned(), b.to_owned()))
         .unwrap_or_default();
-    (status, body)
+    (status, headers, body)
 }
 
 /// The value of a metric line (`name{labels} value`), summed over label sets.

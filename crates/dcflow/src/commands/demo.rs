@@ -214,9 +214,11 @@ pub async fn demo(opts: DemoOptions) -> Result<(Summary, PathBuf)> {
     );
     let started = Instant::now();
     let door = Arc::new(door);
+    let uploaded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let uploads = {
         let plan = plan.clone();
         let door = door.clone();
+        let uploaded = uploaded.clone();
         tokio::spawn(async move {
             let mut originals = Vec::new();
             for (i, (rel, size)) in plan.into_iter().enumerate() {
@@ -225,6 +227,7 @@ pub async fn demo(opts: DemoOptions) -> Result<(Summary, PathBuf)> {
                 if let Some(sim) = door.sim() {
                     sim.flush_billing();
                 }
+                uploaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 originals.push((rel, data));
             }
             anyhow::Ok(originals)
@@ -235,20 +238,33 @@ pub async fn demo(opts: DemoOptions) -> Result<(Summary, PathBuf)> {
     let stats = &pipeline.stats;
     let tty = std::io::stdout().is_terminal();
     let mut last_line: Option<Instant> = None;
+    // The rate shown is the one of the last seconds (bytes of finished and running copies),
+    // not the average since the start.
+    let mut rate_from = (Instant::now(), 0u64);
+    let mut rate = 0.0;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let done = Stats::get(&stats.copied)
             + Stats::get(&stats.already_present)
             + Stats::get(&stats.failed);
         let finished = done >= plan.len() as u64;
+        let bytes = Stats::get(&stats.bytes) + pipeline.activity.bytes_in_flight();
+        let since = rate_from.0.elapsed().as_secs_f64();
+        if since >= 1.0 {
+            rate = bytes.saturating_sub(rate_from.1) as f64 * 8.0 / 1e6 / since;
+            rate_from = (Instant::now(), bytes);
+        }
         if tty || finished || last_line.is_none_or(|l| l.elapsed() >= Duration::from_secs(2)) {
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let bytes = Stats::get(&stats.bytes);
+            let up = uploaded.load(std::sync::atomic::Ordering::Relaxed);
+            let uploading = if up < plan.len() {
+                format!("uploaded {up}/{}, ", plan.len())
+            } else {
+                String::new()
+            };
             let line = format!(
-                "progress          {done}/{} files, {} copied, {:.0} Mbps, {} in flight, {} retries, {} failed",
+                "progress          {uploading}{done}/{} files done, {} copied, {rate:.0} Mbps now, {} in flight, {} retries, {} failed",
                 plan.len(),
                 human_bytes(bytes),
-                bytes as f64 * 8.0 / 1e6 / secs,
                 stats.in_flight.get(),
                 Stats::get(&stats.retries),
                 Stats::get(&stats.failed),

@@ -122,6 +122,11 @@ pub async fn run_kafka(
                     _ = commit_tick.tick() => {
                         commit(&source, CommitMode::Async);
                         pipeline.activity.set_ready(source.assigned() > 0);
+                        // The lag shown must not stay at a figure from before the pause.
+                        if last_lag.elapsed() >= LAG_EVERY {
+                            log_lag(&source, &pipeline);
+                            last_lag = Instant::now();
+                        }
                     }
                     _ = shutdown.cancelled() => break 'consume,
                 }
@@ -226,22 +231,13 @@ fn commit(source: &KafkaSource, mode: CommitMode) {
     }
 }
 
-fn log_lag(source: &Arc<KafkaSource>, pipeline: &Arc<Pipeline>) {
-    let (source, pipeline) = (source.clone(), pipeline.clone());
-    tokio::task::spawn_blocking(move || match source.lag(Duration::from_secs(10)) {
-        Ok(lag) => {
-            pipeline.stats.set_lag(&lag);
-            for (partition, behind) in lag {
-                info!(
-                    partition,
-                    lag = behind,
-                    in_flight = source.in_flight(),
-                    "consumer lag"
-                );
-            }
-        }
-        Err(e) => warn!(error = %e, "cannot read consumer lag"),
-    });
+fn log_lag(source: &KafkaSource, pipeline: &Pipeline) {
+    let lag = source.lag();
+    pipeline.stats.set_lag(&lag);
+    let in_flight = source.in_flight();
+    for (partition, behind) in lag {
+        info!(partition, lag = behind, in_flight, "consumer lag");
+    }
 }
 
 /// `dcflow run`: the daemon, on the configured source, until a stop signal (or caught up).

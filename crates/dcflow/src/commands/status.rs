@@ -29,18 +29,7 @@ pub async fn fetch(address: &str) -> Result<Value> {
 }
 
 fn human(n: f64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB", "PB"];
-    let mut v = n;
-    let mut i = 0;
-    while v >= 1000.0 && i < units.len() - 1 {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{v:.0} {}", units[i])
-    } else {
-        format!("{v:.1} {}", units[i])
-    }
+    dcflow_core::text::human_bytes(n.max(0.0) as u64)
 }
 
 /// A screenful: counters, lag, transfers in flight, the last failures.
