@@ -141,6 +141,16 @@ impl Engine {
         &self.settings
     }
 
+    /// One HEAD of `url` at the door, for `check-config`: the status of its answer, or why
+    /// there was none (refused credentials, an untrusted certificate, the network, with the
+    /// whole cause chain). Bounded by 10 s.
+    pub async fn probe(&self, url: &Url) -> Result<u16, TransferError> {
+        tokio::time::timeout(Duration::from_secs(10), self.send(Method::HEAD, url))
+            .await
+            .map_err(|_| TransferError::TimedOut { seconds: 10 })?
+            .map(|r| r.status().as_u16())
+    }
+
     /// The credentials in use (for their expiry dates in `/metrics`).
     pub fn credentials(&self) -> &Credentials {
         &self.creds

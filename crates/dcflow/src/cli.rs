@@ -84,9 +84,13 @@ pub enum Command {
         dead_letters: bool,
     },
     /// Validate a configuration and summarise what dcflow will do; exit 2 listing problems.
+    /// It also asks the door once (HEAD of url + folder) with the configured credentials.
     CheckConfig {
         #[command(flatten)]
         config: ConfigFile,
+        /// Do not ask the door (no network).
+        #[arg(long)]
+        offline: bool,
     },
     /// Scale-out: move the uploads announced on `[kafka] topic` to `[kafka] worktopic`, keyed by
     /// pnfsid, for any number of `dcflow run` workers. Stops like `run`.

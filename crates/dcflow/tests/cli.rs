@@ -852,3 +852,68 @@ async fn check_config_finds_what_would_stop_a_run_and_says_where() {
         "{err}"
     );
 }
+
+/// Issue 17, item 4: an unreachable door read only "request failed: error sending request".
+/// The records, the log and check-config now carry the cause: the refused connection, the
+/// name that does not resolve, the certificate that no CA of the folder signed (naming it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_carry_their_cause_to_records_logs_and_check_config() {
+    let site = Site::new().await;
+    site.upload("cause/f.dat", &data(2_000, 9)).await;
+    site.sim.flush_billing();
+    let good = site.write_config(&site.proxy_auth(), "retrytimes = 1");
+    let good_text = std::fs::read_to_string(&good).unwrap();
+    let door = site.sim.door_url.to_string();
+    let door = door.trim_end_matches('/');
+    for (name, url, cause) in [
+        ("refused", "https://127.0.0.1:1", "Connection refused"),
+        ("dns", "https://no-such-host.invalid:2880", "dns error"),
+    ] {
+        let config = site.path(&format!("{name}.toml"));
+        std::fs::write(&config, good_text.replace(door, url)).unwrap();
+        let _ = std::fs::remove_file(site.path("failed.csv"));
+        let out = site.replay(&config);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let failed = site.records("failed.csv");
+        assert!(
+            !failed.is_empty() && failed.iter().all(|r| r.error.contains(cause)),
+            "{name}: {failed:#?}"
+        );
+        assert!(text(&out.stderr).contains(cause), "{name}: the log");
+        let check = dcflow(&["check-config", "-c", config.to_str().unwrap()]);
+        assert_eq!(
+            check.status.code(),
+            Some(0),
+            "{name}: a door down is not a bad configuration"
+        );
+        let said = text(&check.stdout);
+        assert!(
+            said.contains("door:        cannot be reached now:") && said.contains(cause),
+            "{name}: {said}"
+        );
+    }
+    let check = dcflow(&["check-config", "-c", good.to_str().unwrap()]);
+    assert!(
+        text(&check.stdout).contains("answers (HTTP 200) to these credentials"),
+        "{}",
+        text(&check.stdout)
+    );
+    // Another CA's folder: the door's certificate is not trusted; the folder is named.
+    let other = Site::new().await;
+    let untrusted = site.path("untrusted.toml");
+    std::fs::write(
+        &untrusted,
+        good_text.replace(
+            &site.sim.pki.capath.display().to_string(),
+            &other.sim.pki.capath.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let check = dcflow(&["check-config", "-c", untrusted.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(2));
+    let err = text(&check.stderr);
+    assert!(
+        err.contains("not trusted") && err.contains(&other.sim.pki.capath.display().to_string()),
+        "{err}"
+    );
+}

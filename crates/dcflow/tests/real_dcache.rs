@@ -663,6 +663,12 @@ async fn the_emulator_publishes_and_answers_what_dcache_does() {
     dcache.upload(&path, &file);
     let real_head = curl_head(&dcache.ca, Some(DCACHE_ADMIN), None, &dcache.url(&path));
     let real_get = curl_get_headers(&dcache.ca, Some(DCACHE_ADMIN), None, &dcache.url(&path));
+    let real_dir_head = curl_head(
+        &dcache.ca,
+        Some(DCACHE_ADMIN),
+        None,
+        &format!("{}/", dcache.url(&folder)),
+    );
     let pnfsid = dcache.pnfsid(&path);
     dcache.delete(&path);
     let mut real: Vec<serde_json::Value> = Vec::new();
@@ -687,6 +693,12 @@ async fn the_emulator_publishes_and_answers_what_dcache_does() {
     let bearer = format!("Authorization: Bearer {}", site.sim.token);
     let sim_head = curl_head(&site.sim.pki.ca_pem, None, Some(&bearer), &sim_url);
     let sim_get = curl_get_headers(&site.sim.pki.ca_pem, None, Some(&bearer), &sim_url);
+    let sim_dir_head = curl_head(
+        &site.sim.pki.ca_pem,
+        None,
+        Some(&bearer),
+        &format!("{}{FOLDER}/", site.sim.door_url),
+    );
     let out = std::process::Command::new("curl")
         .args([
             "-sS",
@@ -790,6 +802,18 @@ async fn the_emulator_publishes_and_answers_what_dcache_does() {
                 ));
             }
         }
+    }
+    // A HEAD of a folder (check-config asks the door so): 200, an ETag, text/html.
+    let media = |h: &std::collections::BTreeMap<String, String>| {
+        h.get("content-type")
+            .map(|c| c.split(';').next().unwrap_or("").trim().to_owned())
+    };
+    if media(&real_dir_head) != media(&sim_dir_head)
+        || real_dir_head.contains_key("etag") != sim_dir_head.contains_key("etag")
+    {
+        differences.push(format!(
+            "HEAD of a folder: {real_dir_head:?} from dCache, {sim_dir_head:?} from the emulator"
+        ));
     }
     assert!(
         differences.is_empty(),

@@ -453,7 +453,12 @@ async fn check_config_accepts_every_example() {
         );
         let local = site.path(name);
         std::fs::write(&local, &text).unwrap();
-        let out = crate::util::dcflow(&["check-config", "--config", local.to_str().unwrap()]);
+        let out = crate::util::dcflow(&[
+            "check-config",
+            "--offline",
+            "--config",
+            local.to_str().unwrap(),
+        ]);
         assert_eq!(
             out.status.code(),
             Some(0),

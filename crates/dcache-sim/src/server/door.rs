@@ -198,6 +198,25 @@ pub(super) async fn door_read(
     }
     let meta = state.files.lock().expect("lock").get(&path).cloned();
     let Some(meta) = meta.filter(|m| Instant::now() >= m.visible_at) else {
+        // A folder: dCache 12.0.1 answers its HEAD with 200, an ETag and text/html (a GET
+        // would be its HTML listing, which nothing here reads).
+        let on_disk = state.storage.join(path.trim_start_matches('/'));
+        if !is_get
+            && tokio::fs::metadata(&on_disk)
+                .await
+                .is_ok_and(|m| m.is_dir())
+        {
+            return Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "text/html;charset=utf-8")
+                .header(header::ETAG, format!("\"{}_0\"", dir_id(&path)))
+                .body(
+                    Full::new(Bytes::new())
+                        .map_err(|e: Infallible| match e {})
+                        .boxed_unsync(),
+                )
+                .expect("response"));
+        }
         return Ok(full(StatusCode::NOT_FOUND, "Not Found\n"));
     };
     if !is_get {
@@ -445,4 +464,12 @@ pub(super) async fn delete(
         .put("storageInfo", "disk:sim@osm");
     state.billing.emit(&pool_msg);
     Ok(full(StatusCode::NO_CONTENT, ""))
+}
+
+/// A stable pnfsid-shaped id for a folder (the emulator keeps none for folders).
+fn dir_id(path: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.trim_end_matches('/').hash(&mut h);
+    format!("0000{:032X}", u128::from(h.finish()))
 }

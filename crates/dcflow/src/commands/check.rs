@@ -254,7 +254,42 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
 }
 
 /// `dcflow check-config`: the summary on stdout, or every problem (exit 2).
-pub fn command(config: &std::path::Path) -> Result<(), Failure> {
+/// The door, asked once (HEAD of `url + folder`) with the configured credentials: refused
+/// credentials and an untrusted certificate are problems (every transfer would fail); a door
+/// that cannot be reached now is said, with its cause, but is no problem of the configuration
+/// (a run retries).
+async fn probe_door(config: &Config) -> Result<String, String> {
+    use dcflow_transfer::TransferError as E;
+    let creds = Credentials::load(&config.local.auth).map_err(|e| e.to_string())?;
+    let engine = dcflow_transfer::Engine::try_new(
+        dcflow_workflow::engine_settings(config),
+        std::sync::Arc::new(creds),
+    )
+    .map_err(|e| e.to_string())?;
+    let d = &config.dcache;
+    let mut url = d.url.clone();
+    url.set_path(&format!(
+        "{}{}/",
+        d.url.path().trim_end_matches('/'),
+        d.folder
+    ));
+    match engine.probe(&url).await {
+        Ok(status) => Ok(format!(
+            "door:        {url} answers (HTTP {status}) to these credentials"
+        )),
+        Err(e @ (E::Auth { .. } | E::Tls { .. } | E::RedirectRefused { .. })) => {
+            Err(format!("dcache.url: the door refuses: {e}"))
+        }
+        Err(e @ E::NotFound { .. }) => Ok(format!(
+            "door:        {e} (the folder does not exist yet? uploads create it)"
+        )),
+        Err(e) => Ok(format!(
+            "door:        cannot be reached now: {e} (a run retries; check the URL and the network)"
+        )),
+    }
+}
+
+pub async fn command(config: &std::path::Path, offline: bool) -> Result<(), Failure> {
     let listed = |problems: Vec<String>| {
         Failure::setup(
             "dcflow",
@@ -272,7 +307,12 @@ pub fn command(config: &std::path::Path) -> Result<(), Failure> {
         )
     };
     let cfg = problems(config).map_err(listed)?;
-    let summary = check(&cfg, config).map_err(listed)?;
+    let mut summary = check(&cfg, config).map_err(listed)?;
+    if !offline {
+        let door = probe_door(&cfg).await.map_err(|p| listed(vec![p]))?;
+        summary.push_str(&door);
+        summary.push('\n');
+    }
     print!("{summary}");
     Ok(())
 }

@@ -69,7 +69,7 @@ pub async fn execute(command: Command) -> Result<(), Failure> {
             failures,
             dead_letters,
         } => retry::command(&config.path, failures.as_deref(), dead_letters).await,
-        Command::CheckConfig { config } => check::command(&config.path),
+        Command::CheckConfig { config, offline } => check::command(&config.path, offline).await,
         Command::Dispatch {
             config,
             until_caught_up,
