@@ -1054,6 +1054,52 @@ pub fn read_topic(
     Ok(out)
 }
 
+/// Before a walk of what dCache holds (`dcflow sync --then-follow`): the group's position on
+/// `topic`, made explicit. A partition where the group has a committed offset keeps it (what
+/// came since is delivered again, and the copies are idempotent); one where it has none gets
+/// the partition's current end, so that the run after the walk starts from the walk's
+/// beginning, not from the topic's oldest message nor from a later end. Fails while the
+/// group has members (a running dcflow): its commits would be refused. Blocking.
+pub fn pin_group(
+    cfg: &KafkaConfig,
+    topic: &str,
+    group: &str,
+    timeout: Duration,
+) -> Result<Vec<(i32, i64)>, Error> {
+    let consumer: BaseConsumer<Reporter> = base_config(cfg, &[])
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create_with_context(Reporter::default())?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut all = TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            all.add_partition(topic, p.id());
+        }
+    }
+    if all.count() == 0 {
+        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition).into());
+    }
+    let committed = consumer.committed_offsets(all, timeout)?;
+    let mut pinned = Vec::new();
+    let mut to_commit = TopicPartitionList::new();
+    for e in committed.elements() {
+        match e.offset() {
+            Offset::Offset(o) => pinned.push((e.partition(), o)),
+            _ => {
+                let (_, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+                to_commit.add_partition_offset(topic, e.partition(), Offset::Offset(high))?;
+                pinned.push((e.partition(), high));
+            }
+        }
+    }
+    if to_commit.count() > 0 {
+        consumer.commit(&to_commit, rdkafka::consumer::CommitMode::Sync)?;
+        info!(topic, group, pinned = ?pinned, "consumer group pinned: the run after the walk starts here");
+    }
+    Ok(pinned)
+}
+
 /// librdkafka's mock cluster, in this process: the demo's broker when none is given.
 pub struct MockBroker(
     rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,

@@ -83,11 +83,7 @@ impl Source {
         let mut queue: VecDeque<String> = roots.iter().cloned().collect();
         while let Some(dir) = queue.pop_front() {
             self.subscribe(channel, &dir, subscriptions).await?;
-            for child in self.list(&dir).await? {
-                if child.is_dir {
-                    queue.push_back(child.path);
-                }
-            }
+            queue.extend(self.subfolders(&dir).await?);
         }
         Ok(())
     }

@@ -36,7 +36,7 @@ mod client;
 mod listing;
 mod state;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,8 @@ use url::Url;
 
 use dcflow_workflow::{Admission, Pipeline, Summary};
 
-use listing::{upload_message, Entry};
+use dcflow_transfer::listing::Entry;
+use listing::upload_message;
 use state::{load, save, Saved};
 
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
@@ -96,6 +97,10 @@ enum Ended {
 
 // Long on purpose: the source's state machine (channel, subscribe, resynchronise, stream, back
 // off) in one loop, so that every transition is visible in one place.
+///
+/// With `resync_first` (`dcflow sync --then-follow`), the tree is listed once the channel is
+/// subscribed, before its events are followed: a file uploaded during the listing is handled
+/// once (the listing and its event are merged by pnfsid), not missed.
 pub async fn run_sse(
     pipeline: Arc<Pipeline>,
     cfg: &SseConfig,
@@ -103,6 +108,7 @@ pub async fn run_sse(
     pool: String,
     shutdown: CancellationToken,
     drain: Duration,
+    resync_first: bool,
 ) -> Result<Summary> {
     // [sse] paths are under pool + folder: the configuration checks it (sse.paths[i]).
     let source = Arc::new(Source {
@@ -136,7 +142,7 @@ pub async fn run_sse(
     let mut subscriptions: BTreeMap<String, String> = BTreeMap::new();
     let mut backoff = Duration::from_secs(1);
     // A resynchronisation that a previous run did not finish.
-    let mut needs_resync = saved.resync_pending;
+    let mut needs_resync = saved.resync_pending || resync_first;
     // The highest event id received on this channel: a reconnect asks for what follows it
     // (events received but still being handled are not asked for again). The saved id, for a
     // restart, is the highest id whose predecessors all finished.
@@ -351,43 +357,51 @@ impl Source {
     async fn resync(&self, roots: &[String], shutdown: &CancellationToken) -> Result<()> {
         let started = Instant::now();
         dcflow_workflow::Stats::inc(&self.pipeline.stats.sse_resyncs);
-        let mut dirs: VecDeque<String> = roots.iter().cloned().collect();
-        let mut seen = std::collections::BTreeSet::new();
         let mut tasks: JoinSet<bool> = JoinSet::new();
         let mut listed = 0u64;
         let mut failed = None;
-        while let Some(dir) = dirs.pop_front() {
-            if shutdown.is_cancelled() {
-                failed.get_or_insert_with(|| "stopped before it finished".to_owned());
-                break;
-            }
-            if !seen.insert(dir.clone()) {
-                continue;
-            }
-            let children = match self.list(&dir).await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(dir, error = %format!("{e:#}"), "cannot list for resynchronisation");
-                    failed = Some(format!("listing {dir}: {e:#}"));
-                    break;
+        'roots: for root in roots {
+            let url = self.door_url(root)?;
+            // The walk of `dcflow sync`: streamed, level by level, beside the copies.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(1024);
+            let engine = self.pipeline.engine_arc();
+            let walker =
+                tokio::spawn(
+                    async move { dcflow_transfer::listing::walk(&engine, &url, tx).await },
+                );
+            while let Some(entry) = rx.recv().await {
+                if shutdown.is_cancelled() {
+                    failed.get_or_insert_with(|| "stopped before it finished".to_owned());
+                    walker.abort();
+                    break 'roots;
                 }
-            };
-            for child in children {
-                if child.is_dir {
-                    dirs.push_back(child.path);
+                let Some(ns) = self.ns_path(&entry).filter(|_| !entry.is_dir) else {
                     continue;
-                }
+                };
                 listed += 1;
-                let raw = upload_message(&child);
-                match self.admit(&raw, &format!("resync of {dir}")).await {
+                let raw = upload_message(&ns, &entry);
+                match self.admit(&raw, &format!("resync of {root}")).await {
                     Admitted::Work(task) => {
                         tasks.spawn(task);
                     }
                     Admitted::Nothing => {}
                     Admitted::Unrecorded => {
                         failed = Some("an outcome could not be recorded".into());
-                        break;
+                        walker.abort();
+                        break 'roots;
                     }
+                }
+            }
+            match walker.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    warn!(root, error = %e, "cannot list for resynchronisation");
+                    failed = Some(format!("listing {root}: {e}"));
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(format!("listing {root}: {e}"));
+                    break;
                 }
             }
         }
@@ -433,10 +447,7 @@ impl Source {
         path: &str,
         slot: tokio::sync::OwnedSemaphorePermit,
     ) -> bool {
-        let mut entry = Entry {
-            path: path.to_owned(),
-            ..Entry::default()
-        };
+        let mut entry = Entry::default();
         if let Ok(url) = self.door_url(path) {
             match self.api(Method::HEAD, url).send().await {
                 // The header, not content_length(): a HEAD response has no body to size.
@@ -456,7 +467,7 @@ impl Source {
                 Err(e) => debug!(path, error = %e, "HEAD before copying"),
             }
         }
-        let raw = upload_message(&entry);
+        let raw = upload_message(path, &entry);
         let work = self.admit(&raw, &format!("storage event {id}")).await;
         drop(slot);
         match work {

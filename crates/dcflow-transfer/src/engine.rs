@@ -599,7 +599,7 @@ impl Engine {
     }
 
     /// A request error: TLS failures that retrying cannot fix are told apart from the rest.
-    fn network_error(&self, url: &Url, e: reqwest::Error) -> TransferError {
+    pub(crate) fn network_error(&self, url: &Url, e: reqwest::Error) -> TransferError {
         use rustls::AlertDescription as A;
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(err) = source {

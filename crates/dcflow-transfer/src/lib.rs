@@ -8,6 +8,7 @@
 //! checksum     adler32/md5 while streaming; Digest header parsing and comparison
 //! fsutil       safe directory creation, temporary names, fsync, rename
 //! error        TransferError and the retry decision (is_retryable)
+//! listing      PROPFIND Depth 1, streamed (size, pnfsid, adler32, locality); walk a tree
 //! ```
 
 pub mod checksum;
@@ -15,6 +16,7 @@ pub mod credentials;
 pub mod engine;
 pub mod error;
 pub mod fsutil;
+pub mod listing;
 
 pub use checksum::Checksum;
 pub use credentials::{CredentialError, Credentials};

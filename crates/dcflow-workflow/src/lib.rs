@@ -13,6 +13,7 @@
 //! catalog    Catalog: the `catalog` step's table (SQLite)
 //! stats      Stats (Prometheus counters) and Activity (the status page), per pipeline
 //! batch      Batch and Summary: a finite source through the pipeline, bounded by permits
+//! sync       what dCache holds already (the door's listing, walked) through the pipeline
 //! ```
 //! Kafka is reached only through `dcflow_core::Publish` (implemented by dcflow-kafka):
 //! nothing here links librdkafka.
@@ -26,6 +27,7 @@ mod seen;
 pub mod state;
 pub mod stats;
 pub mod steps;
+pub mod sync;
 
 pub use admission::{Admission, Merged, Task};
 pub use batch::{Batch, Summary};

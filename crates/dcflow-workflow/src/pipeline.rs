@@ -69,7 +69,7 @@ pub struct Pipeline {
     pub(crate) selector: Selector,
     /// Reads dismissed by [`Pipeline::dismisses`] and not yet counted.
     pub(crate) dismissed_reads: AtomicU32,
-    pub(crate) engine: Engine,
+    pub(crate) engine: Arc<Engine>,
     pub(crate) success: RecordFile,
     pub(crate) failed: RecordFile,
     pub(crate) permits: Arc<Semaphore>,
@@ -114,8 +114,9 @@ impl Pipeline {
         let creds = Arc::new(Credentials::load(&config.local.auth).context("loading credentials")?);
         let webhooks = Webhooks::try_new(&creds).context("building the webhook client")?;
         let health = Arc::new(Health::new(config.outage_grace));
-        let engine =
-            Engine::try_new(crate::engine_settings(config), creds)?.with_health(health.clone());
+        let engine = Arc::new(
+            Engine::try_new(crate::engine_settings(config), creds)?.with_health(health.clone()),
+        );
         let open = |topic: &str, what: &str| -> Result<Arc<dyn Publish>> {
             let connect = connect.with_context(|| format!("{what} needs [kafka]"))?;
             connect(topic)
@@ -187,6 +188,11 @@ impl Pipeline {
     /// The HTTPS engine (for the SSE source's requests to dCache).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The engine, shared (a walk of the door's listing runs beside the pipeline).
+    pub fn engine_arc(&self) -> Arc<Engine> {
+        self.engine.clone()
     }
 
     /// Billing path → source URL and destination.

@@ -68,6 +68,31 @@ pub enum Command {
         /// JSONL file of dCache billing messages, one per line; `-` for stdin.
         events: PathBuf,
     },
+    /// Copy what dCache holds already: walk pool + folder on the door (the WebDAV listing,
+    /// one folder at a time, streamed) and send every file through the same workflows as an
+    /// event would: what the destination lacks, or holds with another size or checksum, is
+    /// copied. Exit codes as replay.
+    Sync {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Say what would be copied and sum it up (size compared, not checksums); write
+        /// nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only files modified at or after this date (2026-12-01) or time
+        /// (2026-12-01T12:00:00Z).
+        #[arg(long, value_name = "DATE")]
+        since: Option<String>,
+        /// Then follow new events from the moment the walk began, as `dcflow run`: the Kafka
+        /// group's position (or the SSE channel) is pinned before the walk, so a file
+        /// uploaded during it is handled once, not missed.
+        #[arg(long, conflicts_with = "dry_run")]
+        then_follow: bool,
+        /// With --then-follow: how long running transfers may take to finish after a stop
+        /// signal.
+        #[arg(long, default_value_t = 120)]
+        drain_seconds: u64,
+    },
     /// Re-run recorded failures through the same pipeline: the rows of a failure CSV, or
     /// (with --dead-letters) every message of the dead-letter topic. Exit codes as replay.
     Retry {

@@ -13,4 +13,5 @@ mod kafka_outage;
 mod pipeline;
 mod real_dcache;
 mod sse;
+mod sync;
 mod workflow;

@@ -351,6 +351,7 @@ pub(super) async fn put(
         adler32,
         md5,
         visible_at: Instant::now() + secs(upload_dir.unwrap_or(0)),
+        locality: "ONLINE".to_owned(),
     };
     state
         .files

@@ -111,6 +111,8 @@ struct FileMeta {
     adler32: u32,
     md5: [u8; 16],
     visible_at: Instant,
+    /// `srm:FileLocality`: ONLINE unless a test says otherwise (tape).
+    locality: String,
 }
 
 struct State {

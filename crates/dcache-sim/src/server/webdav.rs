@@ -22,8 +22,9 @@ pub(super) async fn propfind(
     let Ok(meta) = tokio::fs::metadata(&on_disk).await else {
         return Ok(full(StatusCode::NOT_FOUND, "Not Found\n"));
     };
-    // A visible file's pnfsid: dCache's door gives it in the ETag (milton's
-    // `"<uniqueId>_<modification date hash>"`, the unique id being the pnfsid).
+    // A visible file: dCache's door gives its pnfsid in the ETag (milton's
+    // `"<uniqueId>_<modification date hash>"`, the unique id being the pnfsid), its adler32 in
+    // `dcache:Checksums` and its locality in `srm:FileLocality`.
     let visible = |p: &str| {
         state
             .files
@@ -31,7 +32,7 @@ pub(super) async fn propfind(
             .expect("lock")
             .get(p)
             .filter(|m| Instant::now() >= m.visible_at)
-            .map(|m| m.pnfsid.clone())
+            .map(|m| (m.pnfsid.clone(), m.adler32, m.locality.clone()))
     };
     let encode = |p: &str| {
         p.split('/')
@@ -39,19 +40,45 @@ pub(super) async fn propfind(
             .collect::<Vec<_>>()
             .join("/")
     };
-    let entry = |p: &str, dir: bool, size: u64, pnfsid: Option<String>| {
-        let kind = if dir { "<d:collection/>" } else { "" };
-        let length = if dir {
-            String::new()
-        } else {
-            format!("<d:getcontentlength>{size}</d:getcontentlength>")
-        };
-        let length = match pnfsid {
-            Some(id) => format!("{length}<d:getetag>\"{id}_0\"</d:getetag>"),
-            None => length,
+    let checksums = state.cfg.checksums;
+    // As dCache 12.0.1 answers: what an entry has in a 200 propstat, what it lacks in a 404
+    // one; the SRM and dCache properties under prefixes of their own.
+    let entry = |p: &str,
+                 dir: bool,
+                 size: u64,
+                 modified: Option<std::time::SystemTime>,
+                 file: Option<(String, u32, String)>| {
+        let date = modified
+            .map(|m| {
+                format!(
+                    "<d:getlastmodified>{}</d:getlastmodified>",
+                    httpdate::fmt_http_date(m)
+                )
+            })
+            .unwrap_or_default();
+        let (found, missing) = match (dir, file) {
+            (true, _) => (
+                format!("<d:resourcetype><d:collection/></d:resourcetype>{date}"),
+                "<FileLocality/><Checksums/><d:getcontentlength/>".to_owned(),
+            ),
+            (false, Some((id, adler32, locality))) => (
+                format!(
+                    "<ns1:FileLocality xmlns:ns1=\"http://srm.lbl.gov/StorageResourceManager\">{locality}</ns1:FileLocality><d:getcontentlength>{size}</d:getcontentlength><d:getetag>\"{id}_0\"</d:getetag>{}{date}",
+                    if checksums {
+                        format!("<ns2:Checksums xmlns:ns2=\"http://www.dcache.org/2013/webdav\">adler32={adler32:08x}</ns2:Checksums>")
+                    } else {
+                        String::new()
+                    }
+                ),
+                "<d:resourcetype/>".to_owned(),
+            ),
+            (false, None) => (
+                format!("<d:getcontentlength>{size}</d:getcontentlength>{date}"),
+                "<d:resourcetype/>".to_owned(),
+            ),
         };
         format!(
-            "<d:response><d:href>{}</d:href><d:propstat><d:prop><d:resourcetype>{kind}</d:resourcetype>{length}</d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response>",
+            "<d:response><d:href>{}</d:href><d:propstat><d:prop>{found}</d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat><d:propstat><d:prop>{missing}</d:prop><d:status>HTTP/1.1 404 Not Found</d:status></d:propstat></d:response>",
             encode(p)
         )
     };
@@ -62,7 +89,13 @@ pub(super) async fn propfind(
     } else {
         path.to_owned()
     };
-    body.push_str(&entry(&self_path, meta.is_dir(), meta.len(), visible(path)));
+    body.push_str(&entry(
+        &self_path,
+        meta.is_dir(),
+        meta.len(),
+        meta.modified().ok(),
+        visible(path),
+    ));
     if meta.is_dir() && depth != "0" {
         let mut rd = tokio::fs::read_dir(&on_disk).await?;
         while let Some(e) = rd.next_entry().await? {
@@ -73,9 +106,21 @@ pub(super) async fn propfind(
             let child = format!("{}/{name}", path.trim_end_matches('/'));
             let m = e.metadata().await?;
             if m.is_dir() {
-                body.push_str(&entry(&format!("{child}/"), true, 0, None));
-            } else if let Some(id) = visible(&child) {
-                body.push_str(&entry(&child, false, m.len(), Some(id)));
+                body.push_str(&entry(
+                    &format!("{child}/"),
+                    true,
+                    0,
+                    m.modified().ok(),
+                    None,
+                ));
+            } else if let Some(file) = visible(&child) {
+                body.push_str(&entry(
+                    &child,
+                    false,
+                    m.len(),
+                    m.modified().ok(),
+                    Some(file),
+                ));
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod replay;
 pub mod retry;
 pub mod run;
 pub mod status;
+pub mod sync;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -64,6 +65,22 @@ pub async fn execute(command: Command) -> Result<(), Failure> {
             until_caught_up,
         } => run::command(&config.path, drain_seconds, until_caught_up).await,
         Command::Replay { config, events } => replay::command(&config.path, &events).await,
+        Command::Sync {
+            config,
+            dry_run,
+            since,
+            then_follow,
+            drain_seconds,
+        } => {
+            sync::command(
+                &config.path,
+                dry_run,
+                since.as_deref(),
+                then_follow,
+                std::time::Duration::from_secs(drain_seconds),
+            )
+            .await
+        }
         Command::Retry {
             config,
             failures,

@@ -279,6 +279,7 @@ async fn run(
                 cfg.dcache.pool.clone(),
                 shutdown,
                 drain,
+                false,
             )
             .await
         }
