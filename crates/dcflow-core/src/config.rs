@@ -275,6 +275,25 @@ pub struct Config {
     pub outage_grace: Duration,
     /// `[sse]`: dCache's storage events from its frontend, the source without Kafka.
     pub sse: Option<SseConfig>,
+    /// `[tape]`: files whose only copy is on tape are staged through dCache's WLCG Tape REST
+    /// API before they are copied.
+    pub tape: Option<TapeConfig>,
+}
+
+/// Staging files that live on tape (dCache's WLCG Tape REST API, as FTS uses it).
+#[derive(Debug, Clone)]
+pub struct TapeConfig {
+    /// The API's base, e.g. `https://dcache.example.org:3880/api/v1/tape` (default: the
+    /// `[sse]` frontend's).
+    pub api: Url,
+    /// Files per stage request.
+    pub batch: usize,
+    /// How long dCache keeps a staged file on disk (`diskLifetime`).
+    pub pin_lifetime: Duration,
+    /// How long a file may take to come back from tape before it is a failure.
+    pub stage_timeout: Duration,
+    /// Release the staged copy once the workflow has copied it.
+    pub release: bool,
 }
 
 /// The SSE source: a channel on dCache's frontend, inotify subscriptions on the watched
@@ -377,12 +396,14 @@ impl Config {
         };
         let mut errs = Vec::new();
         for (key, value) in &root {
-            let known =
-                ["kafka", "dcache", "local", "workflow", "metrics", "sse"].contains(&key.as_str());
+            let known = [
+                "kafka", "dcache", "local", "workflow", "metrics", "sse", "tape",
+            ]
+            .contains(&key.as_str());
             if !known {
                 errs.push(problem(
                     key,
-                    "unknown section (expected [kafka], [sse], [dcache], [local], [metrics], [[workflow]])",
+                    "unknown section (expected [kafka], [sse], [dcache], [local], [tape], [metrics], [[workflow]])",
                 ));
             } else if key != "workflow" && !value.is_table() {
                 errs.push(problem(key, "must be a table, e.g. [dcache]"));
@@ -430,6 +451,16 @@ impl Config {
                 }
             }
         }
+        let tape = root
+            .get("tape")
+            .and_then(toml::Value::as_table)
+            .and_then(|t| {
+                let frontend = sse.as_ref().map(|s| s.url.clone());
+                tape_section(
+                    Section::new("tape", Some(t), TAPE_KEYS, &mut errs),
+                    frontend,
+                )
+            });
         if root.contains_key("sse") && root.contains_key("kafka") {
             errs.push(problem(
                 "sse",
@@ -465,6 +496,7 @@ impl Config {
                     metrics_address: metrics.address,
                     outage_grace: metrics.outage_grace,
                     sse,
+                    tape,
                 })
             }
             _ => Err(ConfigError { problems: errs }),
@@ -493,6 +525,50 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
 }
 
 const SSE_KEYS: &[&str] = &["url", "paths", "clientid", "channeltimeout", "statefile"];
+const TAPE_KEYS: &[&str] = &["api", "batch", "pinlifetime", "stagetimeout", "release"];
+
+fn tape_section(mut s: Section<'_>, frontend: Option<Url>) -> Option<TapeConfig> {
+    let api = match s.string("api") {
+        Some(a) => match Url::parse(&a) {
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                s.fail("api", CREDENTIALS_IN_URL);
+                None
+            }
+            Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
+            Ok(_) => {
+                s.fail("api", "must be an https URL of dCache's tape API");
+                None
+            }
+            Err(e) => {
+                s.fail("api", format!("not a URL: {e}"));
+                None
+            }
+        },
+        // The frontend that serves the storage events serves the tape API too.
+        None => match frontend.and_then(|f| f.join("/api/v1/tape").ok()) {
+            Some(u) => Some(u),
+            None => {
+                s.fail(
+                    "api",
+                    "is required (without [sse]): dCache's tape API, e.g. \
+                     \"https://dcache.example.org:3880/api/v1/tape\"",
+                );
+                None
+            }
+        },
+    };
+    let batch = s.int("batch", 100, 1, 10_000) as usize;
+    let pin_lifetime = Duration::from_secs(s.int("pinlifetime", 86_400, 60, 365 * 86_400));
+    let stage_timeout = Duration::from_secs(s.int("stagetimeout", 86_400, 10, 30 * 86_400));
+    let release = s.boolean("release", true);
+    Some(TapeConfig {
+        api: api?,
+        batch,
+        pin_lifetime,
+        stage_timeout,
+        release,
+    })
+}
 
 struct MetricsSection {
     address: Option<std::net::SocketAddr>,

@@ -9,6 +9,7 @@
 //! fsutil       safe directory creation, temporary names, fsync, rename
 //! error        TransferError and the retry decision (is_retryable)
 //! listing      PROPFIND Depth 1, streamed (size, pnfsid, adler32, locality); walk a tree
+//! tape         a file's locality; dCache's WLCG Tape REST API (stage, progress, release)
 //! ```
 
 pub mod checksum;
@@ -17,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod fsutil;
 pub mod listing;
+pub mod tape;
 
 pub use checksum::Checksum;
 pub use credentials::{CredentialError, Credentials};

@@ -35,6 +35,21 @@ impl Pipeline {
             ended,
             _permit,
         } = *task;
+        // A file that lives on tape is staged first, without its transfer slot.
+        let (_permit, staged) = match self.tape_gate(&upload, &mapped, &workflows, _permit).await {
+            Ok(gated) => gated,
+            Err(why) => {
+                let outcome = self
+                    .fail_before_steps(&upload, &mapped, &raw, &origin, why)
+                    .await;
+                self.mark(
+                    &(upload.kind, upload.pnfsid.clone(), upload.precedes_commit),
+                    Seen::Failed,
+                );
+                ended.send_replace(outcome.is_ok());
+                return outcome;
+            }
+        };
         let mut outcome: Result<Option<FileOutcome>, Unrecorded> = Ok(None);
         for i in workflows {
             let wf = &self.workflows[i];
@@ -49,6 +64,9 @@ impl Pipeline {
             };
         }
         let outcome = outcome.map(|o| o.unwrap_or(FileOutcome::Done));
+        if let (Some(staged), Some(stager)) = (&staged, &self.stager) {
+            stager.release(staged, &upload.billing_path).await;
+        }
         let state = match outcome {
             Ok(FileOutcome::Failed) | Err(Unrecorded) => Seen::Failed,
             Ok(_) => Seen::Done,
@@ -59,6 +77,102 @@ impl Pipeline {
         );
         ended.send_replace(outcome.is_ok());
         outcome
+    }
+
+    /// With `[tape]`, before any workflow reads the file: its locality, and for a `NEARLINE`
+    /// one, its stage, waited for without the transfer slot (given back, taken again after).
+    /// `Err` for a file that cannot be read: LOST, UNAVAILABLE, or not staged.
+    async fn tape_gate(
+        &self,
+        upload: &Subject,
+        mapped: &Mapped,
+        workflows: &[usize],
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<
+        (
+            tokio::sync::OwnedSemaphorePermit,
+            Option<crate::tape::Staged>,
+        ),
+        String,
+    > {
+        use dcflow_transfer::listing::Locality;
+        let Some(stager) = &self.stager else {
+            return Ok((permit, None));
+        };
+        let reads = workflows.iter().any(|&i| {
+            self.workflows[i]
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::Copy { .. }))
+        });
+        if !reads || upload.kind == EventKind::Remove {
+            return Ok((permit, None));
+        }
+        let locality = stager
+            .locality(&upload.billing_path, &mapped.source_url)
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "cannot learn the file's locality; copying as if on disk");
+                None
+            });
+        match locality {
+            Some(Locality::Nearline) => {
+                drop(permit);
+                info!(path = %upload.billing_path, "TAPE_WAIT the file is on tape only: staging it (its transfer slot is free meanwhile)");
+                let staged = stager.stage(&upload.billing_path).await?;
+                info!(path = %upload.billing_path, "TAPE_STAGED back on disk");
+                let permit = self
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed");
+                Ok((permit, Some(staged)))
+            }
+            Some(Locality::Lost) => {
+                Err("dCache says the file is LOST (no copy left): not retried".into())
+            }
+            Some(Locality::Unavailable) => Err(
+                "dCache says the file is UNAVAILABLE (its pool or tape is offline): not retried; \
+                 `dcflow retry` once it is back"
+                    .into(),
+            ),
+            _ => Ok((permit, None)),
+        }
+    }
+
+    /// A file refused before any step ran (the tape gate): one failure row per workflow.
+    async fn fail_before_steps(
+        &self,
+        upload: &Subject,
+        mapped: &Mapped,
+        raw: &[u8],
+        origin: &str,
+        why: String,
+    ) -> Result<FileOutcome, Unrecorded> {
+        Stats::inc(&self.stats.failed);
+        error!(path = %upload.billing_path, "TAPE_FAILED {why}");
+        let record = Record {
+            time: Some(OffsetDateTime::now_utc()),
+            pnfsid: upload.pnfsid.to_string(),
+            billing_path: upload.billing_path.clone(),
+            source_url: mapped.source_url.to_string(),
+            destination: mapped.destination.display().to_string(),
+            size: upload.size,
+            error: why.clone(),
+            ..Default::default()
+        };
+        self.activity.ended(Ended {
+            time: OffsetDateTime::now_utc(),
+            workflow: String::new(),
+            path: upload.billing_path.clone(),
+            ok: false,
+            bytes: 0,
+            seconds: 0.0,
+            error: why,
+        });
+        self.fail(record, raw, origin).await?;
+        Ok(FileOutcome::Failed)
     }
 
     /// Runs one workflow's steps in order for one upload. The first step that fails (after

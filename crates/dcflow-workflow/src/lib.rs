@@ -14,6 +14,7 @@
 //! stats      Stats (Prometheus counters) and Activity (the status page), per pipeline
 //! batch      Batch and Summary: a finite source through the pipeline, bounded by permits
 //! sync       what dCache holds already (the door's listing, walked) through the pipeline
+//! tape       [tape]: locality, staging through dCache's tape API without a transfer slot
 //! ```
 //! Kafka is reached only through `dcflow_core::Publish` (implemented by dcflow-kafka):
 //! nothing here links librdkafka.
@@ -28,6 +29,7 @@ pub mod state;
 pub mod stats;
 pub mod steps;
 pub mod sync;
+pub mod tape;
 
 pub use admission::{Admission, Merged, Task};
 pub use batch::{Batch, Summary};
@@ -51,6 +53,7 @@ pub fn engine_settings(c: &Config) -> EngineSettings {
         download_folder: c.local.download_folder.clone(),
         api_origins: std::iter::once(&c.dcache.url)
             .chain(c.sse.as_ref().map(|s| &s.url))
+            .chain(c.tape.as_ref().map(|t| &t.api))
             .filter(|u| u.scheme() == "https")
             .map(url::Url::origin)
             .collect(),

@@ -86,6 +86,8 @@ pub struct Pipeline {
     /// Whether the brokers, the frontend and the door answer (the sources and the engine
     /// report to it).
     pub health: Arc<Health>,
+    /// With `[tape]`: stages files that live on tape before they are read.
+    pub stager: Option<crate::tape::Stager>,
 }
 
 /// The dead-letter message: the original event (as JSON where it parses, else as text),
@@ -157,6 +159,10 @@ impl Pipeline {
                 _ => {}
             }
         }
+        let stager = config
+            .tape
+            .clone()
+            .map(|t| crate::tape::Stager::start(engine.clone(), t));
         Ok(Self {
             selector: Selector::new(mapper.prefix()).also(&msg_types),
             dismissed_reads: AtomicU32::new(0),
@@ -181,6 +187,7 @@ impl Pipeline {
             halt_reason: Mutex::default(),
             stats: Stats::default(),
             activity: Activity::default(),
+            stager,
             health,
         })
     }
@@ -245,6 +252,11 @@ impl Pipeline {
         self.stats
             .set_credential_expiries(&self.engine.credentials().expiries());
         self.stats.refresh_process();
+        self.stats.set_tape_waiting(
+            self.stager
+                .as_ref()
+                .map_or(0, |s| s.waiting.load(std::sync::atomic::Ordering::Relaxed)),
+        );
         self.stats.encode()
     }
 
@@ -252,6 +264,12 @@ impl Pipeline {
     pub fn status(&self) -> serde_json::Value {
         let mut status = self.activity.snapshot(&self.stats);
         status["upstreams"] = crate::stats::upstreams_json(&self.health.states());
+        if let Some(stager) = &self.stager {
+            status["counters"]["tape_waiting"] = stager
+                .waiting
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .into();
+        }
         status
     }
 

@@ -75,6 +75,8 @@ pub struct Stats {
     /// errors reported (mirrored from `dcflow_core::Health` when `/metrics` is read).
     upstream_up: Family<UpstreamLabel, Gauge>,
     upstream_errors: Family<UpstreamLabel, Counter>,
+    /// Files waiting for tape now (`[tape]`).
+    tape_waiting: Gauge,
     /// When the proxy and the token run out (Unix seconds), per credential.
     credential_expiry: Family<CredentialLabel, Gauge>,
     /// This process, as Prometheus's own clients name it (read from /proc at each scrape).
@@ -117,6 +119,7 @@ impl Default for Stats {
             upstream_up: Family::default(),
             upstream_errors: Family::default(),
             credential_expiry: Family::default(),
+            tape_waiting: Gauge::default(),
             process: ProcessMetrics::default(),
             last_lag: Mutex::default(),
             registry: Registry::default(),
@@ -217,6 +220,11 @@ impl Default for Stats {
             "Unix time at which the credential (proxy, token) expires",
             stats.credential_expiry.clone(),
         );
+        r.register(
+            "dcflow_tape_waiting",
+            "Files on tape only, waiting for dCache to stage them",
+            stats.tape_waiting.clone(),
+        );
         stats.process.register(r);
         Self { registry, ..stats }
     }
@@ -253,6 +261,10 @@ impl Stats {
                 })
                 .set(*at);
         }
+    }
+
+    pub fn set_tape_waiting(&self, n: u64) {
+        self.tape_waiting.set(n as i64);
     }
 
     /// Reads this process's figures from /proc (at each scrape).

@@ -248,6 +248,10 @@ pub async fn sync(pipeline: Arc<Pipeline>, tree: &Tree, since: Option<i64>) -> R
     let mut listing = tree.files(pipeline.engine_arc(), since)?;
     let mut batch = Batch::new(pipeline.clone());
     while let Some((ns, entry)) = listing.next().await {
+        // The listing says where the bytes are: no PROPFIND of its own per file.
+        if let (Some(stager), Some(locality)) = (&pipeline.stager, &entry.locality) {
+            stager.note(&ns, locality.clone());
+        }
         let raw = listed_message("sync", &ns, &entry);
         batch.push(&raw, &format!("sync of {ns}")).await?;
     }

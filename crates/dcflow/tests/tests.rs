@@ -14,4 +14,5 @@ mod pipeline;
 mod real_dcache;
 mod sse;
 mod sync;
+mod tape;
 mod workflow;

@@ -52,6 +52,9 @@ pub(super) async fn door(
     if req.uri().path().starts_with("/api/v1/events/") {
         return events(state, req).await;
     }
+    if req.uri().path().starts_with("/api/v1/tape/") {
+        return super::tape::tape_api(state, req).await;
+    }
     let Some(path) = door_path(&req) else {
         return Ok(full(StatusCode::BAD_REQUEST, "bad path\n"));
     };
@@ -219,6 +222,13 @@ pub(super) async fn door_read(
         }
         return Ok(full(StatusCode::NOT_FOUND, "Not Found\n"));
     };
+    // On tape only: dCache restores it before it answers, which takes the tape's time (a
+    // client that did not stage first holds its connection and its slot meanwhile).
+    if is_get && meta.locality == "NEARLINE" {
+        state.tape.lock().expect("lock").nearline_gets += 1;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return Err(std::io::Error::other("restore from tape did not end"));
+    }
     if !is_get {
         let wrong = state.faults.take(&path, Stage::Digest).is_some();
         let mut r = Response::builder()

@@ -36,6 +36,7 @@ mod billing;
 mod door;
 mod events;
 mod pool;
+mod tape;
 mod webdav;
 
 use billing::*;
@@ -132,6 +133,7 @@ struct State {
     /// When each door HEAD that a `Hang` fault holds arrived.
     hung_heads: Mutex<Vec<Instant>>,
     frontend: crate::frontend::Frontend,
+    tape: Mutex<tape::Tape>,
 }
 
 /// A running emulator. Dropping it stops both listeners.
@@ -206,6 +208,7 @@ impl Sim {
             door_gets: AtomicU64::new(0),
             hung_heads: Mutex::default(),
             frontend: Default::default(),
+            tape: Mutex::default(),
         });
         *state.frontend.base.lock().expect("lock") = door_url.clone();
         let listeners = vec![
@@ -350,6 +353,63 @@ impl Sim {
     }
 
     /// Where the emulator stores a door path's bytes.
+    /// The pool flushes the file to tape: a `store` billing message; the disk copy stays
+    /// (locality ONLINE_AND_NEARLINE).
+    pub fn flush_to_tape(&self, door_path: &str) {
+        let msg = {
+            let mut files = self.state.files.lock().expect("lock");
+            let Some(meta) = files.get_mut(door_path) else {
+                return;
+            };
+            meta.locality = "ONLINE_AND_NEARLINE".into();
+            tape::tape_message(
+                "store",
+                &meta.pnfsid,
+                &self.namespace_path(door_path),
+                meta.size,
+            )
+        };
+        self.state.billing.emit(&msg);
+    }
+
+    /// The file's locality as the door reports it (`ONLINE`, `NEARLINE`: on tape only, a GET
+    /// hangs as a restore does; `ONLINE_AND_NEARLINE`; `LOST`; `UNAVAILABLE`).
+    pub fn set_locality(&self, door_path: &str, locality: &str) {
+        if let Some(meta) = self.state.files.lock().expect("lock").get_mut(door_path) {
+            meta.locality = locality.into();
+        }
+    }
+
+    /// How long a stage takes (the tape's speed).
+    pub fn set_stage_delay(&self, delay: Duration) {
+        self.state.tape.lock().expect("lock").delay = delay;
+    }
+
+    /// The stage of this file fails, with dCache's reason.
+    pub fn fail_stage(&self, door_path: &str, why: &str) {
+        self.state
+            .tape
+            .lock()
+            .expect("lock")
+            .failures
+            .insert(door_path.into(), why.into());
+    }
+
+    /// The stage requests received, each its namespace paths.
+    pub fn stage_requests(&self) -> Vec<Vec<String>> {
+        self.state.tape.lock().expect("lock").history.clone()
+    }
+
+    /// The namespace paths released so far.
+    pub fn released(&self) -> Vec<String> {
+        self.state.tape.lock().expect("lock").released.clone()
+    }
+
+    /// GETs of files on tape only (none, when the client stages first).
+    pub fn nearline_gets(&self) -> u64 {
+        self.state.tape.lock().expect("lock").nearline_gets
+    }
+
     pub fn stored_file(&self, door_path: &str) -> PathBuf {
         self.state.storage.join(door_path.trim_start_matches('/'))
     }

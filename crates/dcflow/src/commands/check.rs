@@ -227,6 +227,17 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
         l.success_file.display(),
         l.failed_file.display()
     );
+    if let Some(t) = &config.tape {
+        let _ = writeln!(
+            out,
+            "tape:        files on tape only are staged at {} ({} a request, kept {} s, given up after {} s){} before they are copied",
+            t.api,
+            t.batch,
+            t.pin_lifetime.as_secs(),
+            t.stage_timeout.as_secs(),
+            if t.release { ", released after" } else { "" }
+        );
+    }
     let _ = match config.metrics_address {
         Some(a) => writeln!(
             out,
