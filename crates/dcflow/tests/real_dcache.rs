@@ -1197,3 +1197,123 @@ async fn a_pool_that_fails_during_transfers_loses_and_corrupts_nothing() {
         dcache.delete(&format!("{folder}/{rel}"));
     }
 }
+
+/// `dcflow sync` against the real door: what a folder holds is copied, verified, what the
+/// destination has already is not; files written to `/tape`, flushed by dCache's HSM (its
+/// `store` messages run the workflow that selects them) and their disk copies removed
+/// (NEARLINE), are staged through dCache's WLCG Tape REST API, copied and released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_copies_what_the_real_door_holds_and_stages_what_is_on_tape() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let _shared = DCACHE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+
+    // A folder on disk pools: six files, two of them at the destination already.
+    let folder = format!("/public/{}", unique("sync"));
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            (
+                format!("d{}/s {i}.dat", i % 2),
+                data(30_000 + i * 101, 700 + i as u32),
+            )
+        })
+        .collect();
+    for (rel, body) in &files {
+        put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
+    }
+    let download = dir.path().join("download");
+    for (rel, body) in &files[..2] {
+        std::fs::create_dir_all(download.join(rel).parent().unwrap()).unwrap();
+        std::fs::write(download.join(rel), body).unwrap();
+    }
+    let config = dcache.config(dir.path(), &folder, &auth, None, "");
+    let dry = dcflow(&["sync", "--dry-run", "-c", config.to_str().unwrap()]);
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry.stderr));
+    assert!(
+        text(&dry.stdout).contains("4 would be copied"),
+        "{}",
+        text(&dry.stdout)
+    );
+    let out = dcflow(&["sync", "-c", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for (rel, body) in &files {
+        assert!(landed(&download, rel, body), "{rel}");
+    }
+    let again = dcflow(&["sync", "-c", config.to_str().unwrap()]);
+    assert!(
+        text(&again.stdout).contains("6 already present"),
+        "{}",
+        text(&again.stdout)
+    );
+
+    // Files on tape only.
+    let tape = format!("/tape/{}", unique("sync-tape"));
+    let on_tape: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("t-{i}.raw"), data(150_000 + i * 7, 730 + i as u32)))
+        .collect();
+    for (rel, body) in &on_tape {
+        put(&dcache, dir.path(), &format!("{tape}/{rel}"), body);
+    }
+    // dCache's HSM flushes them within seconds: one store message each.
+    let mut stores = Vec::new();
+    wait_for("the store messages", Duration::from_secs(120), || {
+        stores = topic_messages(&broker, &dcache.topic, &tape)
+            .into_iter()
+            .filter(|m| String::from_utf8_lossy(m).contains("\"msgType\":\"store\""))
+            .collect();
+        stores.len() >= on_tape.len()
+    });
+    for (rel, _) in &on_tape {
+        let id = dcache.pnfsid(&format!("{tape}/{rel}"));
+        for pool in ["pool_write", "pool_read"] {
+            dcache.admin(&format!("\\s {pool} rep rm -force {id}"));
+        }
+    }
+    let tape_dir = tempfile::tempdir().unwrap();
+    let marks = tape_dir.path().join("stored");
+    std::fs::create_dir_all(&marks).unwrap();
+    let extra = format!(
+        "[tape]\napi = \"{}/api/v1/tape\"\nbatch = 10\n\
+         [[workflow]]\nname = \"copy\"\n[workflow.match]\nkinds = [\"upload\"]\n[[workflow.step]]\ntype = \"copy\"\n\
+         [[workflow]]\nname = \"on-tape\"\n[workflow.match]\nkinds = [\"store\"]\n[[workflow.step]]\ntype = \"exec\"\nargv = [\"touch\", \"{}/{{name}}\"]\n",
+        dcache.frontend,
+        marks.display()
+    );
+    let tape_auth = format!(
+        "proxy = \"{}\"",
+        dcache.cert_and_key(tape_dir.path()).display()
+    );
+    let tape_config = dcache.config(tape_dir.path(), &tape, &tape_auth, None, &extra);
+    let out = dcflow(&["sync", "-c", tape_config.to_str().unwrap()]);
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let tape_download = tape_dir.path().join("download");
+    for (rel, body) in &on_tape {
+        assert!(landed(&tape_download, rel, body), "{rel}: {log}");
+    }
+    assert!(
+        log.contains("TAPE_STAGE requested") && log.contains("TAPE_STAGED"),
+        "{log}"
+    );
+    // dCache's own store messages, replayed: the workflow that selects them runs.
+    let events = tape_dir.path().join("stores.jsonl");
+    let mut jsonl = Vec::new();
+    for m in &stores {
+        jsonl.extend_from_slice(m);
+        jsonl.push(b'\n');
+    }
+    std::fs::write(&events, jsonl).unwrap();
+    let out = dcflow(&[
+        "replay",
+        "-c",
+        tape_config.to_str().unwrap(),
+        events.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for (rel, _) in &on_tape {
+        assert!(marks.join(rel).exists(), "the store workflow for {rel}");
+    }
+}
