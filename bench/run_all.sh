@@ -23,6 +23,9 @@ out="bench/results/$(date +%F)-$commit.md"
   echo "## Small files"
   python3 bench/small_files.py
   echo
+  echo "## Sync"
+  python3 bench/sync.py
+  echo
   echo "## Event rate"
   python3 bench/events.py
   echo

@@ -292,7 +292,8 @@ pub struct TapeConfig {
     pub pin_lifetime: Duration,
     /// How long a file may take to come back from tape before it is a failure.
     pub stage_timeout: Duration,
-    /// Release the staged copy once the workflow has copied it.
+    /// Release the staged copy once the workflow has copied it (off by default: see
+    /// `tape_section`).
     pub release: bool,
 }
 
@@ -560,7 +561,10 @@ fn tape_section(mut s: Section<'_>, frontend: Option<Url>) -> Option<TapeConfig>
     let batch = s.int("batch", 100, 1, 10_000) as usize;
     let pin_lifetime = Duration::from_secs(s.int("pinlifetime", 86_400, 60, 365 * 86_400));
     let stage_timeout = Duration::from_secs(s.int("stagetimeout", 86_400, 10, 30 * 86_400));
-    let release = s.boolean("release", true);
+    // Off by default: on dCache 12.0.1 a release (an ephemeral RELEASE bulk request) ends
+    // the bulk service's request processor, and every later stage request stays SUBMITTED
+    // until dCache restarts (seen twice on the test instance). The pin ends at pinlifetime.
+    let release = s.boolean("release", false);
     Some(TapeConfig {
         api: api?,
         batch,

@@ -62,6 +62,9 @@ pub struct Job<'a> {
     pub expected_size: Option<u64>,
     /// Bytes received by the current attempt, for status displays (reset at each attempt).
     pub progress: Option<&'a std::sync::atomic::AtomicU64>,
+    /// dCache's checksums of the file as a listing gave them moments ago (`dcflow sync`):
+    /// compared with instead of asking the door again (no HEAD per file).
+    pub known_checksums: &'a [Checksum],
 }
 
 /// A file now at its final path, verified.
@@ -330,6 +333,12 @@ impl Engine {
         }
         let expected_sums = if advertised.iter().any(|a| s.checksums.contains(&a.algo())) {
             advertised
+        } else if job
+            .known_checksums
+            .iter()
+            .any(|a| s.checksums.contains(&a.algo()))
+        {
+            job.known_checksums.to_vec()
         } else {
             self.head(job.source).await?.1
         };
@@ -392,8 +401,16 @@ impl Engine {
         if !meta.is_file() || job.expected_size.is_some_and(|s| s != meta.len()) {
             return Ok(None);
         }
-        let (size, remote) = self.head(job.source).await?;
-        if size.is_some_and(|s| s != meta.len()) || remote.is_empty() {
+        let remote = if job.known_checksums.is_empty() {
+            let (size, remote) = self.head(job.source).await?;
+            if size.is_some_and(|s| s != meta.len()) {
+                return Ok(None);
+            }
+            remote
+        } else {
+            job.known_checksums.to_vec()
+        };
+        if remote.is_empty() {
             return Ok(None);
         }
         let local = if meta.len() <= INLINE_HASH_MAX {

@@ -98,6 +98,7 @@ impl Setup {
             .unwrap()
             .unwrap();
         let job = Job {
+            known_checksums: &[],
             source: &mapped.source_url,
             rel: &mapped.rel,
             destination: &mapped.destination,

@@ -67,6 +67,8 @@ pub(crate) struct Subject {
     pub(crate) pnfsid: PnfsId,
     pub(crate) billing_path: String,
     pub(crate) size: Option<u64>,
+    /// dCache's checksums from the listing that found the file (`dcflow sync`), if any.
+    pub(crate) listed_checksums: Vec<dcflow_transfer::Checksum>,
 }
 
 pub struct Task {
@@ -138,6 +140,7 @@ impl Pipeline {
                 pnfsid: u.pnfsid,
                 billing_path: u.billing_path,
                 size: u.size,
+                listed_checksums: Vec::new(),
             },
             Err(why) => match self.other_event(&msg) {
                 Some(subject) => subject,
@@ -325,6 +328,7 @@ impl Pipeline {
             pnfsid: msg.pnfsid()?.clone(),
             billing_path: msg.billing_path.clone().filter(|p| p.starts_with('/'))?,
             size: msg.file_size.or(msg.hit_file_size),
+            listed_checksums: Vec::new(),
         })
     }
 }

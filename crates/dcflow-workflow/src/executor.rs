@@ -26,7 +26,7 @@ impl Pipeline {
 
     async fn run_inner(&self, task: Box<Task>) -> Result<FileOutcome, Unrecorded> {
         let Task {
-            upload,
+            mut upload,
             mapped,
             workflows,
             facts,
@@ -35,8 +35,14 @@ impl Pipeline {
             ended,
             _permit,
         } = *task;
+        // What the listing that found the file said of it (sync): no request to ask again.
+        let listed = self.take_listed(&upload.billing_path).unwrap_or_default();
+        upload.listed_checksums = listed.checksums;
         // A file that lives on tape is staged first, without its transfer slot.
-        let (_permit, staged) = match self.tape_gate(&upload, &mapped, &workflows, _permit).await {
+        let gated = self
+            .tape_gate(&upload, &mapped, &workflows, listed.locality, _permit)
+            .await;
+        let (_permit, staged) = match gated {
             Ok(gated) => gated,
             Err(why) => {
                 let outcome = self
@@ -87,6 +93,7 @@ impl Pipeline {
         upload: &Subject,
         mapped: &Mapped,
         workflows: &[usize],
+        listed: Option<dcflow_transfer::listing::Locality>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<
         (
@@ -108,13 +115,16 @@ impl Pipeline {
         if !reads || upload.kind == EventKind::Remove {
             return Ok((permit, None));
         }
-        let locality = stager
-            .locality(&upload.billing_path, &mapped.source_url)
-            .await
-            .unwrap_or_else(|e| {
-                warn!(error = %e, "cannot learn the file's locality; copying as if on disk");
-                None
-            });
+        let locality = match listed {
+            Some(l) => Some(l),
+            None => stager
+                .locality(&mapped.source_url)
+                .await
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot learn the file's locality; copying as if on disk");
+                    None
+                }),
+        };
         match locality {
             Some(Locality::Nearline) => {
                 drop(permit);

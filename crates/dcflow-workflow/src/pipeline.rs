@@ -88,6 +88,16 @@ pub struct Pipeline {
     pub health: Arc<Health>,
     /// With `[tape]`: stages files that live on tape before they are read.
     pub stager: Option<crate::tape::Stager>,
+    /// What a listing said of a file (`dcflow sync`), by billing path, until its task uses
+    /// it: its locality and dCache's checksums, so that no request of its own asks again.
+    pub(crate) listed: Mutex<HashMap<String, Listed>>,
+}
+
+/// What a listing said of a file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Listed {
+    pub(crate) locality: Option<dcflow_transfer::listing::Locality>,
+    pub(crate) checksums: Vec<dcflow_transfer::Checksum>,
 }
 
 /// The dead-letter message: the original event (as JSON where it parses, else as text),
@@ -188,6 +198,7 @@ impl Pipeline {
             stats: Stats::default(),
             activity: Activity::default(),
             stager,
+            listed: Mutex::default(),
             health,
         })
     }
@@ -195,6 +206,30 @@ impl Pipeline {
     /// The HTTPS engine (for the SSE source's requests to dCache).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Keeps what a listing said of the file at `billing_path` until its task uses it.
+    /// Bounded: notes that no task takes (a file not selected) do not pile up.
+    pub fn note_listed(&self, billing_path: &str, entry: &dcflow_transfer::listing::Entry) {
+        let mut listed = self.listed.lock().expect("listed lock");
+        if listed.len() >= 100_000 {
+            listed.clear();
+        }
+        listed.insert(
+            billing_path.to_owned(),
+            Listed {
+                locality: entry.locality.clone(),
+                checksums: entry.checksums.clone(),
+            },
+        );
+    }
+
+    /// What a listing said of the file, taken (the note is gone after).
+    pub(crate) fn take_listed(&self, billing_path: &str) -> Option<Listed> {
+        self.listed
+            .lock()
+            .expect("listed lock")
+            .remove(billing_path)
     }
 
     /// The engine, shared (a walk of the door's listing runs beside the pipeline).

@@ -248,10 +248,9 @@ pub async fn sync(pipeline: Arc<Pipeline>, tree: &Tree, since: Option<i64>) -> R
     let mut listing = tree.files(pipeline.engine_arc(), since)?;
     let mut batch = Batch::new(pipeline.clone());
     while let Some((ns, entry)) = listing.next().await {
-        // The listing says where the bytes are: no PROPFIND of its own per file.
-        if let (Some(stager), Some(locality)) = (&pipeline.stager, &entry.locality) {
-            stager.note(&ns, locality.clone());
-        }
+        // The listing says where the bytes are and their checksums: no request of its own
+        // per file (a PROPFIND for the locality, a HEAD for the checksum).
+        pipeline.note_listed(&ns, &entry);
         let raw = listed_message("sync", &ns, &entry);
         batch.push(&raw, &format!("sync of {ns}")).await?;
     }

@@ -1,18 +1,19 @@
 //! Files that live on tape (`[tape]`): before a workflow reads a file, its locality is
 //! looked at (or taken from the listing that found it); a `NEARLINE` file is staged through
-//! dCache's tape API while its task holds no transfer slot, then copied, then released;
+//! dCache's tape API while its task holds no transfer slot, then copied (and released, with
+//! `[tape] release`);
 //! `LOST` and `UNAVAILABLE` are failures with that reason, never retried.
 //!
 //! ```text
 //! Task ──► gate: locality? ── ONLINE ──────────────────────────────► steps
 //!                          └─ NEARLINE: give the slot back ─► Stager (batches of `batch`
 //!                             files, one stage request each, polled with back-off) ─►
-//!                             take a slot again ─► steps ─► release
+//!                             take a slot again ─► steps ─► release (if configured)
 //! ```
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dcflow_core::config::TapeConfig;
@@ -56,8 +57,6 @@ pub struct Stager {
     cfg: TapeConfig,
     /// Files waiting for tape now (the status page, `/metrics`).
     pub waiting: Arc<AtomicU64>,
-    /// What a listing said of a file's locality, by namespace path, until its task looks.
-    known: Mutex<HashMap<String, Locality>>,
 }
 
 impl Stager {
@@ -70,7 +69,6 @@ impl Stager {
             engine,
             cfg,
             waiting: Arc::default(),
-            known: Mutex::default(),
         }
     }
 
@@ -78,21 +76,8 @@ impl Stager {
         &self.cfg
     }
 
-    /// Remembers a locality that a listing reported (no PROPFIND then for this file).
-    pub fn note(&self, path: &str, locality: Locality) {
-        let mut known = self.known.lock().expect("tape lock");
-        // Bounded: notes that no task takes (a file not selected) do not pile up.
-        if known.len() >= 100_000 {
-            known.clear();
-        }
-        known.insert(path.to_owned(), locality);
-    }
-
-    /// The file's locality: the listing's, else the door's answer (PROPFIND Depth 0).
-    pub async fn locality(&self, path: &str, url: &Url) -> Result<Option<Locality>, String> {
-        if let Some(l) = self.known.lock().expect("tape lock").remove(path) {
-            return Ok(Some(l));
-        }
+    /// The file's locality as the door says it now (PROPFIND Depth 0).
+    pub async fn locality(&self, url: &Url) -> Result<Option<Locality>, String> {
         self.engine.locality(url).await.map_err(|e| e.to_string())
     }
 

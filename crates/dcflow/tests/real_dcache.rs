@@ -1257,7 +1257,12 @@ async fn sync_copies_what_the_real_door_holds_and_stages_what_is_on_tape() {
     for (rel, body) in &on_tape {
         put(&dcache, dir.path(), &format!("{tape}/{rel}"), body);
     }
-    // dCache's HSM flushes them within seconds: one store message each.
+    // dCache's HSM flushes them (asked at once: on its own the pool waits for the class's
+    // expiry, seconds or minutes): one store message each.
+    for (rel, _) in &on_tape {
+        let id = dcache.pnfsid(&format!("{tape}/{rel}"));
+        dcache.admin(&format!("\\s pool_write flush pnfsid {id}"));
+    }
     let mut stores = Vec::new();
     wait_for("the store messages", Duration::from_secs(120), || {
         stores = topic_messages(&broker, &dcache.topic, &tape)
@@ -1276,7 +1281,7 @@ async fn sync_copies_what_the_real_door_holds_and_stages_what_is_on_tape() {
     let marks = tape_dir.path().join("stored");
     std::fs::create_dir_all(&marks).unwrap();
     let extra = format!(
-        "[tape]\napi = \"{}/api/v1/tape\"\nbatch = 10\n\
+        "[tape]\napi = \"{}/api/v1/tape\"\nbatch = 10\nstagetimeout = 300\n\
          [[workflow]]\nname = \"copy\"\n[workflow.match]\nkinds = [\"upload\"]\n[[workflow.step]]\ntype = \"copy\"\n\
          [[workflow]]\nname = \"on-tape\"\n[workflow.match]\nkinds = [\"store\"]\n[[workflow.step]]\ntype = \"exec\"\nargv = [\"touch\", \"{}/{{name}}\"]\n",
         dcache.frontend,
@@ -1298,6 +1303,64 @@ async fn sync_copies_what_the_real_door_holds_and_stages_what_is_on_tape() {
         log.contains("TAPE_STAGE requested") && log.contains("TAPE_STAGED"),
         "{log}"
     );
+    // dcflow run on dCache's own billing topic: the uploads' events of files on tape only
+    // (their disk copies removed again) are staged, then copied.
+    for (rel, _) in &on_tape {
+        let id = dcache.pnfsid(&format!("{tape}/{rel}"));
+        for pool in ["pool_write", "pool_read"] {
+            dcache.admin(&format!("\\s {pool} rep rm -force {id}"));
+        }
+    }
+    let run_dir = tempfile::tempdir().unwrap();
+    let group = unique("real-tape");
+    let run_extra = format!(
+        "[tape]\napi = \"{}/api/v1/tape\"\nstagetimeout = 300\n",
+        dcache.frontend
+    );
+    let run_auth = format!(
+        "proxy = \"{}\"",
+        dcache.cert_and_key(run_dir.path()).display()
+    );
+    let run_config = dcache.config(
+        run_dir.path(),
+        &tape,
+        &run_auth,
+        Some(&kafka_keys(&dcache.topic, &broker, &group)),
+        &run_extra,
+    );
+    let log_path = run_dir.path().join("run.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args([
+            "run",
+            "--until-caught-up",
+            "-c",
+            run_config.to_str().unwrap(),
+        ])
+        .env("DCFLOW_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_for_logged(
+        "the run to catch up",
+        Duration::from_secs(240),
+        &log_path,
+        || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    let run_log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{run_log}");
+    for (rel, body) in &on_tape {
+        assert!(
+            landed(&run_dir.path().join("download"), rel, body),
+            "{rel}: {run_log}"
+        );
+    }
+    assert!(run_log.contains("TAPE_STAGED"), "{run_log}");
+
     // dCache's own store messages, replayed: the workflow that selects them runs.
     let events = tape_dir.path().join("stores.jsonl");
     let mut jsonl = Vec::new();

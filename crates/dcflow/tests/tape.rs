@@ -47,7 +47,7 @@ async fn files_on_tape_are_staged_without_a_transfer_slot_copied_and_released() 
         on_disk.push((rel, body));
     }
     site.sim.set_stage_delay(Duration::from_secs(100_000));
-    let config = tape_config(&site, "maxdownloads = 1", "");
+    let config = tape_config(&site, "maxdownloads = 1", "release = true\n");
     let log = site.path("sync.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
         .args(["sync", "-c", config.to_str().unwrap()])

@@ -110,6 +110,7 @@ impl Pipeline {
             destination: &destination,
             expected_size: upload.size,
             progress: Some(&progress),
+            known_checksums: &upload.listed_checksums,
         };
         let started = Instant::now();
         Stats::inc(&self.stats.transfers_started);

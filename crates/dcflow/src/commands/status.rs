@@ -79,6 +79,9 @@ pub fn render(s: &Value) -> String {
         n("retries"),
         n("malformed"),
     );
+    if let Some(waiting) = c["tape_waiting"].as_u64() {
+        let _ = writeln!(out, "waiting for tape: {waiting}");
+    }
     if let Some(lag) = s["lag"].as_object().filter(|l| !l.is_empty()) {
         let parts: Vec<String> = lag.iter().map(|(p, l)| format!("{p}: {l}")).collect();
         let _ = writeln!(
