@@ -1380,3 +1380,77 @@ async fn sync_copies_what_the_real_door_holds_and_stages_what_is_on_tape() {
         assert!(marks.join(rel).exists(), "the store workflow for {rel}");
     }
 }
+
+/// `dcflow sync --then-follow` on the real dCache: the group is pinned at the billing topic's
+/// end, the folder walked, then the topic followed; files uploaded through the real door
+/// while it walks and copies are each handled once (listed, announced, or both and merged),
+/// none missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_then_follow_on_the_real_dcache_handles_a_burst_once() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let _shared = DCACHE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("/public/{}", unique("follow"));
+    let before: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            (
+                format!("b/{i}.dat"),
+                data(2_000_000 + i * 3, 760 + i as u32),
+            )
+        })
+        .collect();
+    for (rel, body) in &before {
+        put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
+    }
+    let group = unique("real-follow");
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+    let config = dcache.config(
+        dir.path(),
+        &folder,
+        &auth,
+        Some(&kafka_keys(&dcache.topic, &broker, &group)),
+        "",
+    );
+    let log = dir.path().join("follow.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args(["sync", "--then-follow", "-c", config.to_str().unwrap()])
+        .env("DCFLOW_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_logged("the pin", Duration::from_secs(60), &log, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("consumer group pinned"))
+    });
+    // While it walks and copies: a burst through the real door.
+    let burst: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| (format!("burst/{i}.dat"), data(50_000 + i, 780 + i as u32)))
+        .collect();
+    for (rel, body) in &burst {
+        put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
+    }
+    let download = dir.path().join("download");
+    wait_for_logged("every file", Duration::from_secs(240), &log, || {
+        before
+            .iter()
+            .chain(&burst)
+            .all(|(rel, body)| landed(&download, rel, body))
+    });
+    wait_committed_to_end(&broker, &dcache.topic, &group);
+    assert_eq!(stop(child), 0);
+    let rows = RecordFile::read_all(&dir.path().join("success.csv")).unwrap();
+    let copies = rows.iter().filter(|r| !r.checksum.is_empty()).count();
+    assert_eq!(
+        rows.len(),
+        before.len() + burst.len(),
+        "one row per file: {rows:#?}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        logged.matches(" copied in ").count(),
+        before.len() + burst.len(),
+        "each file copied once ({copies} rows with a checksum)"
+    );
+}
