@@ -5,7 +5,11 @@
 //! Each entry carries what dCache 12 says of a file in the same listing (seen on 12.0.1):
 //! the size, the pnfsid in the ETag (`"<pnfsid>_<number>"`), `dcache:Checksums`
 //! (`adler32=96d12daf`), `srm:FileLocality` (`ONLINE`, `NEARLINE`, `ONLINE_AND_NEARLINE`,
-//! `LOST`, `UNAVAILABLE`) and the modification time. Properties the door does not have for an
+//! `LOST`, `UNAVAILABLE`), `srm:RetentionPolicy` and the modification time. dCache's
+//! `NEARLINE` means "not on a pool that serves reads": on tape only, or (seen on 12.0.1) a
+//! disk-only `REPLICA` file on a pool that others copy from when it is read, which a `GET`
+//! reads at once and dCache's tape API refuses to stage ("Cannot stage DISK only files"):
+//! only a `CUSTODIAL` file is [`Locality::Nearline`] here. Properties the door does not have for an
 //! entry come back in a propstat of their own with status 404: they are ignored. Namespace
 //! prefixes vary from one answer to the next (`ns1:FileLocality`): elements are matched by
 //! their local name.
@@ -22,13 +26,17 @@ use crate::engine::Engine;
 use crate::error::TransferError;
 
 /// The body of every PROPFIND: the properties dcflow reads.
-const PROPFIND: &str = r#"<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:" xmlns:srm="http://srm.lbl.gov/StorageResourceManager" xmlns:dc="http://www.dcache.org/2013/webdav"><d:prop><d:resourcetype/><d:getcontentlength/><d:getetag/><d:getlastmodified/><dc:Checksums/><srm:FileLocality/></d:prop></d:propfind>"#;
+const PROPFIND: &str = r#"<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:" xmlns:srm="http://srm.lbl.gov/StorageResourceManager" xmlns:dc="http://www.dcache.org/2013/webdav"><d:prop><d:resourcetype/><d:getcontentlength/><d:getetag/><d:getlastmodified/><dc:Checksums/><srm:FileLocality/><srm:RetentionPolicy/></d:prop></d:propfind>"#;
 
 /// Where a file's bytes are, as dCache says (`srm:FileLocality`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Locality {
     Online,
+    /// On tape only: staged before it can be read.
     Nearline,
+    /// dCache's `NEARLINE` for a disk-only (`REPLICA`) file: on a pool that does not serve
+    /// reads, copied pool to pool when read. A `GET` works now; a stage would be refused.
+    OnOtherPool,
     OnlineAndNearline,
     Lost,
     Unavailable,
@@ -49,7 +57,20 @@ impl Locality {
 
     /// A copy can start now (a disk copy exists).
     pub fn is_online(&self) -> bool {
-        matches!(self, Self::Online | Self::OnlineAndNearline)
+        matches!(
+            self,
+            Self::Online | Self::OnOtherPool | Self::OnlineAndNearline
+        )
+    }
+
+    /// What dCache's `srm:FileLocality` means given the file's `srm:RetentionPolicy`: its
+    /// `NEARLINE` is a tape-only file only when the file is `CUSTODIAL` (PoolMonitorV5 also
+    /// answers `NEARLINE` for a file that is not stored but can be copied pool to pool).
+    pub fn with_retention(self, retention: Option<&str>) -> Self {
+        match (self, retention.map(str::trim)) {
+            (Self::Nearline, Some(r)) if r != "CUSTODIAL" => Self::OnOtherPool,
+            (l, _) => l,
+        }
     }
 }
 
@@ -66,8 +87,11 @@ pub struct Entry {
     pub modified: Option<String>,
     /// `dcache:Checksums`.
     pub checksums: Vec<Checksum>,
-    /// `srm:FileLocality`; `None` from a door that does not say.
+    /// `srm:FileLocality`, read with `srm:RetentionPolicy` ([`Locality::with_retention`]);
+    /// `None` from a door that does not say.
     pub locality: Option<Locality>,
+    /// `srm:RetentionPolicy` (`CUSTODIAL`, `REPLICA`).
+    pub retention: Option<String>,
 }
 
 impl Entry {
@@ -201,6 +225,7 @@ fn parse_response(segment: &[u8]) -> Result<Option<Entry>, String> {
                     b"getlastmodified" => pending.modified = Some(value),
                     b"Checksums" => pending.checksums = parse_checksums(&value),
                     b"FileLocality" => pending.locality = Some(Locality::parse(&value)),
+                    b"RetentionPolicy" => pending.retention = Some(value),
                     // "HTTP/1.1 200 OK": this propstat's values are the entry's.
                     b"status" if value.split_whitespace().nth(1) == Some("200") => {
                         let p = std::mem::take(&mut pending);
@@ -212,6 +237,7 @@ fn parse_response(segment: &[u8]) -> Result<Option<Entry>, String> {
                             entry.checksums = p.checksums;
                         }
                         entry.locality = p.locality.or(entry.locality.take());
+                        entry.retention = p.retention.or(entry.retention.take());
                     }
                     _ => {}
                 }
@@ -237,7 +263,15 @@ fn parse_response(segment: &[u8]) -> Result<Option<Entry>, String> {
         .decode_utf8_lossy()
         .trim_end_matches('/')
         .to_owned();
-    Ok(Some(Entry { path, ..entry }))
+    let locality = entry
+        .locality
+        .take()
+        .map(|l| l.with_retention(entry.retention.as_deref()));
+    Ok(Some(Entry {
+        path,
+        locality,
+        ..entry
+    }))
 }
 
 /// `adler32=96d12daf,md5=...`: the kinds dcflow knows (the `Digest` header's syntax).
@@ -404,6 +438,21 @@ mod tests {
     /// 404 propstat of the properties a file lacks.
     const DCACHE: &str = r#"<?xml version="1.0" encoding="utf-8" ?>
 <d:multistatus xmlns:cal="urn:ietf:params:xml:ns:caldav" xmlns:d="DAV:"><d:response><d:href>/public/run001/</d:href><d:propstat><d:prop><d:resourcetype><d:collection/></d:resourcetype><d:getetag>"00004EA52D868B7C43DF9C01ACD1F03CAEA6_1105998741"</d:getetag><d:getlastmodified>Fri, 04 Dec 2026 16:38:48 GMT</d:getlastmodified></d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat><d:propstat><d:prop><FileLocality/><Checksums/><d:getcontentlength/></d:prop><d:status>HTTP/1.1 404 Not Found</d:status></d:propstat></d:response><d:response><d:href>/public/run001/image-0005.fits</d:href><d:propstat><d:prop><ns1:FileLocality xmlns:ns1="http://srm.lbl.gov/StorageResourceManager">ONLINE</ns1:FileLocality><d:getcontentlength>4197035</d:getcontentlength><d:getetag>"0000003AD37EF61B4D10886BFB5164BD99F9_1105998182"</d:getetag><ns2:Checksums xmlns:ns2="http://www.dcache.org/2013/webdav">adler32=96d12daf</ns2:Checksums><d:getlastmodified>Fri, 04 Dec 2026 16:38:47 GMT</d:getlastmodified></d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat><d:propstat><d:prop><d:resourcetype/></d:prop><d:status>HTTP/1.1 404 Not Found</d:status></d:propstat></d:response><d:response><d:href>/public/run001/with%20space%201.dat</d:href><d:propstat><d:prop><ns1:FileLocality xmlns:ns1="http://srm.lbl.gov/StorageResourceManager">NEARLINE</ns1:FileLocality><d:getcontentlength>3824</d:getcontentlength></d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response></d:multistatus>"#;
+
+    /// dCache 12.0.1's answers for a disk-only file on `pool_write` (which does not serve
+    /// reads) and for a flushed file on `/tape`: both NEARLINE, only the CUSTODIAL one on tape.
+    #[test]
+    fn a_replica_file_s_nearline_is_not_tape() {
+        let xml = r#"<?xml version="1.0" encoding="utf-8" ?>
+<d:multistatus xmlns:ns1="http://srm.lbl.gov/StorageResourceManager" xmlns:d="DAV:"><d:response><d:href>/public/beside/d-0.raw</d:href><d:propstat><d:prop><ns1:FileLocality>NEARLINE</ns1:FileLocality><ns1:RetentionPolicy>REPLICA</ns1:RetentionPolicy></d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response><d:response><d:href>/tape/t-0.raw</d:href><d:propstat><d:prop><ns1:FileLocality>NEARLINE</ns1:FileLocality><ns1:RetentionPolicy>CUSTODIAL</ns1:RetentionPolicy></d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response><d:response><d:href>/other/n.raw</d:href><d:propstat><d:prop><ns1:FileLocality>NEARLINE</ns1:FileLocality></d:prop><d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response></d:multistatus>"#;
+        let e = parse_in_chunks(xml.as_bytes(), 37);
+        assert_eq!(e[0].locality, Some(Locality::OnOtherPool));
+        assert!(e[0].locality.as_ref().is_some_and(Locality::is_online));
+        assert_eq!(e[1].locality, Some(Locality::Nearline));
+        assert_eq!(e[1].retention.as_deref(), Some("CUSTODIAL"));
+        // A door that does not say: NEARLINE is taken at its word.
+        assert_eq!(e[2].locality, Some(Locality::Nearline));
+    }
 
     fn parse_in_chunks(xml: &[u8], chunk: usize) -> Vec<Entry> {
         let mut p = MultistatusParser::default();

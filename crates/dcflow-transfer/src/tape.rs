@@ -8,6 +8,7 @@
 //!      STARTED, COMPLETED, FAILED with "error", CANCELLED)
 //! POST {api}/release/<id> {"paths":[..]} → 200
 //! PROPFIND Depth 0 → srm:FileLocality NEARLINE, then ONLINE_AND_NEARLINE once staged
+//!      (a REPLICA file's NEARLINE is not tape: see crate::listing)
 //! ```
 //!
 //! Paths are namespace paths. The bearer token goes to the API's origin only when it is one of
@@ -49,14 +50,14 @@ struct FileProgress {
 }
 
 impl Engine {
-    /// A file's locality (PROPFIND `Depth: 0`, `srm:FileLocality`); `None` from a door that
-    /// does not say.
+    /// A file's locality (PROPFIND `Depth: 0`, `srm:FileLocality` read with
+    /// `srm:RetentionPolicy`); `None` from a door that does not say.
     pub async fn locality(&self, url: &Url) -> Result<Option<Locality>, TransferError> {
         let resp = self
             .api(Method::from_bytes(b"PROPFIND").expect("method"), url.clone())
             .header("Depth", "0")
             .header("Content-Type", "application/xml; charset=utf-8")
-            .body(r#"<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:" xmlns:srm="http://srm.lbl.gov/StorageResourceManager"><d:prop><srm:FileLocality/></d:prop></d:propfind>"#)
+            .body(r#"<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:" xmlns:srm="http://srm.lbl.gov/StorageResourceManager"><d:prop><srm:FileLocality/><srm:RetentionPolicy/></d:prop></d:propfind>"#)
             .timeout(self.settings().stall_timeout)
             .send()
             .await

@@ -1454,3 +1454,151 @@ async fn sync_then_follow_on_the_real_dcache_handles_a_burst_once() {
         "each file copied once ({copies} rows with a checksum)"
     );
 }
+
+/// Sets the real dCache's tape slow (dCache's `copy` HSM driver on `pool_read`, the pool that
+/// restores, waits `ms_per_kib` per KiB before it answers) until dropped.
+struct SlowTape<'a>(&'a RealDcache);
+
+impl<'a> SlowTape<'a> {
+    fn new(dcache: &'a RealDcache, ms_per_kib: u32) -> Self {
+        dcache.admin(&format!(
+            "\\s pool_read hsm set osm -stage-delay={ms_per_kib} -stage-delay-unit=MILLISECONDS -stage-delay-per=KiB"
+        ));
+        SlowTape(dcache)
+    }
+}
+
+impl Drop for SlowTape<'_> {
+    fn drop(&mut self) {
+        self.0.admin("\\s pool_read hsm set osm -stage-delay=0");
+    }
+}
+
+/// A slow tape on the real dCache (about 9 s per file, one restore at a time) and one
+/// transfer slot: dCache's own billing messages of two files on tape only, then three on
+/// disk, replayed in that order. The files on disk are copied while the others are staged
+/// (a file waiting for tape holds no slot); then the staged ones are copied, verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_real_tape_holds_no_transfer_slot_while_it_stages() {
+    let (Some(broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    // Alone: the tape's delay is the whole instance's.
+    let _alone = DCACHE.write().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tape = format!("/tape/{}", unique("slow-tape"));
+    let disk = format!("/public/{}", unique("beside-tape"));
+    let on_tape: Vec<(String, Vec<u8>)> = (0..2)
+        .map(|i| {
+            (
+                format!("{tape}/t-{i}.raw"),
+                data(150_000 + i * 11, 840 + i as u32),
+            )
+        })
+        .collect();
+    let on_disk: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| {
+            (
+                format!("{disk}/d-{i}.raw"),
+                data(20_000 + i * 13, 850 + i as u32),
+            )
+        })
+        .collect();
+    for (path, body) in on_tape.iter().chain(&on_disk) {
+        put(&dcache, dir.path(), path, body);
+    }
+    for (path, _) in &on_tape {
+        let id = dcache.pnfsid(path);
+        dcache.admin(&format!("\\s pool_write flush pnfsid {id}"));
+    }
+    wait_for("the store messages", Duration::from_secs(120), || {
+        topic_messages(&broker, &dcache.topic, &tape)
+            .iter()
+            .filter(|m| String::from_utf8_lossy(m).contains("\"msgType\":\"store\""))
+            .count()
+            >= on_tape.len()
+    });
+    for (path, _) in &on_tape {
+        let id = dcache.pnfsid(path);
+        for pool in ["pool_write", "pool_read"] {
+            dcache.admin(&format!("\\s {pool} rep rm -force {id}"));
+        }
+    }
+    let slow = SlowTape::new(&dcache, 60);
+    // The uploads' door and pool messages as dCache published them, tape first.
+    let events = dir.path().join("events.jsonl");
+    let mut jsonl = Vec::new();
+    for folder in [&tape, &disk] {
+        wait_for("the upload messages", Duration::from_secs(60), || {
+            topic_messages(&broker, &dcache.topic, folder)
+                .iter()
+                .filter(|m| String::from_utf8_lossy(m).contains("\"isWrite\":\"write\""))
+                .count()
+                >= 2 * 2
+        });
+        for m in topic_messages(&broker, &dcache.topic, folder) {
+            if String::from_utf8_lossy(&m).contains("\"isWrite\":\"write\"") {
+                jsonl.extend_from_slice(&m);
+                jsonl.push(b'\n');
+            }
+        }
+    }
+    std::fs::write(&events, jsonl).unwrap();
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+    let extra = format!(
+        "[tape]\napi = \"{}/api/v1/tape\"\nstagetimeout = 300\n",
+        dcache.frontend
+    );
+    let config = dcache.config(dir.path(), "/", &auth, None, &extra);
+    let text_of = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("maxdownloads = 4", "maxdownloads = 1");
+    std::fs::write(&config, text_of).unwrap();
+    let log = dir.path().join("replay.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args([
+            "replay",
+            "-c",
+            config.to_str().unwrap(),
+            events.to_str().unwrap(),
+        ])
+        .env("DCFLOW_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let download = dir.path().join("download");
+    let rel = |p: &str| p.trim_start_matches('/').to_string();
+    wait_for_logged(
+        "the files on disk, while the others are staged",
+        Duration::from_secs(60),
+        &log,
+        || {
+            on_disk
+                .iter()
+                .all(|(p, body)| landed(&download, &rel(p), body))
+        },
+    );
+    let staged_already: Vec<&String> = on_tape
+        .iter()
+        .map(|(p, _)| p)
+        .filter(|p| download.join(rel(p)).exists())
+        .collect();
+    assert!(
+        staged_already.is_empty(),
+        "the tape takes about 9 s a file; landed already: {staged_already:?}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let out = child.wait_with_output().unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{logged}");
+    drop(slow);
+    for (p, body) in &on_tape {
+        assert!(landed(&download, &rel(p), body), "{p}: {logged}");
+    }
+    assert_eq!(
+        logged.matches("TAPE_STAGED").count(),
+        on_tape.len(),
+        "{logged}"
+    );
+}

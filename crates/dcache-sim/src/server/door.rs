@@ -224,7 +224,7 @@ pub(super) async fn door_read(
     };
     // On tape only: dCache restores it before it answers, which takes the tape's time (a
     // client that did not stage first holds its connection and its slot meanwhile).
-    if is_get && meta.locality == "NEARLINE" {
+    if is_get && meta.locality == "NEARLINE" && meta.custodial {
         state.tape.lock().expect("lock").nearline_gets += 1;
         tokio::time::sleep(Duration::from_secs(3600)).await;
         return Err(std::io::Error::other("restore from tape did not end"));
@@ -362,6 +362,7 @@ pub(super) async fn put(
         md5,
         visible_at: Instant::now() + secs(upload_dir.unwrap_or(0)),
         locality: "ONLINE".to_owned(),
+        custodial: false,
     };
     state
         .files

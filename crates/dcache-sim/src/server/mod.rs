@@ -114,6 +114,8 @@ struct FileMeta {
     visible_at: Instant,
     /// `srm:FileLocality`: ONLINE unless a test says otherwise (tape).
     locality: String,
+    /// `srm:RetentionPolicy` CUSTODIAL (flushed to tape) rather than REPLICA (disk only).
+    custodial: bool,
 }
 
 struct State {
@@ -362,6 +364,7 @@ impl Sim {
                 return;
             };
             meta.locality = "ONLINE_AND_NEARLINE".into();
+            meta.custodial = true;
             tape::tape_message(
                 "store",
                 &meta.pnfsid,
@@ -372,8 +375,10 @@ impl Sim {
         self.state.billing.emit(&msg);
     }
 
-    /// The file's locality as the door reports it (`ONLINE`, `NEARLINE`: on tape only, a GET
-    /// hangs as a restore does; `ONLINE_AND_NEARLINE`; `LOST`; `UNAVAILABLE`).
+    /// The file's locality as the door reports it (`ONLINE`; `NEARLINE`: of a file flushed to
+    /// tape, on tape only, a GET hangs as a restore does; of a file never flushed (REPLICA),
+    /// dCache's answer for a disk copy on a pool that does not serve reads: a GET works, a
+    /// stage is refused; `ONLINE_AND_NEARLINE`; `LOST`; `UNAVAILABLE`).
     pub fn set_locality(&self, door_path: &str, locality: &str) {
         if let Some(meta) = self.state.files.lock().expect("lock").get_mut(door_path) {
             meta.locality = locality.into();

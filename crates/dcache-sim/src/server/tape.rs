@@ -103,16 +103,28 @@ pub(super) async fn tape_api(
             let mut out = Vec::new();
             for ns in &files {
                 let d = door(ns);
-                let exists = state.files.lock().expect("lock").contains_key(&d);
-                let entry = match (failures.get(&d), exists, done) {
+                let custodial = state
+                    .files
+                    .lock()
+                    .expect("lock")
+                    .get(&d)
+                    .map(|m| m.custodial);
+                let entry = match (failures.get(&d), custodial, done) {
                     (Some(why), _, _) => {
                         serde_json::json!({"path": ns, "state": "FAILED", "error": why})
                     }
-                    (None, false, _) => {
+                    (None, None, _) => {
                         serde_json::json!({"path": ns, "state": "FAILED", "error": "No such file or directory"})
                     }
-                    (None, true, false) => serde_json::json!({"path": ns, "state": "STARTED"}),
-                    (None, true, true) => {
+                    // dCache's bulk service (StageActivity.checkStageable) refuses what is not
+                    // CUSTODIAL.
+                    (None, Some(false), _) => {
+                        serde_json::json!({"path": ns, "state": "FAILED", "error": "Cannot stage DISK only files"})
+                    }
+                    (None, Some(true), false) => {
+                        serde_json::json!({"path": ns, "state": "STARTED"})
+                    }
+                    (None, Some(true), true) => {
                         restored(&state, &d);
                         serde_json::json!({"path": ns, "state": "COMPLETED"})
                     }
@@ -168,7 +180,7 @@ fn restored(state: &State, door_path: &str) {
     let Some(meta) = files.get_mut(door_path) else {
         return;
     };
-    if meta.locality != "NEARLINE" {
+    if meta.locality != "NEARLINE" || !meta.custodial {
         return;
     }
     meta.locality = "ONLINE_AND_NEARLINE".into();

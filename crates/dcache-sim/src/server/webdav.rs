@@ -32,7 +32,10 @@ pub(super) async fn propfind(
             .expect("lock")
             .get(p)
             .filter(|m| Instant::now() >= m.visible_at)
-            .map(|m| (m.pnfsid.clone(), m.adler32, m.locality.clone()))
+            .map(|m| {
+                let retention = if m.custodial { "CUSTODIAL" } else { "REPLICA" };
+                (m.pnfsid.clone(), m.adler32, m.locality.clone(), retention)
+            })
     };
     let encode = |p: &str| {
         p.split('/')
@@ -47,7 +50,7 @@ pub(super) async fn propfind(
                  dir: bool,
                  size: u64,
                  modified: Option<std::time::SystemTime>,
-                 file: Option<(String, u32, String)>| {
+                 file: Option<(String, u32, String, &str)>| {
         let date = modified
             .map(|m| {
                 format!(
@@ -59,11 +62,11 @@ pub(super) async fn propfind(
         let (found, missing) = match (dir, file) {
             (true, _) => (
                 format!("<d:resourcetype><d:collection/></d:resourcetype>{date}"),
-                "<FileLocality/><Checksums/><d:getcontentlength/>".to_owned(),
+                "<FileLocality/><RetentionPolicy/><Checksums/><d:getcontentlength/>".to_owned(),
             ),
-            (false, Some((id, adler32, locality))) => (
+            (false, Some((id, adler32, locality, retention))) => (
                 format!(
-                    "<ns1:FileLocality xmlns:ns1=\"http://srm.lbl.gov/StorageResourceManager\">{locality}</ns1:FileLocality><d:getcontentlength>{size}</d:getcontentlength><d:getetag>\"{id}_0\"</d:getetag>{}{date}",
+                    "<ns1:FileLocality xmlns:ns1=\"http://srm.lbl.gov/StorageResourceManager\">{locality}</ns1:FileLocality><ns1:RetentionPolicy xmlns:ns1=\"http://srm.lbl.gov/StorageResourceManager\">{retention}</ns1:RetentionPolicy><d:getcontentlength>{size}</d:getcontentlength><d:getetag>\"{id}_0\"</d:getetag>{}{date}",
                     if checksums {
                         format!("<ns2:Checksums xmlns:ns2=\"http://www.dcache.org/2013/webdav\">adler32={adler32:08x}</ns2:Checksums>")
                     } else {
