@@ -282,7 +282,8 @@ fn parse_checksums(value: &str) -> Vec<Checksum> {
 impl Engine {
     /// PROPFIND `Depth: 1` of the folder at `url` (the door's origin only: the token goes
     /// there). Its children are sent to `tx` as they are parsed; the folder itself is not.
-    /// Bounded by the transfer timeout; a stall of `stalltimeout` ends it too.
+    /// Bounded by the transfer timeout; a stall of `stalltimeout` once the answer has begun
+    /// ends it too.
     pub async fn list_folder(
         &self,
         url: &Url,
@@ -297,9 +298,12 @@ impl Engine {
             .trim_end_matches('/')
             .to_owned();
         let settings = self.settings();
-        let resp = tokio::time::timeout(
-            settings.stall_timeout,
-            self.api(
+        // dCache 12.0.1 builds the whole answer before its first byte (a folder of 10,000
+        // entries: 2.4 s, then 5.7 MB in 14 ms): a big folder is silent for minutes, which is
+        // not a stall. The wait for the answer is bounded by `timeout` only (the request's
+        // whole time); `stalltimeout` applies once the body flows.
+        let resp = self
+            .api(
                 Method::from_bytes(b"PROPFIND").expect("method"),
                 url.clone(),
             )
@@ -307,13 +311,9 @@ impl Engine {
             .header("Content-Type", "application/xml; charset=utf-8")
             .body(PROPFIND)
             .timeout(settings.timeout)
-            .send(),
-        )
-        .await
-        .map_err(|_| TransferError::Stalled {
-            seconds: settings.stall_timeout.as_secs(),
-        })?
-        .map_err(|e| self.network_error(&url, e))?;
+            .send()
+            .await
+            .map_err(|e| self.network_error(&url, e))?;
         match resp.status().as_u16() {
             207 => {}
             404 => {

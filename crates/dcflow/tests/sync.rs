@@ -231,3 +231,44 @@ async fn sync_then_follow_with_sse_lists_then_follows() {
     assert_eq!(stop(child), 0);
     assert_eq!(site.sim.pool_gets() as usize, before.len() + after.len());
 }
+
+/// One folder of 100,000 entries, listed in a single PROPFIND: the dry run's peak memory is
+/// about that of a folder of 1,000 (the listing is parsed as it arrives and nothing is kept
+/// per file; the answer is about 60 MB of XML). The emulator, like dCache, is silent for
+/// seconds while it builds the answer: longer than the test's `stalltimeout` of 5 s, which
+/// is not a stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_of_100_000_entries_keeps_memory_flat() {
+    let mut peaks = Vec::new();
+    for count in [1_000, 100_000] {
+        let site = Site::new().await;
+        for i in 0..count {
+            site.sim
+                .preload(&format!("{FOLDER}/f{i:06}.dat"), b"x")
+                .unwrap();
+        }
+        let config = site.write_config(&site.proxy_auth(), "timeout = 600");
+        let log = site.path("sync.log");
+        let (code, kib) =
+            dcflow_peak_rss(&["sync", "--dry-run", "-c", config.to_str().unwrap()], &log);
+        let logged = std::fs::read_to_string(&log).unwrap();
+        let end = logged.len().saturating_sub(3000);
+        assert_eq!(
+            code,
+            0,
+            "{count} entries: {}",
+            &logged[logged.ceil_char_boundary(end)..]
+        );
+        peaks.push(kib);
+    }
+    eprintln!(
+        "peak RSS of the dry run: 1,000 entries {} KiB, 100,000 entries {} KiB",
+        peaks[0], peaks[1]
+    );
+    assert!(
+        peaks[1] < peaks[0] + 16 * 1024,
+        "100,000 entries took {} KiB at peak, 1,000 took {} KiB",
+        peaks[1],
+        peaks[0]
+    );
+}

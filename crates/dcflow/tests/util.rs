@@ -160,6 +160,37 @@ pub fn dcflow(args: &[&str]) -> Output {
     dcflow_stdin(args, None)
 }
 
+/// Runs dcflow with `args`, its stdout discarded and its stderr written to `log`; its exit
+/// code and its peak resident memory in KiB: the kernel's high-water mark of the process's
+/// own memory (`VmHWM`), read every 20 ms until it exits. (Not `wait4`'s `ru_maxrss`: a child
+/// spawned with vfork counts the parent's memory up to its exec, here the test process with
+/// the emulator and all its files.)
+pub fn dcflow_peak_rss(args: &[&str], log: &Path) -> (i32, u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args(args)
+        .env("DCFLOW_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    let code = loop {
+        if let Some(kib) = std::fs::read_to_string(&status).ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        }) {
+            peak = peak.max(kib);
+        }
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit.code().unwrap_or(-1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, peak)
+}
+
 pub fn dcflow_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
         .args(args)

@@ -415,6 +415,34 @@ impl Sim {
         self.state.tape.lock().expect("lock").nearline_gets
     }
 
+    /// A file that was there before anyone listened: stored with its namespace entry (a new
+    /// pnfsid, checksums), no billing message, no SSE event. For trees too large to upload
+    /// one request at a time in a test.
+    pub fn preload(&self, door_path: &str, data: &[u8]) -> Result<()> {
+        let target = self.stored_file(door_path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&target, data)?;
+        let mut adler = adler2::Adler32::new();
+        adler.write_slice(data);
+        let meta = FileMeta {
+            pnfsid: format!("0000{}", uuid::Uuid::new_v4().simple()).to_ascii_uppercase(),
+            size: data.len() as u64,
+            adler32: adler.checksum(),
+            md5: Md5::digest(data).into(),
+            visible_at: Instant::now(),
+            locality: "ONLINE".to_owned(),
+            custodial: false,
+        };
+        self.state
+            .files
+            .lock()
+            .expect("lock")
+            .insert(door_path.to_owned(), meta);
+        Ok(())
+    }
+
     pub fn stored_file(&self, door_path: &str) -> PathBuf {
         self.state.storage.join(door_path.trim_start_matches('/'))
     }
