@@ -278,6 +278,45 @@ pub struct Config {
     /// `[tape]`: files whose only copy is on tape are staged through dCache's WLCG Tape REST
     /// API before they are copied.
     pub tape: Option<TapeConfig>,
+    /// `[rucio]`: the Rucio server that `rucio` steps register replicas in.
+    pub rucio: Option<RucioConfig>,
+}
+
+/// A Rucio server (the catalog of HEP experiments) and how dcflow signs in to it.
+#[derive(Debug, Clone)]
+pub struct RucioConfig {
+    /// The REST API, e.g. `https://rucio.example.org`.
+    pub url: Url,
+    /// Where tokens are asked for (`authurl`, default `url`).
+    pub auth_url: Url,
+    pub account: String,
+    pub auth: RucioAuth,
+    /// Files per registration call (`batch`) and how long a file may wait for others
+    /// (`batchwait`, milliseconds).
+    pub batch: usize,
+    pub batch_wait: Duration,
+    /// Seconds one call may take.
+    pub timeout: Duration,
+}
+
+/// How dcflow signs in to Rucio, as Rucio's own clients do.
+#[derive(Clone)]
+pub enum RucioAuth {
+    /// `username` and `password` (or `passwordfile`): `GET /auth/userpass` gives a token, kept
+    /// and renewed before it expires.
+    UserPass { username: String, password: String },
+    /// `tokenfile`: a token (e.g. OIDC) read from the file for each call, sent as
+    /// `X-Rucio-Auth-Token`.
+    TokenFile(PathBuf),
+}
+
+impl std::fmt::Debug for RucioAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UserPass { username, .. } => write!(f, "userpass {username} (password hidden)"),
+            Self::TokenFile(p) => write!(f, "token file {}", p.display()),
+        }
+    }
 }
 
 /// Staging files that live on tape (dCache's WLCG Tape REST API, as FTS uses it).
@@ -398,13 +437,13 @@ impl Config {
         let mut errs = Vec::new();
         for (key, value) in &root {
             let known = [
-                "kafka", "dcache", "local", "workflow", "metrics", "sse", "tape",
+                "kafka", "dcache", "local", "workflow", "metrics", "sse", "tape", "rucio",
             ]
             .contains(&key.as_str());
             if !known {
                 errs.push(problem(
                     key,
-                    "unknown section (expected [kafka], [sse], [dcache], [local], [tape], [metrics], [[workflow]])",
+                    "unknown section (expected [kafka], [sse], [dcache], [local], [tape], [rucio], [metrics], [[workflow]])",
                 ));
             } else if key != "workflow" && !value.is_table() {
                 errs.push(problem(key, "must be a table, e.g. [dcache]"));
@@ -462,6 +501,10 @@ impl Config {
                     frontend,
                 )
             });
+        let rucio = root
+            .get("rucio")
+            .and_then(toml::Value::as_table)
+            .and_then(|t| rucio_section(Section::new("rucio", Some(t), RUCIO_KEYS, &mut errs)));
         if root.contains_key("sse") && root.contains_key("kafka") {
             errs.push(problem(
                 "sse",
@@ -485,6 +528,18 @@ impl Config {
                 }
             }
         }
+        if !root.contains_key("rucio") {
+            for wf in &workflow_rules {
+                for (j, step) in wf.steps.iter().enumerate() {
+                    if matches!(step, crate::workflow::Step::Rucio { .. }) {
+                        errs.push(problem(
+                            &format!("workflow \"{}\".step[{j}].type", wf.name),
+                            "a rucio step registers in the [rucio] server: add a [rucio] section",
+                        ));
+                    }
+                }
+            }
+        }
         let auth = local.as_ref().map(|l| l.auth.clone());
         let config = match (kafka, dcache, local) {
             (kafka, Some(dcache), Some(local)) if errs.is_empty() => {
@@ -498,6 +553,7 @@ impl Config {
                     outage_grace: metrics.outage_grace,
                     sse,
                     tape,
+                    rucio,
                 })
             }
             _ => Err(ConfigError { problems: errs }),
@@ -527,6 +583,93 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
 
 const SSE_KEYS: &[&str] = &["url", "paths", "clientid", "channeltimeout", "statefile"];
 const TAPE_KEYS: &[&str] = &["api", "batch", "pinlifetime", "stagetimeout", "release"];
+const RUCIO_KEYS: &[&str] = &[
+    "url",
+    "authurl",
+    "account",
+    "username",
+    "password",
+    "passwordfile",
+    "tokenfile",
+    "batch",
+    "batchwait",
+    "timeout",
+];
+
+fn rucio_url(s: &mut Section<'_>, key: &str) -> Option<Url> {
+    let raw = s.string(key)?;
+    match Url::parse(&raw) {
+        Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+            s.fail(key, CREDENTIALS_IN_URL);
+            None
+        }
+        Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
+        Ok(_) => {
+            s.fail(key, "must be an http or https URL of the Rucio server");
+            None
+        }
+        Err(e) => {
+            s.fail(key, format!("not a URL: {e}"));
+            None
+        }
+    }
+}
+
+fn rucio_section(mut s: Section<'_>) -> Option<RucioConfig> {
+    let url = rucio_url(&mut s, "url");
+    if s.get("url").is_none() {
+        s.fail(
+            "url",
+            "is required: the Rucio server, e.g. \"https://rucio.example.org\"",
+        );
+    }
+    let auth_url = rucio_url(&mut s, "authurl").or_else(|| url.clone());
+    let account = s.required_string("account").filter(|a| !a.is_empty());
+    let username = s.string("username");
+    let password = s.string("password");
+    let password_file = s.path("passwordfile");
+    let token_file = s.path("tokenfile");
+    let auth = match (username, password, password_file, token_file) {
+        (Some(u), Some(p), None, None) => Some(RucioAuth::UserPass {
+            username: u,
+            password: p,
+        }),
+        (Some(u), None, Some(f), None) => match std::fs::read_to_string(&f) {
+            Ok(p) => Some(RucioAuth::UserPass {
+                username: u,
+                password: p.trim_end_matches(['\n', '\r']).to_owned(),
+            }),
+            Err(e) => {
+                s.fail("passwordfile", format!("cannot read {}: {e}", f.display()));
+                None
+            }
+        },
+        (None, None, None, Some(f)) => Some(RucioAuth::TokenFile(f)),
+        (Some(_), None, None, None) => {
+            s.fail("password", "username needs a password or a passwordfile");
+            None
+        }
+        _ => {
+            s.fail(
+                "username",
+                "one way to sign in: username with password (or passwordfile), or tokenfile",
+            );
+            None
+        }
+    };
+    let batch = s.int("batch", 100, 1, 10_000) as usize;
+    let batch_wait = Duration::from_millis(s.int("batchwait", 200, 0, 60_000));
+    let timeout = Duration::from_secs(s.int("timeout", 30, 1, 3600));
+    Some(RucioConfig {
+        url: url?,
+        auth_url: auth_url?,
+        account: account?,
+        auth: auth?,
+        batch,
+        batch_wait,
+        timeout,
+    })
+}
 
 fn tape_section(mut s: Section<'_>, frontend: Option<Url>) -> Option<TapeConfig> {
     let api = match s.string("api") {
@@ -1113,6 +1256,44 @@ successfultaskfile = "success.csv"
             "https://***@h/x@y",
             "an @ in the path is not a user"
         );
+    }
+
+    #[test]
+    fn the_rucio_section_and_its_steps() {
+        let step = "\n[[workflow]]\nname = \"reg\"\n[[workflow.step]]\ntype = \"copy\"\n\
+                    [[workflow.step]]\ntype = \"rucio\"\nrse = \"FS\"\nscope = \"s\"\n";
+        let err = Config::from_toml(&format!("{ORIGINAL}{step}"), &env())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("add a [rucio] section"), "{err}");
+        let good = format!(
+            "{ORIGINAL}\n[rucio]\nurl = \"https://rucio.example.org\"\naccount = \"a\"\n\
+             username = \"u\"\npassword = \"p4ss\"\n{step}"
+        );
+        let c = Config::from_toml(&good, &env()).unwrap();
+        let r = c.rucio.unwrap();
+        assert_eq!(r.auth_url.as_str(), "https://rucio.example.org/");
+        assert_eq!((r.batch, r.batch_wait.as_millis()), (100, 200));
+        assert!(
+            !format!("{r:?}").contains("p4ss"),
+            "the password is not shown"
+        );
+        let bad = format!("{ORIGINAL}\n[rucio]\nurl = \"ftp://x\"\nusername = \"u\"\nbatch = 0\n");
+        let err = Config::from_toml(&bad, &env()).unwrap_err().to_string();
+        for expected in [
+            "rucio.url: must be an http or https URL",
+            "rucio.account: ",
+            "rucio.password: username needs a password",
+            "rucio.batch:",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let no_copy = format!(
+            "{ORIGINAL}\n[rucio]\nurl = \"https://r\"\naccount = \"a\"\ntokenfile = \"/t\"\n\
+             [[workflow]]\nname = \"reg\"\n[[workflow.step]]\ntype = \"rucio\"\nrse = \"FS\"\nscope = \"s\"\n"
+        );
+        let err = Config::from_toml(&no_copy, &env()).unwrap_err().to_string();
+        assert!(err.contains("needs a copy step before it"), "{err}");
     }
 
     #[test]

@@ -351,6 +351,15 @@ pub enum Step {
     Produce { topic: String, key: Template },
     /// One row per file, upserted into an SQLite catalog.
     Catalog { database: std::path::PathBuf },
+    /// The verified copy registered as a replica in Rucio (`[rucio]`): on `rse`, as
+    /// `scope:name`, at `pfn` (required by a non-deterministic RSE), attached to `dataset`.
+    Rucio {
+        rse: Template,
+        scope: Template,
+        name: Template,
+        pfn: Option<Template>,
+        dataset: Option<Template>,
+    },
 }
 
 impl Step {
@@ -363,6 +372,7 @@ impl Step {
             Self::Unpack { .. } => "unpack",
             Self::Produce { .. } => "produce",
             Self::Catalog { .. } => "catalog",
+            Self::Rucio { .. } => "rucio",
         }
     }
 }
@@ -625,6 +635,7 @@ fn parse_steps(
             ],
             Some("produce") => vec!["type", "topic", "key"],
             Some("catalog") => vec!["type", "database"],
+            Some("rucio") => vec!["type", "rse", "scope", "name", "pfn", "dataset"],
             // An unknown or missing type is the one problem reported.
             _ => t.keys().map(String::as_str).collect(),
         };
@@ -635,7 +646,7 @@ fn parse_steps(
                 if t.get("type").is_none() {
                     p.fail(
                         "type",
-                        "is required: copy, delete-source, unpack, exec, webhook, produce or catalog",
+                        "is required: copy, delete-source, unpack, exec, webhook, produce, catalog or rucio",
                     );
                 }
                 None
@@ -787,12 +798,44 @@ fn parse_steps(
                 }
                 database.map(|d| Step::Catalog { database: d.into() })
             }
+            Some("rucio") => {
+                if !steps.iter().any(|s| matches!(s, Step::Copy { .. })) {
+                    p.fail(
+                        "type",
+                        "rucio registers the verified copy's bytes and adler32: it needs a copy \
+                         step before it in the same workflow",
+                    );
+                }
+                let rse = p.template("rse");
+                if rse.is_none() {
+                    p.fail("rse", "is required: the RSE that holds the replica");
+                }
+                let scope = p.template("scope");
+                if scope.is_none() {
+                    p.fail("scope", "is required: the Rucio scope, e.g. \"user.jdoe\"");
+                }
+                let name = p
+                    .template("name")
+                    .unwrap_or_else(|| Template::parse("{name}").expect("valid"));
+                let pfn = p.template("pfn");
+                let dataset = p.template("dataset");
+                match (rse, scope) {
+                    (Some(rse), Some(scope)) => Some(Step::Rucio {
+                        rse,
+                        scope,
+                        name,
+                        pfn,
+                        dataset,
+                    }),
+                    _ => None,
+                }
+            }
             Some(other) => {
                 p.fail(
                     "type",
                     format!(
                         "unknown step {other:?} (expected copy, delete-source, unpack, exec, \
-                         webhook, produce or catalog)"
+                         webhook, produce, catalog or rucio)"
                     ),
                 );
                 None
@@ -828,6 +871,17 @@ fn step_templates(step: &Step) -> Vec<&Template> {
         Step::Unpack { destination, .. } => destination.iter().collect(),
         Step::Produce { key, .. } => vec![key],
         Step::Catalog { .. } => Vec::new(),
+        Step::Rucio {
+            rse,
+            scope,
+            name,
+            pfn,
+            dataset,
+        } => [rse, scope, name]
+            .into_iter()
+            .chain(pfn.iter())
+            .chain(dataset.iter())
+            .collect(),
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Pipeline {
     /// failures name their workflow and step.
     pub(crate) explicit_workflows: bool,
     pub(crate) webhooks: Webhooks,
+    /// `[rucio]`'s client, when a workflow has a rucio step.
+    pub(crate) rucio: Option<crate::steps::rucio::Rucio>,
     pub(crate) retry: dcflow_core::RetryPolicy,
     /// Event kinds besides uploads that some workflow takes.
     pub(crate) other_kinds: std::collections::BTreeSet<EventKind>,
@@ -125,6 +127,13 @@ impl Pipeline {
     pub fn try_new(config: &Config, connect: Option<Connect<'_>>) -> Result<Self> {
         let creds = Arc::new(Credentials::load(&config.local.auth).context("loading credentials")?);
         let webhooks = Webhooks::try_new(&creds).context("building the webhook client")?;
+        let rucio = match &config.rucio {
+            Some(r) => Some(
+                crate::steps::rucio::Rucio::start(r.clone(), creds.roots.clone())
+                    .context("building the Rucio client")?,
+            ),
+            None => None,
+        };
         let health = Arc::new(Health::new(config.outage_grace));
         let engine = Arc::new(
             Engine::try_new(crate::engine_settings(config), creds)?.with_health(health.clone()),
@@ -184,6 +193,7 @@ impl Pipeline {
             workflows,
             explicit_workflows: !config.workflow_rules.is_empty(),
             webhooks,
+            rucio,
             retry: config.dcache.retry,
             engine,
             success: RecordFile::open(&config.local.success_file)?,

@@ -12,6 +12,7 @@ mod kafka;
 mod kafka_outage;
 mod pipeline;
 mod real_dcache;
+mod rucio;
 mod sse;
 mod sync;
 mod tape;

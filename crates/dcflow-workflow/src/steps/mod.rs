@@ -12,6 +12,7 @@
 //! webhook        an HTTP POST of the event
 //! produce        a message on a Kafka topic (through `Publish`)
 //! catalog        a row in the catalog table
+//! rucio          a replica in Rucio, attached to a dataset (gathered into batches)
 //! ```
 
 pub mod catalog;
@@ -19,6 +20,7 @@ pub mod copy;
 pub mod delete_source;
 pub mod exec;
 pub mod produce;
+pub mod rucio;
 pub mod unpack;
 pub mod webhook;
 

@@ -1,0 +1,324 @@
+//! The `rucio` step against a real Rucio 41.5.1 (`scripts/rucio.sh`): replicas of the verified
+//! copies on a file-system RSE and of the dCache originals on a WebDAV RSE, attached to a
+//! dataset created on first use, listed back through Rucio's API with their bytes and adler32;
+//! a redelivery registers nothing twice; a file that Rucio knows with other bytes is refused
+//! and recorded.
+
+use serde_json::{json, Value};
+
+use crate::util::*;
+
+/// The real Rucio of `scripts/rucio.sh start`, signed in as its test account.
+struct RealRucio {
+    url: String,
+    account: String,
+    username: String,
+    password: String,
+    client: reqwest::Client,
+    token: String,
+}
+
+impl RealRucio {
+    async fn connect() -> Option<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let Some(url) = var("DCFLOW_RUCIO") else {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "DCFLOW_RUCIO is not set: .ci/run must start Rucio (scripts/rucio.sh start)"
+                );
+            }
+            eprintln!("SKIPPED: no Rucio; start one with `eval \"$(scripts/rucio.sh start)\"`");
+            return None;
+        };
+        let account = var("DCFLOW_RUCIO_ACCOUNT").unwrap_or_else(|| "root".into());
+        let username = var("DCFLOW_RUCIO_USERNAME").unwrap_or_else(|| "ddmlab".into());
+        let password = var("DCFLOW_RUCIO_PASSWORD").unwrap_or_else(|| "secret".into());
+        let client = reqwest::Client::new();
+        let resp = client
+            .get(format!("{url}/auth/userpass"))
+            .header("X-Rucio-Account", &account)
+            .header("X-Rucio-Username", &username)
+            .header("X-Rucio-Password", &password)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "Rucio sign-in: {}",
+            resp.status()
+        );
+        let token = resp.headers()["X-Rucio-Auth-Token"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        Some(Self {
+            url,
+            account,
+            username,
+            password,
+            client,
+            token,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, String) {
+        let mut req = self
+            .client
+            .request(method, format!("{}/{path}", self.url))
+            .header("X-Rucio-Auth-Token", &self.token);
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    async fn post(&self, path: &str, body: Value) {
+        let (status, text) = self.call(reqwest::Method::POST, path, Some(body)).await;
+        assert_eq!(status, 201, "POST {path}: {text}");
+    }
+
+    /// A non-deterministic RSE with one protocol.
+    async fn rse(&self, name: &str, scheme: &str, host: &str, port: u16, implementation: &str) {
+        self.post(
+            &format!("rses/{name}"),
+            json!({"deterministic": false, "rse_type": "DISK"}),
+        )
+        .await;
+        let all = json!({"read": 1, "write": 1, "delete": 1});
+        self.post(
+            &format!("rses/{name}/protocols/{scheme}"),
+            json!({"scheme": scheme, "hostname": host, "port": port, "prefix": "/",
+                   "impl": implementation, "domains": {"lan": all, "wan": all}}),
+        )
+        .await;
+    }
+
+    /// One JSON object per line, as Rucio lists replicas.
+    async fn replicas(&self, scope: &str, name: &str) -> Vec<Value> {
+        let (status, text) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("replicas/{scope}/{name}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn section(&self, extra: &str) -> String {
+        format!(
+            "[rucio]\nurl = \"{}\"\naccount = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n{extra}\n",
+            self.url, self.account, self.username, self.password
+        )
+    }
+}
+
+fn adler32(data: &[u8]) -> String {
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in data {
+        a = (a + x as u32) % 65521;
+        b = (b + a) % 65521;
+    }
+    format!("{:08x}", (b << 16) | a)
+}
+
+/// A scope, RSE and dataset names of this test's own (Rucio's namespace is shared).
+fn names(tag: &str) -> (String, String, String) {
+    let u = unique(tag).replace('-', "_");
+    (
+        format!("t{}", &u[u.len() - 12..]),
+        format!("FS_{}", u[u.len() - 12..].to_ascii_uppercase()),
+        format!("DCACHE_{}", u[u.len() - 12..].to_ascii_uppercase()),
+    )
+}
+
+fn workflow(scope: &str, fs: &str, dcache: &str) -> String {
+    format!(
+        r#"
+[[workflow]]
+name = "register"
+[[workflow.step]]
+type = "copy"
+[[workflow.step]]
+type = "rucio"
+rse = "{fs}"
+scope = "{scope}"
+pfn = "file://localhost{{local_path}}"
+dataset = "run-1"
+[[workflow.step]]
+type = "rucio"
+rse = "{dcache}"
+scope = "{scope}"
+pfn = "{{source_url}}"
+dataset = "run-1"
+"#
+    )
+}
+
+/// Six uploads on the emulator's door, replayed: each copy registered on the file-system RSE
+/// and its dCache original on the WebDAV RSE, all attached to a dataset that did not exist;
+/// Rucio lists the dataset's six files with two replicas each, with the bytes and adler32 of
+/// the uploads. The registrations were gathered (fewer calls than files). A second replay
+/// registers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_and_originals_are_registered_in_a_dataset_once() {
+    let Some(rucio) = RealRucio::connect().await else {
+        return;
+    };
+    let site = Site::new().await;
+    let (scope, fs, dc) = names("reg");
+    rucio
+        .post(&format!("scopes/{}/{scope}", rucio.account), json!({}))
+        .await;
+    rucio
+        .rse(
+            &fs,
+            "file",
+            "localhost",
+            0,
+            "rucio.rse.protocols.posix.Default",
+        )
+        .await;
+    let port = url::Url::parse(&site.sim.door_url).unwrap().port().unwrap();
+    rucio
+        .rse(
+            &dc,
+            "https",
+            "localhost",
+            port,
+            "rucio.rse.protocols.webdav.Default",
+        )
+        .await;
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            (
+                format!("r/f-{i}.dat"),
+                data(10_000 + i * 17, 900 + i as u32),
+            )
+        })
+        .collect();
+    for (rel, body) in &files {
+        site.upload(rel, body).await;
+    }
+    let mut config = site.write_workflow_config("", &workflow(&scope, &fs, &dc));
+    let text = std::fs::read_to_string(&config).unwrap() + &rucio.section("batchwait = 2000");
+    std::fs::write(&config, text).unwrap();
+    let out = site.replay(&config);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(!log.contains("secret"), "the password is never logged");
+    let calls = log.matches("RUCIO_REPLICAS").count();
+    assert!(
+        calls < 2 * files.len(),
+        "{calls} registration calls for {} replicas:\n{log}",
+        2 * files.len()
+    );
+
+    let listed = rucio.replicas(&scope, "run-1").await;
+    assert_eq!(listed.len(), files.len(), "{listed:#?}");
+    for (rel, body) in &files {
+        let name = rel.rsplit('/').next().unwrap();
+        let r = listed
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {listed:#?}"));
+        assert_eq!(r["bytes"].as_u64(), Some(body.len() as u64), "{r}");
+        assert_eq!(r["adler32"].as_str(), Some(adler32(body).as_str()), "{r}");
+        let rses = r["rses"].as_object().unwrap();
+        assert!(rses.contains_key(&fs) && rses.contains_key(&dc), "{r}");
+        let local = site.download().join(rel);
+        assert_eq!(
+            rses[&fs][0].as_str().unwrap(),
+            format!("file://localhost{}", local.display()),
+            "{r}"
+        );
+    }
+
+    // A redelivery: nothing registered again.
+    config = site.path("dcflow.toml");
+    let again = site.replay(&config);
+    let log = String::from_utf8_lossy(&again.stderr).to_string();
+    assert_eq!(again.status.code(), Some(0), "{log}");
+    assert_eq!(log.matches("RUCIO_REPLICAS").count(), 0, "{log}");
+    assert_eq!(rucio.replicas(&scope, "run-1").await.len(), files.len());
+}
+
+/// A file that Rucio knows with other bytes (registered before by someone else): not
+/// registered again (Rucio would accept it and keep its old values), a failure row that says
+/// why, exit 1; the other file of the batch is registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rucio_knows_with_other_bytes_is_refused_and_recorded() {
+    let Some(rucio) = RealRucio::connect().await else {
+        return;
+    };
+    let site = Site::new().await;
+    let (scope, fs, dc) = names("conflict");
+    rucio
+        .post(&format!("scopes/{}/{scope}", rucio.account), json!({}))
+        .await;
+    rucio
+        .rse(
+            &fs,
+            "file",
+            "localhost",
+            0,
+            "rucio.rse.protocols.posix.Default",
+        )
+        .await;
+    let port = url::Url::parse(&site.sim.door_url).unwrap().port().unwrap();
+    rucio
+        .rse(
+            &dc,
+            "https",
+            "localhost",
+            port,
+            "rucio.rse.protocols.webdav.Default",
+        )
+        .await;
+    rucio
+        .post(
+            "replicas",
+            json!({"rse": fs, "files": [{"scope": scope, "name": "clash.dat", "bytes": 3,
+                    "adler32": "00000001", "pfn": "file://localhost/elsewhere/clash.dat"}]}),
+        )
+        .await;
+    let clash = data(7_000, 31);
+    let fine = data(8_000, 32);
+    site.upload("c/clash.dat", &clash).await;
+    site.upload("c/fine.dat", &fine).await;
+    let config = site.write_workflow_config("", &workflow(&scope, &fs, &dc));
+    let text = std::fs::read_to_string(&config).unwrap() + &rucio.section("batchwait = 2000");
+    std::fs::write(&config, text).unwrap();
+    let out = site.replay(&config);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let failed = site.records("failed.csv");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(
+        failed[0].error.contains("not registered") && failed[0].error.contains("00000001"),
+        "{failed:#?}"
+    );
+    let known = rucio.replicas(&scope, "clash.dat").await;
+    assert_eq!(
+        known[0]["bytes"].as_u64(),
+        Some(3),
+        "Rucio's entry is untouched: {known:#?}"
+    );
+    let fine_listed = rucio.replicas(&scope, "fine.dat").await;
+    assert_eq!(
+        fine_listed[0]["adler32"].as_str(),
+        Some(adler32(&fine).as_str())
+    );
+}
