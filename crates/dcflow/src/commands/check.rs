@@ -238,6 +238,18 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
             if t.release { ", released after" } else { "" }
         );
     }
+    if let Some(r) = &config.rucio {
+        let _ = writeln!(
+            out,
+            "rucio:       {} as account {} ({:?}; tokens from {}), up to {} files a call, {} ms to gather them",
+            r.url,
+            r.account,
+            r.auth,
+            r.auth_url,
+            r.batch,
+            r.batch_wait.as_millis()
+        );
+    }
     let _ = match config.metrics_address {
         Some(a) => writeln!(
             out,
