@@ -117,6 +117,32 @@ impl RealRucio {
             .collect()
     }
 
+    /// A scope and two RSEs of the test's own (Rucio's namespace is shared): a file-system
+    /// one for the copies and a WebDAV one on the emulator's door for the originals.
+    async fn scope_and_rses(&self, site: &Site, tag: &str) -> (String, String, String) {
+        let (scope, fs, dc) = names(tag);
+        self.post(&format!("scopes/{}/{scope}", self.account), json!({}))
+            .await;
+        self.rse(
+            &fs,
+            "file",
+            "localhost",
+            0,
+            "rucio.rse.protocols.posix.Default",
+        )
+        .await;
+        let port = url::Url::parse(&site.sim.door_url).unwrap().port().unwrap();
+        self.rse(
+            &dc,
+            "https",
+            "localhost",
+            port,
+            "rucio.rse.protocols.webdav.Default",
+        )
+        .await;
+        (scope, fs, dc)
+    }
+
     fn section(&self, extra: &str) -> String {
         format!(
             "[rucio]\nurl = \"{}\"\naccount = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n{extra}\n",
@@ -178,29 +204,7 @@ async fn copies_and_originals_are_registered_in_a_dataset_once() {
         return;
     };
     let site = Site::new().await;
-    let (scope, fs, dc) = names("reg");
-    rucio
-        .post(&format!("scopes/{}/{scope}", rucio.account), json!({}))
-        .await;
-    rucio
-        .rse(
-            &fs,
-            "file",
-            "localhost",
-            0,
-            "rucio.rse.protocols.posix.Default",
-        )
-        .await;
-    let port = url::Url::parse(&site.sim.door_url).unwrap().port().unwrap();
-    rucio
-        .rse(
-            &dc,
-            "https",
-            "localhost",
-            port,
-            "rucio.rse.protocols.webdav.Default",
-        )
-        .await;
+    let (scope, fs, dc) = rucio.scope_and_rses(&site, "reg").await;
     let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| {
             (
@@ -264,29 +268,7 @@ async fn a_file_rucio_knows_with_other_bytes_is_refused_and_recorded() {
         return;
     };
     let site = Site::new().await;
-    let (scope, fs, dc) = names("conflict");
-    rucio
-        .post(&format!("scopes/{}/{scope}", rucio.account), json!({}))
-        .await;
-    rucio
-        .rse(
-            &fs,
-            "file",
-            "localhost",
-            0,
-            "rucio.rse.protocols.posix.Default",
-        )
-        .await;
-    let port = url::Url::parse(&site.sim.door_url).unwrap().port().unwrap();
-    rucio
-        .rse(
-            &dc,
-            "https",
-            "localhost",
-            port,
-            "rucio.rse.protocols.webdav.Default",
-        )
-        .await;
+    let (scope, fs, dc) = rucio.scope_and_rses(&site, "conflict").await;
     rucio
         .post(
             "replicas",
