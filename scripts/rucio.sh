@@ -35,7 +35,7 @@ build() {
   if [ -z "$(pg_bin)" ] || ! id postgres >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql python3-venv >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq postgresql python3-venv >/dev/null
   fi
   if [ ! -f "$BASE/.venv-ok" ]; then
     rm -rf "$VENV"

@@ -1297,6 +1297,60 @@ successfultaskfile = "success.csv"
     }
 
     #[test]
+    fn the_slurm_step_and_what_it_refuses() {
+        let wf = |keys: &str| {
+            format!(
+                "{ORIGINAL}\n[[workflow]]\nname = \"reduce\"\n[[workflow.step]]\ntype = \"copy\"\n\
+                 [[workflow.step]]\ntype = \"slurm\"\n{keys}\n[[workflow.step]]\ntype = \"exec\"\n\
+                 argv = [\"echo\", \"{{job_id}}\"]\n"
+            )
+        };
+        let c = Config::from_toml(
+            &wf("script = \"/opt/r.sh\"\nargs = [\"{local_path}\"]\ntime = \"1:00:00\"\nmaxjobs = 5"),
+            &env(),
+        )
+        .unwrap();
+        let crate::workflow::Step::Slurm(job) = &c.workflow_rules[0].steps[1] else {
+            panic!("not a slurm step")
+        };
+        assert_eq!((job.max_jobs, job.poll.as_secs()), (5, 30));
+        assert_eq!(job.time.as_deref(), Some("1:00:00"));
+        for (keys, expected) in [
+            ("partition = \"p\"", "step[1].script: is required"),
+            (
+                "script = \"/r\"\nwrap = \"true\"",
+                "step[1].wrap: give script or wrap, not both",
+            ),
+            (
+                "wrap = \"reduce {local_path}\"",
+                "step[1].wrap: a shell runs it, so it takes no placeholders ({local_path})",
+            ),
+            (
+                "script = \"/r\"\noptions = [\"--job-name=x\"]",
+                "step[1].options[0]: --job-name is set by dcflow",
+            ),
+            (
+                "script = \"/r\"\nmaxjobs = 0",
+                "step[1].maxjobs: 0 is out of range",
+            ),
+        ] {
+            let err = Config::from_toml(&wf(keys), &env())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let early = format!(
+            "{ORIGINAL}\n[[workflow]]\nname = \"w\"\n[[workflow.step]]\ntype = \"exec\"\n\
+             argv = [\"echo\", \"{{job_id}}\"]\n"
+        );
+        let err = Config::from_toml(&early, &env()).unwrap_err().to_string();
+        assert!(
+            err.contains("{job_id} needs a slurm step before this one"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_sse_source_and_the_metrics_address() {
         let without_kafka = ORIGINAL
             .split("[dcache]")

@@ -41,6 +41,7 @@ const PLACEHOLDERS: &[(&str, Option<&str>)] = &[
     ("local_path", Some("copy")),
     ("checksum", Some("copy")),
     ("unpacked", Some("unpack")),
+    ("job_id", Some("slurm")),
 ];
 
 /// The static name of a known placeholder.
@@ -144,6 +145,14 @@ impl Template {
 
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The placeholders it uses.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Field(f) => Some(f.as_str()),
+            Part::Literal(_) => None,
+        })
     }
 }
 
@@ -360,7 +369,37 @@ pub enum Step {
         pfn: Option<Template>,
         dataset: Option<Template>,
     },
+    /// A Slurm batch job, followed to its end: the step ends as the job did.
+    Slurm(Box<SlurmJob>),
 }
+
+/// What the `slurm` step submits, and how many of its jobs may be in Slurm at once.
+#[derive(Debug, Clone)]
+pub struct SlurmJob {
+    /// A batch script and its arguments (rendered templates, no shell), or
+    pub script: Option<Template>,
+    pub args: Vec<Template>,
+    /// a command line for `sbatch --wrap` (a shell runs it, so it takes no placeholders:
+    /// the job reads the file's fields from `DCFLOW_*` environment variables).
+    pub wrap: Option<String>,
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    /// `--time`, as sbatch takes it (`30`, `1:00:00`, `2-00:00:00`).
+    pub time: Option<String>,
+    /// `--chdir` and `--output` of the job.
+    pub chdir: Option<Template>,
+    pub output: Option<Template>,
+    /// More sbatch options, as given.
+    pub options: Vec<String>,
+    pub env: BTreeMap<String, Template>,
+    /// Jobs of this step submitted and not yet ended, at most.
+    pub max_jobs: usize,
+    /// The longest wait between two looks at a waiting job.
+    pub poll: Duration,
+}
+
+/// sbatch options that dcflow sets itself.
+const SBATCH_OWN: &[&str] = &["--parsable", "--job-name", "-J", "--wrap"];
 
 impl Step {
     pub fn kind(&self) -> &'static str {
@@ -373,6 +412,7 @@ impl Step {
             Self::Produce { .. } => "produce",
             Self::Catalog { .. } => "catalog",
             Self::Rucio { .. } => "rucio",
+            Self::Slurm(_) => "slurm",
         }
     }
 }
@@ -636,6 +676,21 @@ fn parse_steps(
             Some("produce") => vec!["type", "topic", "key"],
             Some("catalog") => vec!["type", "database"],
             Some("rucio") => vec!["type", "rse", "scope", "name", "pfn", "dataset"],
+            Some("slurm") => vec![
+                "type",
+                "script",
+                "args",
+                "wrap",
+                "partition",
+                "account",
+                "time",
+                "chdir",
+                "output",
+                "options",
+                "env",
+                "maxjobs",
+                "poll",
+            ],
             // An unknown or missing type is the one problem reported.
             _ => t.keys().map(String::as_str).collect(),
         };
@@ -646,7 +701,8 @@ fn parse_steps(
                 if t.get("type").is_none() {
                     p.fail(
                         "type",
-                        "is required: copy, delete-source, unpack, exec, webhook, produce, catalog or rucio",
+                        "is required: copy, delete-source, unpack, exec, webhook, produce, catalog, rucio \
+                         or slurm",
                     );
                 }
                 None
@@ -830,12 +886,13 @@ fn parse_steps(
                     _ => None,
                 }
             }
+            Some("slurm") => parse_slurm(&mut p),
             Some(other) => {
                 p.fail(
                     "type",
                     format!(
                         "unknown step {other:?} (expected copy, delete-source, unpack, exec, \
-                         webhook, produce, catalog or rucio)"
+                         webhook, produce, catalog, rucio or slurm)"
                     ),
                 );
                 None
@@ -882,7 +939,75 @@ fn step_templates(step: &Step) -> Vec<&Template> {
             .chain(pfn.iter())
             .chain(dataset.iter())
             .collect(),
+        Step::Slurm(job) => job
+            .script
+            .iter()
+            .chain(&job.args)
+            .chain(&job.chdir)
+            .chain(&job.output)
+            .chain(job.env.values())
+            .collect(),
     }
+}
+
+fn parse_slurm(p: &mut Section<'_>) -> Option<Step> {
+    let before = p.errs().len();
+    let script = p.template("script");
+    let wrap = p.string("wrap");
+    match (&script, &wrap) {
+        (Some(_), Some(_)) => p.fail("wrap", "give script or wrap, not both"),
+        (None, None) => p.fail(
+            "script",
+            "is required: the batch script (or `wrap`, a command line for sbatch --wrap)",
+        ),
+        _ => {}
+    }
+    if let Some(w) = &wrap {
+        if let Ok(t) = Template::parse(w) {
+            if let Some(field) = t.fields().next() {
+                p.fail(
+                    "wrap",
+                    format!(
+                        "a shell runs it, so it takes no placeholders ({{{field}}}): read \
+                         \"$DCFLOW_{}\" in the command, or use script and args",
+                        field.to_ascii_uppercase()
+                    ),
+                );
+            }
+        }
+    }
+    let args = p.templates("args").unwrap_or_default();
+    if wrap.is_some() && !args.is_empty() {
+        p.fail("args", "are the script's arguments: wrap takes none");
+    }
+    let options = p.strings("options").unwrap_or_default();
+    for (i, o) in options.iter().enumerate() {
+        let name = o.split('=').next().unwrap_or(o);
+        if SBATCH_OWN.contains(&name) {
+            p.fail(
+                &format!("options[{i}]"),
+                format!(
+                    "{name} is set by dcflow (the job name finds the job again after a restart)"
+                ),
+            );
+        }
+    }
+    let env = p.template_table("env");
+    let job = SlurmJob {
+        script,
+        args,
+        wrap,
+        partition: p.string("partition"),
+        account: p.string("account"),
+        time: p.string("time"),
+        chdir: p.template("chdir"),
+        output: p.template("output"),
+        options,
+        env,
+        max_jobs: p.int("maxjobs", 100, 1, 1_000_000) as usize,
+        poll: Duration::from_secs(p.int("poll", 30, 1, 3600)),
+    };
+    (p.errs().len() == before).then(|| Step::Slurm(Box::new(job)))
 }
 
 fn problem(key: &str, what: impl Into<String>) -> ConfigProblem {

@@ -42,7 +42,7 @@ impl Pipeline {
         let gated = self
             .tape_gate(&upload, &mapped, &workflows, listed.locality, _permit)
             .await;
-        let (_permit, staged) = match gated {
+        let (permit, staged) = match gated {
             Ok(gated) => gated,
             Err(why) => {
                 let outcome = self
@@ -56,12 +56,16 @@ impl Pipeline {
                 return outcome;
             }
         };
+        let mut slot = Slot {
+            permit: Some(permit),
+            permits: self.permits.clone(),
+        };
         let mut outcome: Result<Option<FileOutcome>, Unrecorded> = Ok(None);
         for i in workflows {
             let wf = &self.workflows[i];
             let span = tracing::info_span!("workflow", workflow = %wf.name);
             let o = self
-                .run_workflow(wf, &upload, &mapped, &facts, &raw, &origin)
+                .run_workflow(wf, &upload, &mapped, &facts, &raw, &origin, &mut slot)
                 .instrument(span)
                 .await;
             outcome = match (outcome, o) {
@@ -187,6 +191,7 @@ impl Pipeline {
 
     /// Runs one workflow's steps in order for one upload. The first step that fails (after
     /// its attempts) ends the workflow for this event and is recorded, naming the step.
+    #[allow(clippy::too_many_arguments)]
     async fn run_workflow(
         &self,
         wf: &Workflow,
@@ -195,8 +200,16 @@ impl Pipeline {
         facts: &Facts,
         raw: &[u8],
         origin: &str,
+        slot: &mut Slot,
     ) -> Result<FileOutcome, Unrecorded> {
+        // Steps already finished for this event (an earlier delivery, `dcflow retry`).
+        let state_key = match upload.kind {
+            EventKind::Upload => upload.pnfsid.to_string(),
+            other => format!("{}:{}", other.as_str(), upload.pnfsid.as_str()),
+        };
         let mut run = Run {
+            slot,
+            state_key: state_key.clone(),
             wf,
             upload,
             mapped,
@@ -213,11 +226,6 @@ impl Pipeline {
             verified_copy: false,
         };
         let started = Instant::now();
-        // Steps already finished for this event (an earlier delivery, `dcflow retry`).
-        let state_key = match upload.kind {
-            EventKind::Upload => upload.pnfsid.to_string(),
-            other => format!("{}:{}", other.as_str(), upload.pnfsid.as_str()),
-        };
         let resume_at = match self.resume(&mut run, &state_key).await {
             Some(at) => at,
             None => return Ok(FileOutcome::AlreadyPresent),
@@ -423,6 +431,7 @@ impl Pipeline {
                     .await,
                 )
             }
+            Step::Slurm(job) => self.slurm_step(run, job, j, label).await,
             Step::Exec {
                 argv,
                 env,
@@ -560,6 +569,10 @@ impl Pipeline {
 
 /// One workflow for one event, as its steps run: what they produced so far.
 pub(crate) struct Run<'a> {
+    /// The file's transfer slot, given back while a step waits outside dcflow.
+    pub(crate) slot: &'a mut Slot,
+    /// The file's key in the state store (its pnfsid, or kind:pnfsid).
+    pub(crate) state_key: String,
     pub(crate) wf: &'a Workflow,
     pub(crate) upload: &'a Subject,
     pub(crate) mapped: &'a Mapped,
@@ -570,6 +583,32 @@ pub(crate) struct Run<'a> {
     pub(crate) outcome: FileOutcome,
     /// A copy step of this workflow verified the local file (delete-source needs one).
     pub(crate) verified_copy: bool,
+}
+
+/// The transfer slot (a `maxdownloads` permit) a file holds while its workflows run; given
+/// back while it waits for something outside dcflow (a batch job), so that other files are
+/// admitted and copied meanwhile, and taken again after.
+pub(crate) struct Slot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Slot {
+    pub(crate) fn release(&mut self) {
+        self.permit = None;
+    }
+
+    pub(crate) async fn retake(&mut self) {
+        if self.permit.is_none() {
+            self.permit = Some(
+                self.permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed"),
+            );
+        }
+    }
 }
 
 /// The values templates see for this event: its fields, before any step ran.

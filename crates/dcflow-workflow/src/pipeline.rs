@@ -61,6 +61,8 @@ pub struct Pipeline {
     pub(crate) webhooks: Webhooks,
     /// `[rucio]`'s client, when a workflow has a rucio step.
     pub(crate) rucio: Option<crate::steps::rucio::Rucio>,
+    /// The Slurm client, when a workflow has a slurm step.
+    pub(crate) slurm: Option<crate::steps::slurm::Slurm>,
     pub(crate) retry: dcflow_core::RetryPolicy,
     /// Event kinds besides uploads that some workflow takes.
     pub(crate) other_kinds: std::collections::BTreeSet<EventKind>,
@@ -178,6 +180,11 @@ impl Pipeline {
                 _ => {}
             }
         }
+        let slurm = workflows
+            .iter()
+            .flat_map(|w| &w.steps)
+            .any(|s| matches!(s, Step::Slurm(_)))
+            .then(crate::steps::slurm::Slurm::start);
         let stager = config
             .tape
             .clone()
@@ -194,6 +201,7 @@ impl Pipeline {
             explicit_workflows: !config.workflow_rules.is_empty(),
             webhooks,
             rucio,
+            slurm,
             retry: config.dcache.retry,
             engine,
             success: RecordFile::open(&config.local.success_file)?,
@@ -302,6 +310,9 @@ impl Pipeline {
                 .as_ref()
                 .map_or(0, |s| s.waiting.load(std::sync::atomic::Ordering::Relaxed)),
         );
+        if let Some(slurm) = &self.slurm {
+            self.stats.set_slurm(&slurm.counts());
+        }
         self.stats.encode()
     }
 
@@ -314,6 +325,14 @@ impl Pipeline {
                 .waiting
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .into();
+        }
+        if let Some(slurm) = &self.slurm {
+            let c = slurm.counts();
+            status["slurm"] = serde_json::json!({
+                "waiting_for_slot": c.waiting_for_slot,
+                "active": c.active,
+                "ended": c.ended,
+            });
         }
         status
     }

@@ -41,6 +41,17 @@ impl StateStore {
                  context  TEXT NOT NULL,
                  PRIMARY KEY (pnfsid, workflow, step)
              );
+             CREATE TABLE IF NOT EXISTS slurm_jobs (
+                 pnfsid    TEXT NOT NULL,
+                 workflow  TEXT NOT NULL,
+                 step      INTEGER NOT NULL,
+                 job_id    TEXT NOT NULL,
+                 submitted TEXT NOT NULL,
+                 ended     TEXT,
+                 state     TEXT,
+                 exit_code TEXT,
+                 PRIMARY KEY (pnfsid, workflow, step, job_id)
+             );
              CREATE TABLE IF NOT EXISTS destinations (
                  local_path   TEXT PRIMARY KEY,
                  billing_path TEXT NOT NULL,
@@ -101,6 +112,81 @@ impl StateStore {
                 "INSERT OR REPLACE INTO steps (pnfsid, workflow, step, kind, done_at, context)
                  VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?5)",
                 params![row.0, row.1, row.2, row.3, row.4],
+            )?;
+            Ok(())
+        })
+        .await?
+    }
+}
+
+/// A Slurm job of a `slurm` step, as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRow {
+    pub job_id: String,
+    /// The state it ended in; `None` while it has not been seen to end.
+    pub ended: Option<String>,
+}
+
+impl StateStore {
+    /// The jobs submitted (or adopted) for step `step` (1-based) of `workflow`, oldest first.
+    pub async fn jobs(&self, key: &str, workflow: &str, step: usize) -> Result<Vec<JobRow>> {
+        let conn = self.conn.clone();
+        let (key, workflow) = (key.to_owned(), workflow.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().expect("state lock");
+            let mut q = conn.prepare(
+                "SELECT job_id, state FROM slurm_jobs WHERE pnfsid = ?1 AND workflow = ?2
+                 AND step = ?3 ORDER BY submitted, CAST(job_id AS INTEGER)",
+            )?;
+            let rows = q.query_map(params![key, workflow, step as i64], |r| {
+                Ok(JobRow {
+                    job_id: r.get(0)?,
+                    ended: r.get(1)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await?
+    }
+
+    /// Job `job_id` is this step's now (submitted, or found in Slurm by its name); written
+    /// before it is waited for, so that a restart follows it instead of submitting another.
+    pub async fn job_submitted(
+        &self,
+        key: &str,
+        workflow: &str,
+        step: usize,
+        job_id: &str,
+    ) -> Result<()> {
+        let conn = self.conn.clone();
+        let row = (
+            key.to_owned(),
+            workflow.to_owned(),
+            step as i64,
+            job_id.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().expect("state lock");
+            conn.execute(
+                "INSERT OR IGNORE INTO slurm_jobs (pnfsid, workflow, step, job_id, submitted)
+                 VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                params![row.0, row.1, row.2, row.3],
+            )?;
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Job `job_id` ended in `state` with `exit_code` (Slurm's `status:signal`).
+    pub async fn job_ended(&self, job_id: &str, state: &str, exit_code: &str) -> Result<()> {
+        let conn = self.conn.clone();
+        let row = (job_id.to_owned(), state.to_owned(), exit_code.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().expect("state lock");
+            conn.execute(
+                "UPDATE slurm_jobs SET ended = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+                 state = ?2, exit_code = ?3 WHERE job_id = ?1",
+                params![row.0, row.1, row.2],
             )?;
             Ok(())
         })

@@ -37,6 +37,11 @@ struct CredentialLabel {
     credential: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
+struct JobStateLabel {
+    state: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabel {
     pub workflow: String,
@@ -77,6 +82,11 @@ pub struct Stats {
     upstream_errors: Family<UpstreamLabel, Counter>,
     /// Files waiting for tape now (`[tape]`).
     tape_waiting: Gauge,
+    /// Slurm jobs of the slurm steps: followed now by state (and `waiting`: not submitted yet,
+    /// for a `maxjobs` slot), and ended by state.
+    slurm_jobs: Family<JobStateLabel, Gauge>,
+    slurm_ended: Family<JobStateLabel, Counter>,
+    slurm_states: Mutex<std::collections::BTreeSet<String>>,
     /// When the proxy and the token run out (Unix seconds), per credential.
     credential_expiry: Family<CredentialLabel, Gauge>,
     /// This process, as Prometheus's own clients name it (read from /proc at each scrape).
@@ -120,6 +130,9 @@ impl Default for Stats {
             upstream_errors: Family::default(),
             credential_expiry: Family::default(),
             tape_waiting: Gauge::default(),
+            slurm_jobs: Family::default(),
+            slurm_ended: Family::default(),
+            slurm_states: Mutex::default(),
             process: ProcessMetrics::default(),
             last_lag: Mutex::default(),
             registry: Registry::default(),
@@ -225,6 +238,16 @@ impl Default for Stats {
             "Files on tape only, waiting for dCache to stage them",
             stats.tape_waiting.clone(),
         );
+        r.register(
+            "dcflow_slurm_jobs",
+            "Slurm jobs of slurm steps now, by state (waiting: for a maxjobs slot, not submitted)",
+            stats.slurm_jobs.clone(),
+        );
+        r.register(
+            "dcflow_slurm_jobs_ended",
+            "Slurm jobs of slurm steps seen to end, by state",
+            stats.slurm_ended.clone(),
+        );
         stats.process.register(r);
         Self { registry, ..stats }
     }
@@ -265,6 +288,30 @@ impl Stats {
 
     pub fn set_tape_waiting(&self, n: u64) {
         self.tape_waiting.set(n as i64);
+    }
+
+    /// Mirrors the Slurm client's counts into `dcflow_slurm_jobs` and `_ended`.
+    pub fn set_slurm(&self, c: &crate::steps::slurm::Counts) {
+        let mut states = self.slurm_states.lock().expect("lock");
+        states.insert("waiting".into());
+        states.extend(c.active.keys().cloned());
+        for state in states.iter() {
+            let now = match state.as_str() {
+                "waiting" => c.waiting_for_slot,
+                s => c.active.get(s).copied().unwrap_or(0),
+            };
+            self.slurm_jobs
+                .get_or_create(&JobStateLabel {
+                    state: state.clone(),
+                })
+                .set(now as i64);
+        }
+        for (state, n) in &c.ended {
+            let ended = self.slurm_ended.get_or_create(&JobStateLabel {
+                state: state.clone(),
+            });
+            ended.inc_by(n.saturating_sub(ended.get()));
+        }
     }
 
     /// Reads this process's figures from /proc (at each scrape).

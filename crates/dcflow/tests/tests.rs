@@ -13,6 +13,7 @@ mod kafka_outage;
 mod pipeline;
 mod real_dcache;
 mod rucio;
+mod slurm;
 mod sse;
 mod sync;
 mod tape;

@@ -13,6 +13,7 @@
 //! produce        a message on a Kafka topic (through `Publish`)
 //! catalog        a row in the catalog table
 //! rucio          a replica in Rucio, attached to a dataset (gathered into batches)
+//! slurm          a batch job, submitted and followed to its end (without a transfer slot)
 //! ```
 
 pub mod catalog;
@@ -21,6 +22,7 @@ pub mod delete_source;
 pub mod exec;
 pub mod produce;
 pub mod rucio;
+pub mod slurm;
 pub mod unpack;
 pub mod webhook;
 

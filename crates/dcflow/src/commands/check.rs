@@ -250,6 +250,35 @@ pub fn check(config: &Config, path: &std::path::Path) -> Result<String, Vec<Stri
             r.batch_wait.as_millis()
         );
     }
+    if config
+        .workflow_rules
+        .iter()
+        .flat_map(|w| &w.steps)
+        .any(|s| matches!(s, dcflow_core::Step::Slurm(_)))
+    {
+        let found = |tool: &str| {
+            std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        };
+        let missing: Vec<&str> = ["sbatch", "squeue", "sacct", "scontrol"]
+            .into_iter()
+            .filter(|t| !found(t))
+            .collect();
+        let conf = std::env::var("SLURM_CONF")
+            .unwrap_or_else(|_| "/etc/slurm/slurm.conf (default)".into());
+        let _ = if missing.is_empty() {
+            writeln!(
+                out,
+                "slurm:       sbatch, squeue, sacct, scontrol on PATH; SLURM_CONF {conf}"
+            )
+        } else {
+            writeln!(
+                out,
+                "slurm:       NOT ON PATH: {} (slurm steps submit with sbatch and follow jobs with sacct/scontrol); SLURM_CONF {conf}",
+                missing.join(", ")
+            )
+        };
+    }
     let _ = match config.metrics_address {
         Some(a) => writeln!(
             out,
