@@ -1,7 +1,8 @@
 //! The `slurm` step: a batch job submitted with `sbatch`, then followed to its end. The step
-//! ends as the job did. One watcher follows every waiting job: all due jobs in one `sacct`
-//! call, `scontrol show job` for those that accounting does not know (yet, or at all), each
-//! job looked at after 1 s, then less often, up to the step's `poll`. As Slurm 22.05 answers
+//! ends as the job did. One watcher follows every waiting job: whenever one is due, all of
+//! them in one `sacct` call (per 500), `scontrol show job` for the due ones that accounting
+//! does not know (yet, or at all). A job is due 1 s after it was submitted or changed state,
+//! then after a quarter of the time it has been in that state, at most the step's `poll`. As Slurm 22.05 answers
 //! (its `--json` output reports exit codes wrongly, so text is read):
 //!
 //! ```text
@@ -254,7 +255,7 @@ impl Slurm {
     }
 
     /// Follows `job_id` to its end (however long that takes), looking at it after 1 s, then
-    /// less often, at least every `poll`.
+    /// less often (a quarter of the time it has spent in its state), at least every `poll`.
     pub async fn wait(&self, job_id: &str, poll: Duration) -> JobEnd {
         let (reply, answer) = oneshot::channel();
         let _ = self.watch.send(Watch {
@@ -433,13 +434,14 @@ async fn run(mut cmd: Command, what: &str) -> Result<String, StepError> {
 struct Waiting {
     replies: Vec<oneshot::Sender<JobEnd>>,
     since: Instant,
+    /// When its state last changed.
+    changed: Instant,
     next: Instant,
-    every: Duration,
     poll: Duration,
     state: String,
 }
 
-/// Follows every waiting job: due jobs in one query, each looked at less often as it waits.
+/// Follows every waiting job: all in one query whenever one is due (see the module comment).
 async fn watcher(mut rx: mpsc::UnboundedReceiver<Watch>, counts: Arc<Mutex<Counts>>) {
     let mut jobs: HashMap<String, Waiting> = HashMap::new();
     let mut last_error_logged: Option<Instant> = None;
@@ -452,8 +454,8 @@ async fn watcher(mut rx: mpsc::UnboundedReceiver<Watch>, counts: Arc<Mutex<Count
                     let entry = jobs.entry(w.job_id).or_insert_with(|| Waiting {
                         replies: Vec::new(),
                         since: now,
+                        changed: now,
                         next: now + Duration::from_secs(1),
-                        every: Duration::from_secs(1),
                         poll: w.poll,
                         state: "PENDING".into(),
                     });
@@ -476,7 +478,10 @@ async fn watcher(mut rx: mpsc::UnboundedReceiver<Watch>, counts: Arc<Mutex<Count
         if due.is_empty() {
             continue;
         }
-        let seen = match query(&due).await {
+        // One sacct call answers for any number of jobs: all of them are asked about
+        // whenever one is due, so a job that starts or ends is seen at the next call.
+        let all: Vec<String> = jobs.keys().cloned().collect();
+        let seen = match query(&all, &due).await {
             Ok(seen) => seen,
             Err(e) => {
                 if last_error_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
@@ -491,11 +496,12 @@ async fn watcher(mut rx: mpsc::UnboundedReceiver<Watch>, counts: Arc<Mutex<Count
                 continue;
             }
         };
-        for id in due {
+        for id in all {
             let Some(w) = jobs.get_mut(&id) else { continue };
+            let was_due = w.next <= now;
             let status = match seen.get(&id) {
                 Some(s) => s.clone(),
-                None if w.since.elapsed() > UNKNOWN_FOR => Status {
+                None if was_due && w.since.elapsed() > UNKNOWN_FOR => Status {
                     state: "UNKNOWN".into(),
                     ..Default::default()
                 },
@@ -519,11 +525,17 @@ async fn watcher(mut rx: mpsc::UnboundedReceiver<Watch>, counts: Arc<Mutex<Count
                 }
                 continue;
             }
-            if !status.state.is_empty() {
+            if !status.state.is_empty() && status.state != w.state {
+                // It moved (PENDING → RUNNING...): look again soon, then back off anew.
                 w.state = status.state;
+                w.changed = Instant::now();
+                w.next = Instant::now() + Duration::from_secs(1);
+            } else if was_due {
+                // A quarter of the time it has spent in this state: a job's end is noticed
+                // within a quarter of its run time, or `poll`, whichever is less.
+                let every = (w.changed.elapsed() / 4).clamp(Duration::from_secs(1), w.poll);
+                w.next = Instant::now() + every;
             }
-            w.every = (w.every * 2).min(w.poll);
-            w.next = Instant::now() + w.every;
         }
         publish(&jobs, &counts);
     }
@@ -544,27 +556,29 @@ fn publish(jobs: &HashMap<String, Waiting>, counts: &Mutex<Counts>) {
     counts.lock().expect("counts lock").active = active;
 }
 
-/// What Slurm says of `ids`: accounting first (one call), `scontrol` for those it does not
-/// know. `Err` when Slurm could not be asked at all.
-async fn query(ids: &[String]) -> Result<HashMap<String, Status>, StepError> {
-    let mut cmd = Command::new("sacct");
-    cmd.args([
-        "-n",
-        "-X",
-        "-P",
-        "-o",
-        "JobID,State,ExitCode,Submit,Start,End",
-        "-j",
-        &ids.join(","),
-    ])
-    .env("SLURM_TIME_FORMAT", "%s");
-    let mut seen = match run(cmd, "sacct").await {
-        Ok(out) => parse_sacct(&out),
-        Err(_) => HashMap::new(),
-    };
+/// What Slurm says of `ids`: accounting first (one call per 500 jobs), `scontrol` for those of
+/// `due` it does not know. `Err` when Slurm could not be asked at all.
+async fn query(ids: &[String], due: &[String]) -> Result<HashMap<String, Status>, StepError> {
+    let mut seen = HashMap::new();
+    for chunk in ids.chunks(500) {
+        let mut cmd = Command::new("sacct");
+        cmd.args([
+            "-n",
+            "-X",
+            "-P",
+            "-o",
+            "JobID,State,ExitCode,Submit,Start,End",
+            "-j",
+            &chunk.join(","),
+        ])
+        .env("SLURM_TIME_FORMAT", "%s");
+        if let Ok(out) = run(cmd, "sacct").await {
+            seen.extend(parse_sacct(&out));
+        }
+    }
     let mut reached = !seen.is_empty();
     let mut last_error = None;
-    let missing: Vec<&String> = ids.iter().filter(|id| !seen.contains_key(*id)).collect();
+    let missing: Vec<&String> = due.iter().filter(|id| !seen.contains_key(*id)).collect();
     for id in missing {
         let mut cmd = Command::new("scontrol");
         cmd.args(["show", "job", "-o", id])
