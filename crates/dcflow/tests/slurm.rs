@@ -1,7 +1,7 @@
 //! The `slurm` step against a real Slurm 22.05 (`scripts/slurm.sh`: slurmctld, slurmd,
 //! slurmdbd, MUNGE): a job that reads the verified copy, the source freed only after it
 //! COMPLETED; a failing job retried, then recorded with its exit code, the source kept; a
-//! job over its time limit; `maxjobs` holding workflows back while other files are copied; a
+//! cancelled job recorded at once; a job over its time limit; `maxjobs` holding workflows back while other files are copied; a
 //! job already in Slurm under the step's name followed instead of a second one; `dcflow run`
 //! killed while its jobs run, restarted: no job twice, every workflow ends, the offsets reach
 //! the end only then.
@@ -238,6 +238,53 @@ async fn a_failing_job_is_retried_then_recorded_with_its_exit_code_and_the_sourc
     );
     assert!(site.sim.stored_file(&door).exists(), "the source is kept");
     assert!(site.records("success.csv").is_empty());
+}
+
+/// A job cancelled by someone else (`scancel`): a failure at once, not another job
+/// (attempts = 3); the source kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_by_someone_else_is_a_failure_not_a_retry_loop() {
+    let Some(jobs_dir) = slurm() else { return };
+    let site = Site::new().await;
+    let wf = unique("cancelled").replace('-', "_");
+    let door = site.upload("slurm/cancelled.dat", &data(2_000, 5)).await;
+    let keys = "env = { SLEEP = \"300\" }";
+    let config = site.write_workflow_config("", &workflow(&site, &jobs_dir, &wf, keys, 3));
+    let child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
+        .args([
+            "replay",
+            "-c",
+            config.to_str().unwrap(),
+            site.billing().to_str().unwrap(),
+        ])
+        .env("DCFLOW_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let prefix = format!("dcflow.{wf}.");
+    wait_for("the job to run", Duration::from_secs(60), || {
+        jobs(&prefix).iter().any(|j| j.2 == "RUNNING")
+    });
+    let id = jobs(&prefix)[0].0.clone();
+    let cancel = Command::new("scancel").arg(&id).output().unwrap();
+    assert!(cancel.status.success(), "{}", text(&cancel.stderr));
+    let out = child.wait_with_output().unwrap();
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let ran = ended_jobs(&prefix, 1);
+    assert_eq!(ran.len(), 1, "not submitted again: {ran:?}");
+    assert_eq!(ran[0].2, "CANCELLED", "{ran:?}");
+    let failed = site.records("failed.csv");
+    assert!(
+        failed[0]
+            .error
+            .contains(&format!("Slurm job {id} ended CANCELLED"))
+            && failed[0].error.contains("not submitted again"),
+        "{}",
+        failed[0].error
+    );
+    assert!(site.sim.stored_file(&door).exists(), "the source is kept");
 }
 
 /// `time = "0:01"`: Slurm ends the job as TIMEOUT (its limits are checked every ~30 s), and
