@@ -368,6 +368,8 @@ pub enum Step {
         name: Template,
         pfn: Option<Template>,
         dataset: Option<Template>,
+        /// A replication rule: an RSE expression and the number of copies.
+        rule: Option<(String, u32)>,
     },
     /// A Slurm batch job, followed to its end: the step ends as the job did.
     Slurm(Box<SlurmJob>),
@@ -675,7 +677,9 @@ fn parse_steps(
             ],
             Some("produce") => vec!["type", "topic", "key"],
             Some("catalog") => vec!["type", "database"],
-            Some("rucio") => vec!["type", "rse", "scope", "name", "pfn", "dataset"],
+            Some("rucio") => vec![
+                "type", "rse", "scope", "name", "pfn", "dataset", "rule", "copies",
+            ],
             Some("slurm") => vec![
                 "type",
                 "script",
@@ -855,12 +859,10 @@ fn parse_steps(
                 database.map(|d| Step::Catalog { database: d.into() })
             }
             Some("rucio") => {
-                if !steps.iter().any(|s| matches!(s, Step::Copy { .. })) {
-                    p.fail(
-                        "type",
-                        "rucio registers the verified copy's bytes and adler32: it needs a copy \
-                         step before it in the same workflow",
-                    );
+                let rule = p.string("rule");
+                let copies = p.int("copies", 1, 1, 100) as u32;
+                if t.contains_key("copies") && rule.is_none() {
+                    p.fail("copies", "counts the copies of a rule: give rule too");
                 }
                 let rse = p.template("rse");
                 if rse.is_none() {
@@ -882,6 +884,7 @@ fn parse_steps(
                         name,
                         pfn,
                         dataset,
+                        rule: rule.map(|r| (r, copies)),
                     }),
                     _ => None,
                 }
@@ -934,6 +937,7 @@ fn step_templates(step: &Step) -> Vec<&Template> {
             name,
             pfn,
             dataset,
+            ..
         } => [rse, scope, name]
             .into_iter()
             .chain(pfn.iter())

@@ -537,6 +537,11 @@ impl Engine {
     }
 
     /// HEAD at the door with `Want-Digest`: (size, checksums).
+    /// dCache's size and checksums of the file at `url` (a HEAD with `Want-Digest`).
+    pub async fn describe(&self, url: &Url) -> Result<(Option<u64>, Vec<Checksum>), TransferError> {
+        self.head(url).await
+    }
+
     async fn head(&self, url: &Url) -> Result<(Option<u64>, Vec<Checksum>), TransferError> {
         let resp = self.send(Method::HEAD, url).await?;
         let size = resp

@@ -379,58 +379,7 @@ impl Pipeline {
                     .await,
                 )
             }
-            Step::Rucio {
-                rse,
-                scope,
-                name,
-                pfn,
-                dataset,
-            } => {
-                let ctx = &run.ctx;
-                let registration = || -> Result<steps::rucio::Registration, StepError> {
-                    let value = |k: &str| ctx.values.get(k).cloned().unwrap_or_default();
-                    let adler32 = steps::rucio::adler32_of(&value("checksum")).ok_or_else(|| {
-                        StepError::fatal(
-                            "no adler32 from this workflow's copy (dCache gave none?): not registered",
-                        )
-                    })?;
-                    let bytes = value("size").parse().map_err(|_| {
-                        StepError::fatal("no size from this workflow's copy: not registered")
-                    })?;
-                    let scope = ctx.render(scope)?;
-                    let dataset = match dataset {
-                        Some(d) => {
-                            let d = ctx.render(d)?;
-                            Some(match d.split_once(':') {
-                                Some((s, n)) => (s.to_owned(), n.to_owned()),
-                                None => (scope.clone(), d),
-                            })
-                        }
-                        None => None,
-                    };
-                    Ok(steps::rucio::Registration {
-                        rse: ctx.render(rse)?,
-                        scope,
-                        name: ctx.render(name)?,
-                        bytes,
-                        adler32,
-                        pfn: pfn.as_ref().map(|p| ctx.render(p)).transpose()?,
-                        dataset,
-                    })
-                };
-                let reg = match (registration(), &self.rucio) {
-                    (Ok(reg), Some(_)) => reg,
-                    (Err(e), _) => return Err((e.to_string(), 1)),
-                    (_, None) => return Err(("no [rucio] section".into(), 1)),
-                };
-                let rucio = self.rucio.as_ref().expect("checked above");
-                retried(
-                    retrying(label, wf.attempts, &self.retry, || {
-                        rucio.register(reg.clone())
-                    })
-                    .await,
-                )
-            }
+            Step::Rucio { .. } => self.rucio_step(run, step, label).await,
             Step::Slurm(job) => self.slurm_step(run, job, j, label).await,
             Step::Exec {
                 argv,

@@ -11,10 +11,10 @@ use std::time::Duration;
 use crate::util::*;
 
 /// The tests share one dCache; the one that restarts it has it to itself.
-static DCACHE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+pub(crate) static DCACHE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// Writes `data` to a file and uploads it to `path`.
-fn put(dcache: &RealDcache, dir: &Path, path: &str, body: &[u8]) {
+pub(crate) fn put(dcache: &RealDcache, dir: &Path, path: &str, body: &[u8]) {
     let file = dir.join("upload.bin");
     std::fs::write(&file, body).unwrap();
     dcache.upload(path, &file);

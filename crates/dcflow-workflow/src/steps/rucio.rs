@@ -29,7 +29,112 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::StepError;
+use dcflow_core::workflow::EventKind;
+use dcflow_core::Step;
+
+use super::{retrying, StepError};
+use crate::executor::Run;
+use crate::pipeline::Pipeline;
+
+impl Pipeline {
+    /// The `rucio` step of `run`: the file registered (bytes and adler32 of this workflow's
+    /// verified copy, or without a copy dCache's own), attached, its rule added; in a workflow
+    /// on `remove` events, its replica declared BAD.
+    pub(crate) async fn rucio_step(
+        &self,
+        run: &mut Run<'_>,
+        step: &Step,
+        label: &str,
+    ) -> Result<(), (String, u32)> {
+        let Step::Rucio {
+            rse,
+            scope,
+            name,
+            pfn,
+            dataset,
+            rule,
+        } = step
+        else {
+            return Err(("not a rucio step".into(), 1));
+        };
+        let Some(rucio) = &self.rucio else {
+            return Err(("no [rucio] section".into(), 1));
+        };
+        let attempts = run.wf.attempts;
+        let remove = run.upload.kind == EventKind::Remove;
+        let ctx = &run.ctx;
+        let value = |k: &str| ctx.values.get(k).cloned().unwrap_or_default();
+        let (bytes, adler32) = if remove {
+            (0, String::new())
+        } else if run.verified_copy {
+            let adler32 = adler32_of(&value("checksum")).ok_or((
+                "no adler32 from this workflow's copy (dCache gave none?): not registered".into(),
+                1,
+            ))?;
+            let bytes = value("size").parse().map_err(|_| {
+                (
+                    "no size from this workflow's copy: not registered".to_owned(),
+                    1,
+                )
+            })?;
+            (bytes, adler32)
+        } else {
+            // No copy: dCache's own size and adler32 of the original.
+            let url = &run.mapped.source_url;
+            let found: std::sync::Mutex<Option<(u64, String)>> = Default::default();
+            retrying(label, attempts, &self.retry, || async {
+                let (size, sums) = self.engine.describe(url).await.map_err(|e| {
+                    StepError::transfer("asking dCache for the file's adler32: ", &e)
+                })?;
+                let adler32 = sums.iter().find_map(|c| adler32_of(&c.to_string()));
+                match (size, adler32) {
+                    (Some(size), Some(a)) => {
+                        *found.lock().expect("lock") = Some((size, a));
+                        Ok(())
+                    }
+                    _ => Err(StepError::fatal(
+                        "dCache gave no size or no adler32 for the file: not registered",
+                    )),
+                }
+            })
+            .await
+            .map_err(|(e, n)| (e.to_string(), n))?;
+            found.into_inner().expect("lock").expect("set on success")
+        };
+        let registration = || -> Result<Registration, StepError> {
+            let scope = ctx.render(scope)?;
+            let dataset = match dataset {
+                Some(d) if !remove => {
+                    let d = ctx.render(d)?;
+                    Some(match d.split_once(':') {
+                        Some((s, n)) => (s.to_owned(), n.to_owned()),
+                        None => (scope.clone(), d),
+                    })
+                }
+                _ => None,
+            };
+            Ok(Registration {
+                rse: ctx.render(rse)?,
+                scope,
+                name: ctx.render(name)?,
+                bytes,
+                adler32: adler32.clone(),
+                pfn: pfn.as_ref().map(|p| ctx.render(p)).transpose()?,
+                dataset,
+                rule: rule.clone().filter(|_| !remove),
+                bad: remove.then(|| "the file was removed from dCache (dcflow)".to_owned()),
+            })
+        };
+        let reg = registration().map_err(|e| (e.to_string(), 1))?;
+        // Waiting for Rucio is no transfer: the slot lets another file in meanwhile, which
+        // is also what fills a batch (with the slot held, a batch never outgrew
+        // maxdownloads).
+        run.slot.release();
+        let result = retrying(label, attempts, &self.retry, || rucio.register(reg.clone())).await;
+        run.slot.retake().await;
+        result.map(drop).map_err(|(e, n)| (e.to_string(), n))
+    }
+}
 
 /// One file to register.
 #[derive(Debug, Clone)]
@@ -43,6 +148,11 @@ pub struct Registration {
     pub pfn: Option<String>,
     /// `(scope, name)` of the dataset to attach the file to.
     pub dataset: Option<(String, String)>,
+    /// A replication rule (RSE expression, copies) on the dataset, or on the file without one.
+    pub rule: Option<(String, u32)>,
+    /// Not a registration: the replica is declared BAD, for this reason (its file was removed
+    /// from dCache; Rucio's generic policy lets no account delete a replica).
+    pub bad: Option<String>,
 }
 
 impl Registration {
@@ -129,7 +239,11 @@ impl Answer {
             self.class,
             exception_message(&self.body)
         );
-        if self.status.is_server_error() || self.status.as_u16() == 429 {
+        // Rucio 41.5.1 answers a name its schema refuses (a space in it, say) with 500
+        // InvalidObject: that fails the same way every time.
+        let refusal = ["InvalidObject", "InvalidPath", "RSEProtocolNotSupported"]
+            .contains(&self.class.as_str());
+        if !refusal && (self.status.is_server_error() || self.status.as_u16() == 429) {
             StepError::retry(message)
         } else {
             StepError::fatal(message)
@@ -274,10 +388,20 @@ impl Api {
     /// One result per registration, in order.
     async fn register_all(&self, regs: &[Registration]) -> Vec<Result<(), StepError>> {
         let mut results: Vec<Result<(), StepError>> = vec![Ok(()); regs.len()];
+        let bad: Vec<usize> = (0..regs.len()).filter(|&i| regs[i].bad.is_some()).collect();
+        if !bad.is_empty() {
+            let outcome = self.declare_bad(regs, &bad).await;
+            for (&i, r) in bad.iter().zip(outcome) {
+                results[i] = r;
+            }
+            if bad.len() == regs.len() {
+                return results;
+            }
+        }
         // What Rucio has already: the same bytes and adler32 is fine, others are refused.
         match self.known(regs).await {
             Ok(known) => {
-                for (i, r) in regs.iter().enumerate() {
+                for (i, r) in regs.iter().enumerate().filter(|(_, r)| r.bad.is_none()) {
                     if let Some((bytes, adler32)) = known.get(&r.did()) {
                         if *bytes != r.bytes || !adler32.eq_ignore_ascii_case(&r.adler32) {
                             results[i] = Err(StepError::fatal(format!(
@@ -295,7 +419,7 @@ impl Api {
         // One POST /replicas per RSE.
         let mut by_rse: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, r) in regs.iter().enumerate() {
-            if results[i].is_ok() {
+            if results[i].is_ok() && r.bad.is_none() {
                 by_rse.entry(&r.rse).or_default().push(i);
             }
         }
@@ -318,7 +442,94 @@ impl Api {
                 results[i] = r;
             }
         }
+        // One rule per dataset (or file) and expression.
+        let mut by_rule: BTreeMap<(String, String, &str, u32), Vec<usize>> = BTreeMap::new();
+        for (i, r) in regs.iter().enumerate() {
+            if let (Ok(()), Some((expr, copies)), None) = (&results[i], &r.rule, &r.bad) {
+                let (s, n) = r
+                    .dataset
+                    .clone()
+                    .unwrap_or((r.scope.clone(), r.name.clone()));
+                by_rule.entry((s, n, expr, *copies)).or_default().push(i);
+            }
+        }
+        for ((scope, name, expr, copies), idx) in by_rule {
+            if let Err(e) = self.rule(&scope, &name, expr, copies).await {
+                for i in idx {
+                    results[i] = Err(e.clone());
+                }
+            }
+        }
         results
+    }
+
+    /// A rule of `copies` on `expr` for `scope:name`; one that exists already (409
+    /// `DuplicateRule`) is done.
+    async fn rule(
+        &self,
+        scope: &str,
+        name: &str,
+        expr: &str,
+        copies: u32,
+    ) -> Result<(), StepError> {
+        let body = json!({
+            "dids": [{"scope": scope, "name": name}],
+            "copies": copies,
+            "rse_expression": expr,
+            "account": self.cfg.account,
+        });
+        let a = self.call(Method::POST, "rules/", Some(body)).await?;
+        if a.status.is_success() {
+            info!(did = %format!("{scope}:{name}"), rse_expression = expr, "RUCIO_RULE {copies} cop(ies) of {scope}:{name} on {expr}");
+            return Ok(());
+        }
+        if a.status == StatusCode::CONFLICT && a.class == "DuplicateRule" {
+            return Ok(());
+        }
+        let hint = if a.class == "InsufficientAccountLimit" {
+            format!(
+                " (give account {} a limit on those RSEs: POST /accounts/{}/limits/local/<RSE>)",
+                self.cfg.account, self.cfg.account
+            )
+        } else {
+            String::new()
+        };
+        let e = a.error(&format!("refused a rule on {expr} for {scope}:{name}"));
+        Err(match e {
+            StepError::Refused(m) => StepError::Refused(m + &hint),
+            other => other,
+        })
+    }
+
+    /// Declares the replicas of `idx` BAD, in one call. Rucio answers which it does not know:
+    /// never registered, or gone already; those are done too.
+    async fn declare_bad(
+        &self,
+        regs: &[Registration],
+        idx: &[usize],
+    ) -> Vec<Result<(), StepError>> {
+        let replicas: Vec<Value> = idx
+            .iter()
+            .map(|&i| json!({"scope": regs[i].scope, "name": regs[i].name, "rse": regs[i].rse}))
+            .collect();
+        let reason = regs[idx[0]].bad.clone().unwrap_or_default();
+        let body = json!({"replicas": replicas, "reason": reason});
+        match self.call(Method::POST, "replicas/bad", Some(body)).await {
+            Ok(a) if a.status.is_success() => {
+                let unknown = serde_json::from_str::<Value>(&a.body)
+                    .ok()
+                    .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()));
+                info!(
+                    files = idx.len(),
+                    unknown = %unknown.map(|u| u.to_string()).unwrap_or_default(),
+                    "RUCIO_BAD {} replica(s) declared bad",
+                    idx.len()
+                );
+                vec![Ok(()); idx.len()]
+            }
+            Ok(a) => vec![Err(a.error("refused to declare replicas bad")); idx.len()],
+            Err(e) => vec![Err(e); idx.len()],
+        }
     }
 
     /// `scope:name` → (bytes, adler32) of the files Rucio has replicas of.
@@ -328,6 +539,7 @@ impl Api {
     ) -> Result<HashMap<String, (u64, String)>, StepError> {
         let dids: Vec<Value> = regs
             .iter()
+            .filter(|r| r.bad.is_none())
             .map(|r| json!({"scope": r.scope, "name": r.name}))
             .collect();
         let a = self
@@ -547,5 +759,21 @@ mod tests {
             " (Data identifier 'test:nope' not found)"
         );
         assert_eq!(exception_message("<html>"), "");
+    }
+
+    #[test]
+    fn a_500_that_is_a_refusal_is_not_retried() {
+        let answer = |status: u16, class: &str| Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            class: class.into(),
+            body: String::new(),
+        };
+        // Seen on 41.5.1 for a name with a space: 500 InvalidObject.
+        assert!(!answer(500, "InvalidObject").error("x").is_retryable());
+        assert!(answer(500, "DatabaseException").error("x").is_retryable());
+        assert!(answer(503, "").error("x").is_retryable());
+        assert!(!answer(409, "InsufficientAccountLimit")
+            .error("x")
+            .is_retryable());
     }
 }
