@@ -9,6 +9,11 @@
 #   scripts/rucio.sh env     the export lines
 # The account is `root`, signed in as userpass `ddmlab` / `secret`. RUCIO_PORT (18080) and
 # RUCIO_PG_PORT (15432) are read by every command.
+# For X.509 sign-in, a second gunicorn serves the same app over https on RUCIO_X509_PORT
+# (18443), asking for a client certificate (RFC 3820 proxies allowed) and handing its subject
+# to Rucio as SSL_CLIENT_S_DN, in mod_ssl's legacy form (/C=../O=../CN=..), as Apache does
+# in front of a production Rucio. Its test CA, host and user certificates are made once with
+# openssl under $BASE/x509.
 set -euo pipefail
 BASE=${RUCIO_BASE:-/var/tmp/dcflow-rucio}
 PG_PORT=${RUCIO_PG_PORT:-15432}
@@ -17,6 +22,8 @@ VERSION=41.5.1
 VENV=$BASE/venv
 PGDATA=$BASE/pg/data
 URL=http://127.0.0.1:$RUCIO_PORT
+X509_PORT=${RUCIO_X509_PORT:-18443}
+X509=$BASE/x509
 export RUCIO_CONFIG=$BASE/etc/rucio.cfg
 
 die() { echo "rucio.sh: $*" >&2; exit 1; }
@@ -128,7 +135,61 @@ export DCFLOW_RUCIO_ACCOUNT=root
 export DCFLOW_RUCIO_USERNAME=ddmlab
 export DCFLOW_RUCIO_PASSWORD=secret
 export DCFLOW_RUCIO_LOG=$BASE/log/server.log
+export DCFLOW_RUCIO_X509=https://localhost:$X509_PORT
+export DCFLOW_RUCIO_X509_CAPATH=$X509/capath
+export DCFLOW_RUCIO_X509_USERCERT=$X509/usercert.pem
+export DCFLOW_RUCIO_X509_USERKEY=$X509/userkey.pem
 ENV
+}
+
+# A CA, a host certificate for localhost and a user certificate, once.
+x509_pki() {
+  [ -f "$X509/usercert.pem" ] && return 0
+  rm -rf "$X509"; mkdir -p "$X509/capath"
+  (
+    cd "$X509"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 3650 \
+      -subj "/C=XX/O=dcflow test/CN=dcflow test Rucio CA" >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -keyout host.key -out host.csr \
+      -subj "/C=XX/O=dcflow test/CN=localhost" >/dev/null 2>&1
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > host.ext
+    openssl x509 -req -in host.csr -CA ca.pem -CAkey ca.key -set_serial 2 -days 3650 \
+      -extfile host.ext -out host.pem >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -keyout userkey.pem -out user.csr \
+      -subj "/C=XX/O=dcflow test/OU=users/CN=dcflow rucio tester" >/dev/null 2>&1
+    printf 'keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign\nbasicConstraints=critical,CA:false\n' > user.ext
+    openssl x509 -req -in user.csr -CA ca.pem -CAkey ca.key -set_serial 3 -days 3650 \
+      -extfile user.ext -out usercert.pem >/dev/null 2>&1
+    chmod 600 userkey.pem host.key ca.key
+    cp ca.pem "capath/$(openssl x509 -noout -hash -in ca.pem).0"
+  )
+  cat > "$X509/front.py" <<'PY'
+"""Rucio's app behind TLS: the client certificate's subject as SSL_CLIENT_S_DN (mod_ssl's
+legacy /C=../CN=.. form), the way Apache hands it to Rucio in production."""
+import ssl
+
+from rucio.web.rest.flaskapi.v1.main import application as rucio
+
+SHORT = {"countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+         "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN",
+         "domainComponent": "DC", "emailAddress": "emailAddress"}
+
+
+def application(environ, start_response):
+    sock = environ.get("gunicorn.socket")
+    cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+    environ.pop("SSL_CLIENT_S_DN", None)
+    if cert:
+        environ["SSL_CLIENT_S_DN"] = "".join(
+            f"/{SHORT.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn)
+    return rucio(environ, start_response)
+
+
+def ssl_context(conf, default_ssl_context_factory):
+    ctx = default_ssl_context_factory()
+    ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
+    return ctx
+PY
 }
 
 start() {
@@ -141,6 +202,16 @@ start() {
       --workers "${RUCIO_WORKERS:-2}" --timeout 120 --no-control-socket --pid "$pid" \
       --access-logfile "$BASE/log/access.log" --error-logfile "$BASE/log/server.log" \
       rucio.web.rest.flaskapi.v1.main:application
+  fi
+  x509_pki
+  local xpid=$BASE/run/gunicorn-x509.pid
+  if ! { [ -f "$xpid" ] && kill -0 "$(cat "$xpid")" 2>/dev/null; }; then
+    "$VENV/bin/gunicorn" --daemon --chdir "$X509" --bind "127.0.0.1:$X509_PORT" \
+      --workers 1 --timeout 120 --no-control-socket --pid "$xpid" \
+      --certfile "$X509/host.pem" --keyfile "$X509/host.key" --ca-certs "$X509/ca.pem" \
+      --cert-reqs 2 --config "$X509/front.py" \
+      --access-logfile "$BASE/log/access-x509.log" --error-logfile "$BASE/log/server-x509.log" \
+      front:application
   fi
   local i
   for i in $(seq 300); do
@@ -156,13 +227,15 @@ start() {
 
 # Only gunicorn (a Rucio outage, as the tests make one); PostgreSQL keeps running.
 stop_server() {
-  local pid=$BASE/run/gunicorn.pid p
-  if [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null; then
-    p=$(cat "$pid"); kill -TERM "$p"
-    for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$p" 2>/dev/null && kill -KILL "$p"
-  fi
-  rm -f "$pid"
+  local pid p
+  for pid in "$BASE/run/gunicorn.pid" "$BASE/run/gunicorn-x509.pid"; do
+    if [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null; then
+      p=$(cat "$pid"); kill -TERM "$p"
+      for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+      kill -0 "$p" 2>/dev/null && kill -KILL "$p"
+    fi
+    rm -f "$pid"
+  done
 }
 
 stop() {

@@ -308,6 +308,9 @@ pub enum RucioAuth {
     /// `tokenfile`: a token (e.g. OIDC) read from the file for each call, sent as
     /// `X-Rucio-Auth-Token`.
     TokenFile(PathBuf),
+    /// `x509 = true`: `GET /auth/x509` with `[local] proxy` as the client certificate gives a
+    /// token, kept and renewed before it expires.
+    X509,
 }
 
 impl std::fmt::Debug for RucioAuth {
@@ -315,6 +318,7 @@ impl std::fmt::Debug for RucioAuth {
         match self {
             Self::UserPass { username, .. } => write!(f, "userpass {username} (password hidden)"),
             Self::TokenFile(p) => write!(f, "token file {}", p.display()),
+            Self::X509 => write!(f, "x509 with [local] proxy"),
         }
     }
 }
@@ -591,6 +595,7 @@ const RUCIO_KEYS: &[&str] = &[
     "password",
     "passwordfile",
     "tokenfile",
+    "x509",
     "batch",
     "batchwait",
     "timeout",
@@ -629,7 +634,16 @@ fn rucio_section(mut s: Section<'_>) -> Option<RucioConfig> {
     let password = s.string("password");
     let password_file = s.path("passwordfile");
     let token_file = s.path("tokenfile");
+    let x509 = s.boolean("x509", false);
     let auth = match (username, password, password_file, token_file) {
+        (None, None, None, None) if x509 => Some(RucioAuth::X509),
+        _ if x509 => {
+            s.fail(
+                "x509",
+                "one way to sign in: x509 (with [local] proxy), userpass or tokenfile",
+            );
+            None
+        }
         (Some(u), Some(p), None, None) => Some(RucioAuth::UserPass {
             username: u,
             password: p,
@@ -1292,8 +1306,15 @@ successfultaskfile = "success.csv"
             "{ORIGINAL}\n[rucio]\nurl = \"https://r\"\naccount = \"a\"\ntokenfile = \"/t\"\n\
              [[workflow]]\nname = \"reg\"\n[[workflow.step]]\ntype = \"rucio\"\nrse = \"FS\"\nscope = \"s\"\n"
         );
-        let err = Config::from_toml(&no_copy, &env()).unwrap_err().to_string();
-        assert!(err.contains("needs a copy step before it"), "{err}");
+        // Without a copy a rucio step registers dCache's original.
+        assert!(Config::from_toml(&no_copy, &env()).is_ok());
+        let x509 =
+            format!("{ORIGINAL}\n[rucio]\nurl = \"https://r\"\naccount = \"a\"\nx509 = true\n");
+        let c = Config::from_toml(&x509, &env()).unwrap();
+        assert!(matches!(c.rucio.unwrap().auth, RucioAuth::X509));
+        let both = x509.replace("x509 = true", "x509 = true\ntokenfile = \"/t\"");
+        let err = Config::from_toml(&both, &env()).unwrap_err().to_string();
+        assert!(err.contains("rucio.x509: one way to sign in"), "{err}");
     }
 
     #[test]

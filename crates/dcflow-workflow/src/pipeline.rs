@@ -131,7 +131,7 @@ impl Pipeline {
         let webhooks = Webhooks::try_new(&creds).context("building the webhook client")?;
         let rucio = match &config.rucio {
             Some(r) => Some(
-                crate::steps::rucio::Rucio::start(r.clone(), creds.roots.clone())
+                crate::steps::rucio::Rucio::start(r.clone(), &creds)
                     .context("building the Rucio client")?,
             ),
             None => None,

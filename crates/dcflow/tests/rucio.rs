@@ -331,6 +331,19 @@ async fn a_file_rucio_knows_with_other_bytes_is_refused_and_recorded() {
     );
 }
 
+/// HTTP DELETE at the emulator's door (its billing then announces the removal).
+fn delete_at_the_door(site: &Site, door: &str) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-f", "-X", "DELETE", "--cacert"])
+        .arg(&site.sim.pki.ca_pem)
+        .arg("--cert")
+        .arg(&site.sim.pki.proxy)
+        .arg(format!("{}{door}", site.sim.door_url))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "DELETE {door}: {}", text(&out.stderr));
+}
+
 fn rucio_script(verb: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/rucio.sh");
     let out = std::process::Command::new("bash")
@@ -502,15 +515,7 @@ scope = "{scope}"
 
     // dCache removes them: their remove messages run the second workflow.
     for (_, _, door) in &files {
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "-f", "-X", "DELETE", "--cacert"])
-            .arg(&site.sim.pki.ca_pem)
-            .arg("--cert")
-            .arg(&site.sim.pki.proxy)
-            .arg(format!("{}{door}", site.sim.door_url))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "DELETE {door}: {}", text(&out.stderr));
+        delete_at_the_door(&site, door);
     }
     let out = site.replay(&config);
     let log = text(&out.stderr);
@@ -630,4 +635,85 @@ async fn uploads_to_the_real_dcache_are_registered_from_its_billing_topic() {
     assert_eq!(again.status.code(), Some(0), "{log}");
     assert_eq!(log.matches("RUCIO_REPLICAS").count(), 0, "{log}");
     assert_eq!(rucio.replicas(&scope, "run-1").await.len(), files.len());
+}
+
+/// X.509 sign-in: `[rucio] x509 = true` with an RFC 3820 proxy of a user whose DN is an
+/// identity of the account, against Rucio behind TLS that asks for a client certificate
+/// (`scripts/rucio.sh`'s https front, which hands the subject to Rucio as Apache's mod_ssl
+/// does). A replica registered beforehand, its file deleted at the emulator's door: the
+/// `remove` workflow signs in with the proxy and declares the replica BAD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_sign_in_with_the_proxy_then_calls_with_its_token() {
+    let _shared = RUCIO.read().await;
+    let Some(rucio) = RealRucio::connect().await else {
+        return;
+    };
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}: scripts/rucio.sh env"));
+    let front = var("DCFLOW_RUCIO_X509");
+    let usercert = std::path::PathBuf::from(var("DCFLOW_RUCIO_X509_USERCERT"));
+    let userkey = std::path::PathBuf::from(var("DCFLOW_RUCIO_X509_USERKEY"));
+    let capath = var("DCFLOW_RUCIO_X509_CAPATH");
+    let dn = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-nameopt", "compat", "-in"])
+        .arg(&usercert)
+        .output()
+        .unwrap();
+    let dn = text(&dn.stdout)
+        .trim()
+        .trim_start_matches("subject=")
+        .to_owned();
+    let (status, answer) = rucio
+        .call(
+            reqwest::Method::POST,
+            &format!("accounts/{}/identities", rucio.account),
+            Some(json!({"identity": dn, "authtype": "X509", "email": "dcflow@example.org"})),
+        )
+        .await;
+    assert!(status == 201 || status == 409, "{status} {answer}");
+
+    let site = Site::new().await;
+    let (scope, _fs, dc) = rucio.scope_and_rses(&site, "x509").await;
+    let door = site.upload("x/gone.dat", &data(1_000, 77)).await;
+    rucio
+        .post(
+            "replicas",
+            json!({"rse": dc, "files": [{"scope": scope, "name": "gone.dat", "bytes": 1000,
+                    "adler32": "00000001", "pfn": format!("{}{door}", site.sim.door_url)}]}),
+        )
+        .await;
+    delete_at_the_door(&site, &door);
+
+    // [local] proxy: the Rucio user's proxy; capath: Rucio's CA. The door is not contacted
+    // for a remove event.
+    let proxy = make_proxy(&usercert, &userkey, site.dir.path());
+    let config = site.write_workflow_config(
+        "",
+        &format!(
+            "\n[[workflow]]\nname = \"forget\"\n[workflow.match]\nkinds = [\"remove\"]\n\
+             [[workflow.step]]\ntype = \"rucio\"\nrse = \"{dc}\"\nscope = \"{scope}\"\n\
+             \n[rucio]\nurl = \"{front}\"\naccount = \"{}\"\nx509 = true\n",
+            rucio.account
+        ),
+    );
+    let text_cfg = std::fs::read_to_string(&config)
+        .unwrap()
+        .lines()
+        .map(|l| match l.split('=').next().unwrap_or("").trim() {
+            "proxy" => format!("proxy = \"{}\"", proxy.display()),
+            "capath" => format!("capath = \"{capath}\""),
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&config, text_cfg).unwrap();
+    let out = site.replay(&config);
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("RUCIO signed in with the X.509 proxy"),
+        "{log}"
+    );
+    assert!(log.contains("RUCIO_BAD"), "{log}");
+    let listed = rucio.listed(&scope, "gone.dat").await;
+    assert_eq!(listed[0]["states"][&dc], "BAD", "{listed:#?}");
 }

@@ -928,81 +928,9 @@ impl RealDcache {
         path
     }
 
-    /// An RFC 3820 proxy (proxyCertInfo, inherit-all) signed by the user certificate, made
-    /// with openssl as grid tools do: proxy certificate, its key, the user certificate.
+    /// An RFC 3820 proxy of the instance's user (see [`make_proxy`]).
     pub fn proxy(&self, dir: &Path) -> PathBuf {
-        let subject = Command::new("openssl")
-            .args(["x509", "-noout", "-subject", "-nameopt", "compat", "-in"])
-            .arg(&self.usercert)
-            .output()
-            .unwrap();
-        let subject = text(&subject.stdout)
-            .trim()
-            .trim_start_matches("subject=")
-            .to_owned();
-        let serial = std::process::id();
-        let ext = dir.join("proxy.cnf");
-        std::fs::write(
-            &ext,
-            "[p]\nkeyUsage=critical,digitalSignature,keyEncipherment\nproxyCertInfo=critical,language:id-ppl-inheritAll\n",
-        )
-        .unwrap();
-        let (key, csr, cert) = (
-            dir.join("proxy.key"),
-            dir.join("proxy.csr"),
-            dir.join("proxy.crt"),
-        );
-        let run = |args: &[&std::ffi::OsStr]| {
-            let out = Command::new("openssl").args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                text(&out.stderr)
-            );
-        };
-        let subj = format!("{subject}/CN={serial}");
-        run(&[
-            "req".as_ref(),
-            "-new".as_ref(),
-            "-newkey".as_ref(),
-            "rsa:2048".as_ref(),
-            "-nodes".as_ref(),
-            "-keyout".as_ref(),
-            key.as_os_str(),
-            "-subj".as_ref(),
-            subj.as_ref(),
-            "-out".as_ref(),
-            csr.as_os_str(),
-        ]);
-        let serial = serial.to_string();
-        run(&[
-            "x509".as_ref(),
-            "-req".as_ref(),
-            "-in".as_ref(),
-            csr.as_os_str(),
-            "-CA".as_ref(),
-            self.usercert.as_os_str(),
-            "-CAkey".as_ref(),
-            self.userkey.as_os_str(),
-            "-set_serial".as_ref(),
-            serial.as_ref(),
-            "-days".as_ref(),
-            "1".as_ref(),
-            "-extfile".as_ref(),
-            ext.as_os_str(),
-            "-extensions".as_ref(),
-            "p".as_ref(),
-            "-out".as_ref(),
-            cert.as_os_str(),
-        ]);
-        let path = dir.join("x509up");
-        let mut pem = std::fs::read(&cert).unwrap();
-        pem.extend(std::fs::read(&key).unwrap());
-        pem.extend(std::fs::read(&self.usercert).unwrap());
-        std::fs::write(&path, pem).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        path
+        make_proxy(&self.usercert, &self.userkey, dir)
     }
 
     /// A dcflow configuration for this instance: the door's root is the namespace root
@@ -1080,4 +1008,81 @@ pub fn topic_messages(broker: &str, topic: &str, needle: &str) -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+/// An RFC 3820 proxy (proxyCertInfo, inherit-all) signed by `usercert`, made with openssl as
+/// grid tools do, in `dir/x509up`: proxy certificate, its key, the user certificate.
+pub fn make_proxy(usercert: &Path, userkey: &Path, dir: &Path) -> PathBuf {
+    let subject = Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-nameopt", "compat", "-in"])
+        .arg(usercert)
+        .output()
+        .unwrap();
+    let subject = text(&subject.stdout)
+        .trim()
+        .trim_start_matches("subject=")
+        .to_owned();
+    let serial = std::process::id();
+    let ext = dir.join("proxy.cnf");
+    std::fs::write(
+            &ext,
+            "[p]\nkeyUsage=critical,digitalSignature,keyEncipherment\nproxyCertInfo=critical,language:id-ppl-inheritAll\n",
+        )
+        .unwrap();
+    let (key, csr, cert) = (
+        dir.join("proxy.key"),
+        dir.join("proxy.csr"),
+        dir.join("proxy.crt"),
+    );
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            text(&out.stderr)
+        );
+    };
+    let subj = format!("{subject}/CN={serial}");
+    run(&[
+        "req".as_ref(),
+        "-new".as_ref(),
+        "-newkey".as_ref(),
+        "rsa:2048".as_ref(),
+        "-nodes".as_ref(),
+        "-keyout".as_ref(),
+        key.as_os_str(),
+        "-subj".as_ref(),
+        subj.as_ref(),
+        "-out".as_ref(),
+        csr.as_os_str(),
+    ]);
+    let serial = serial.to_string();
+    run(&[
+        "x509".as_ref(),
+        "-req".as_ref(),
+        "-in".as_ref(),
+        csr.as_os_str(),
+        "-CA".as_ref(),
+        usercert.as_os_str(),
+        "-CAkey".as_ref(),
+        userkey.as_os_str(),
+        "-set_serial".as_ref(),
+        serial.as_ref(),
+        "-days".as_ref(),
+        "1".as_ref(),
+        "-extfile".as_ref(),
+        ext.as_os_str(),
+        "-extensions".as_ref(),
+        "p".as_ref(),
+        "-out".as_ref(),
+        cert.as_os_str(),
+    ]);
+    let path = dir.join("x509up");
+    let mut pem = std::fs::read(&cert).unwrap();
+    pem.extend(std::fs::read(&key).unwrap());
+    pem.extend(std::fs::read(usercert).unwrap());
+    std::fs::write(&path, pem).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
 }

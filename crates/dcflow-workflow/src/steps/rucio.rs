@@ -172,12 +172,21 @@ pub struct Rucio {
 }
 
 impl Rucio {
-    pub fn start(cfg: RucioConfig, roots: rustls::RootCertStore) -> anyhow::Result<Self> {
-        let tls =
-            rustls::ClientConfig::builder_with_provider(dcflow_transfer::credentials::provider())
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+    /// The client: `[local] capath`'s CAs; with `x509`, `[local] proxy` as the client
+    /// certificate.
+    pub fn start(
+        cfg: RucioConfig,
+        creds: &dcflow_transfer::credentials::Credentials,
+    ) -> anyhow::Result<Self> {
+        let tls = match cfg.auth {
+            RucioAuth::X509 => creds.tls_config()?,
+            _ => rustls::ClientConfig::builder_with_provider(
+                dcflow_transfer::credentials::provider(),
+            )
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(creds.roots.clone())
+            .with_no_client_auth(),
+        };
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .redirect(reqwest::redirect::Policy::none())
@@ -279,23 +288,37 @@ impl Api {
                 })?;
                 sensitive(t.trim())
             }
-            RucioAuth::UserPass { username, password } => {
+            auth => {
                 let mut cached = self.token.lock().await;
                 if let Some((t, renew_at)) = cached.as_ref() {
                     if !renew && Instant::now() < *renew_at {
                         return Ok(t.clone());
                     }
                 }
-                let url = join(&self.cfg.auth_url, "auth/userpass")?;
-                let resp = self
-                    .client
-                    .get(url)
+                let (req, who) = match auth {
+                    RucioAuth::UserPass { username, password } => (
+                        self.client
+                            .get(join(&self.cfg.auth_url, "auth/userpass")?)
+                            .header("X-Rucio-Username", username)
+                            .header("X-Rucio-Password", sensitive(password)?),
+                        format!("as {username}"),
+                    ),
+                    // The client certificate (the [local] proxy) is the credential.
+                    _ => (
+                        self.client.get(join(&self.cfg.auth_url, "auth/x509")?),
+                        "with the X.509 proxy".to_owned(),
+                    ),
+                };
+                let resp = req
                     .header("X-Rucio-Account", &self.cfg.account)
-                    .header("X-Rucio-Username", username)
-                    .header("X-Rucio-Password", sensitive(password)?)
                     .send()
                     .await
-                    .map_err(|e| StepError::retry(format!("Rucio sign-in: {}", e.without_url())))?;
+                    .map_err(|e| {
+                        StepError::retry(format!(
+                            "Rucio sign-in: {}",
+                            dcflow_core::text::causes(&e.without_url())
+                        ))
+                    })?;
                 let status = resp.status();
                 let class = header(&resp, "ExceptionClass");
                 let headers = resp.headers().clone();
@@ -307,7 +330,7 @@ impl Api {
                         body,
                     }
                     .error(&format!(
-                        "refused the sign-in of account {} as {username}",
+                        "refused the sign-in of account {} {who}",
                         self.cfg.account
                     )));
                 }
@@ -325,7 +348,7 @@ impl Api {
                 let renew_at = Instant::now() + lifetime.saturating_sub(Duration::from_secs(300));
                 let value = sensitive(token)?;
                 *cached = Some((value.clone(), renew_at));
-                info!(account = %self.cfg.account, "RUCIO signed in as {username}");
+                info!(account = %self.cfg.account, "RUCIO signed in {who}");
                 Ok(value)
             }
         }
