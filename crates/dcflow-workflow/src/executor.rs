@@ -535,8 +535,8 @@ pub(crate) struct Run<'a> {
 }
 
 /// The transfer slot (a `maxdownloads` permit) a file holds while its workflows run; given
-/// back while it waits for something outside dcflow (a batch job), so that other files are
-/// admitted and copied meanwhile, and taken again after.
+/// back while it waits for something outside dcflow (a batch job, Rucio's answer), so that
+/// other files are admitted and copied meanwhile, and taken again after.
 pub(crate) struct Slot {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     permits: Arc<tokio::sync::Semaphore>,
