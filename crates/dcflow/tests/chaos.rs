@@ -377,20 +377,7 @@ async fn two_replays_of_one_slow_upload_publish_it_whole() {
         None,
     );
     let config = site.write_config(&site.proxy_auth(), "timeout = 300\nstalltimeout = 60");
-    let spawn_replay = || {
-        Command::new(env!("CARGO_BIN_EXE_dcflow"))
-            .args([
-                "replay",
-                "--config",
-                config.to_str().unwrap(),
-                site.billing().to_str().unwrap(),
-            ])
-            .env("DCFLOW_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let spawn_replay = || site.spawn_replay(&config, None);
     let final_path = site.download().join("big/frame-1GiB.raw");
     let first = spawn_replay();
     // Three quarters of the first copy written.

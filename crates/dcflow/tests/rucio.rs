@@ -392,18 +392,7 @@ async fn an_outage_during_a_burst_delays_registrations_without_losing_any() {
     }
     let restart = Restart;
     let log = site.path("replay.log");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dcflow"))
-        .args([
-            "replay",
-            "-c",
-            config.to_str().unwrap(),
-            site.billing().to_str().unwrap(),
-        ])
-        .env("DCFLOW_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let child = site.spawn_replay(&config, Some(&log));
     wait_for_logged(
         "a registration to fail",
         Duration::from_secs(60),

@@ -250,18 +250,7 @@ async fn a_job_cancelled_by_someone_else_is_a_failure_not_a_retry_loop() {
     let door = site.upload("slurm/cancelled.dat", &data(2_000, 5)).await;
     let keys = "env = { SLEEP = \"300\" }";
     let config = site.write_workflow_config("", &workflow(&site, &jobs_dir, &wf, keys, 3));
-    let child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
-        .args([
-            "replay",
-            "-c",
-            config.to_str().unwrap(),
-            site.billing().to_str().unwrap(),
-        ])
-        .env("DCFLOW_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = site.spawn_replay(&config, None);
     let prefix = format!("dcflow.{wf}.");
     wait_for("the job to run", Duration::from_secs(60), || {
         jobs(&prefix).iter().any(|j| j.2 == "RUNNING")
@@ -347,18 +336,7 @@ async fn maxjobs_holds_workflows_back_while_copies_go_on_and_a_job_found_by_name
         &workflow(&site, &jobs_dir, &wf, keys, 1),
     );
     let log = site.path("replay.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dcflow"))
-        .args([
-            "replay",
-            "-c",
-            config.to_str().unwrap(),
-            site.billing().to_str().unwrap(),
-        ])
-        .env("DCFLOW_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = site.spawn_replay(&config, Some(&log));
     let pre_id = text(&pre.stdout).trim().to_owned();
     let mut most = 0;
     let mut jobs_started_when_all_copied = None;

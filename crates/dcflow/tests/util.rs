@@ -87,6 +87,27 @@ impl Site {
         ])
     }
 
+    /// `dcflow replay` of everything the emulator announced so far, in the background, its log
+    /// (DCFLOW_LOG=info) to `log`, or to a pipe without one.
+    pub fn spawn_replay(&self, config: &Path, log: Option<&Path>) -> std::process::Child {
+        let stderr = match log {
+            Some(l) => Stdio::from(std::fs::File::create(l).unwrap()),
+            None => Stdio::piped(),
+        };
+        Command::new(env!("CARGO_BIN_EXE_dcflow"))
+            .args([
+                "replay",
+                "--config",
+                config.to_str().unwrap(),
+                self.billing().to_str().unwrap(),
+            ])
+            .env("DCFLOW_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    }
+
     /// A configuration in the original tool's shape (plus `token` where asked). Keys in
     /// `extra_dcache` replace the test defaults of the same name.
     pub fn write_config(&self, auth: &str, extra_dcache: &str) -> PathBuf {
