@@ -136,11 +136,15 @@ def main():
     ap.add_argument("--wrap", metavar="COMMAND",
                     help="run each benchmark run of dcflow (not the dismissing ones) under COMMAND, e.g. \"/usr/bin/time -v\", or "
                          "\"perf record -g -o /tmp/perf.data --\" with --runs 1 to profile it")
+    ap.add_argument("--dcflow", metavar="BINARY",
+                    help="measure this dcflow binary (e.g. an older build, for an A/B) instead of the one built here")
     a = ap.parse_args()
     if not shutil.which("kcat"):
         sys.exit("kcat is needed: apt-get install kcat")
 
     dcflow, sim_bin = build()
+    if a.dcflow:
+        dcflow = Path(a.dcflow).resolve()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

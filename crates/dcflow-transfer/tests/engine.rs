@@ -214,6 +214,33 @@ async fn an_identical_destination_is_not_copied_again_and_a_different_one_is_rep
     assert_eq!(std::fs::read(&dest).unwrap(), body);
 }
 
+/// A file in place is verified without the lock, unless a lock file is there: a copier that
+/// died left the name of its temporary file in it, which the check under the lock removes.
+#[tokio::test]
+async fn a_file_in_place_behind_a_dead_copiers_lock_is_checked_under_the_lock() {
+    let s = Setup::new().await;
+    let body = data(50_000, 4);
+    s.upload("/d/g", &body).await;
+    let cfg = s.config(Auth::Token, "");
+    let engine = s.engine(&cfg);
+    s.copy(&engine, &cfg, "/d/g", None).await.unwrap();
+    let folder = s.download().join("d");
+    let part = ".g.0123456789abcdef.dcflow-part";
+    std::fs::write(folder.join(part), b"half a file").unwrap();
+    std::fs::write(folder.join(".g.dcflow-lock"), part).unwrap();
+    let again = s
+        .copy(&engine, &cfg, "/d/g", Some(body.len() as u64))
+        .await
+        .unwrap();
+    assert!(again.already_present);
+    let mut left: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["g"], "the dead copier's files are gone");
+}
+
 /// Each fault, for a limited number of requests: retried, then a verified success.
 #[tokio::test]
 async fn transient_faults_are_retried_to_a_verified_success() {

@@ -641,6 +641,14 @@ async fn created_folders_and_already_present_files_are_made_durable() {
         t.fsynced_after(file.parent().unwrap(), 0),
         "an already-present file's folder was not fsynced"
     );
+    // Issue 19: a file found in place is verified without the cross-process lock file,
+    // whose creation and removal made that folder fsync a journal commit per upload.
+    let traced = std::fs::read_to_string(&trace).unwrap();
+    let locking: Vec<&str> = traced
+        .lines()
+        .filter(|l| l.contains("dcflow-lock") && !l.contains("ENOENT"))
+        .collect();
+    assert!(locking.is_empty(), "the lock file was used: {locking:#?}");
 }
 
 /// Issue 14, item 6: in an upload-directory (SRM) flow the pool's message precedes the commit;

@@ -385,16 +385,19 @@ async fn sse_follows_the_real_frontend_into_new_directories() {
     let config = dcache.config(dir.path(), &folder, &auth, None, &sse);
     let log = dir.path().join("run.log");
     let child = start_run(&config, &log);
-    wait_for("the event stream", Duration::from_secs(60), || {
+    wait_for_logged("the event stream", Duration::from_secs(60), &log, || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .contains("event stream open")
     });
     let download = dir.path().join("download");
     // The file that was there before the run: found by the first resynchronisation.
-    wait_for("the file from before", Duration::from_secs(60), || {
-        landed(&download, "before.dat", b"already there")
-    });
+    wait_for_logged(
+        "the file from before",
+        Duration::from_secs(60),
+        &log,
+        || landed(&download, "before.dat", b"already there"),
+    );
     let files: Vec<(String, Vec<u8>)> = vec![
         ("a.dat".into(), data(40_000, 600)),
         ("newdir/b.dat".into(), data(50_000, 601)),
@@ -404,7 +407,7 @@ async fn sse_follows_the_real_frontend_into_new_directories() {
         put(&dcache, dir.path(), &format!("{folder}/{rel}"), body);
         std::thread::sleep(Duration::from_millis(500));
     }
-    wait_for("the new files", Duration::from_secs(120), || {
+    wait_for_logged("the new files", Duration::from_secs(120), &log, || {
         files.iter().all(|(rel, body)| landed(&download, rel, body))
     });
     assert_eq!(
@@ -433,9 +436,10 @@ async fn sse_follows_the_real_frontend_into_new_directories() {
     }
     let log2 = dir.path().join("run2.log");
     let child = start_run(&config, &log2);
-    wait_for(
+    wait_for_logged(
         "the files uploaded while stopped",
         Duration::from_secs(120),
+        &log2,
         || files.iter().all(|(rel, body)| landed(&download, rel, body)),
     );
     assert_eq!(
@@ -501,7 +505,7 @@ async fn sse_replaces_a_lost_channel_and_finds_what_it_missed() {
     };
     let log = dir.path().join("run.log");
     let child = start_run(&config, &log);
-    wait_for("the first file", Duration::from_secs(60), || {
+    wait_for_logged("the first file", Duration::from_secs(60), &log, || {
         landed(&download, "first.dat", b"first")
     });
     assert_eq!(stop(child), 0);
@@ -520,18 +524,20 @@ async fn sse_replaces_a_lost_channel_and_finds_what_it_missed() {
     }
     let log2 = dir.path().join("run2.log");
     let child = start_run(&config, &log2);
-    wait_for(
+    wait_for_logged(
         "the files written without a channel",
         Duration::from_secs(120),
+        &log2,
         || files.iter().all(|(rel, body)| landed(&download, rel, body)),
     );
     // The new channel follows new uploads as the old one did.
     let f = ("gap/after.dat".to_string(), data(25_000, 710));
     put(&dcache, dir.path(), &format!("{folder}/{}", f.0), &f.1);
     files.push(f);
-    wait_for(
+    wait_for_logged(
         "the upload after the new channel",
         Duration::from_secs(120),
+        &log2,
         || files.iter().all(|(rel, body)| landed(&download, rel, body)),
     );
     assert_eq!(stop(child), 0);
