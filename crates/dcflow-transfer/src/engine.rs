@@ -168,6 +168,12 @@ impl Engine {
         let mut lock: Option<fsutil::FinalLock> = None;
         loop {
             attempt += 1;
+            let s = &self.settings;
+            // The folder first, as before the change below: it refuses a path that a
+            // symlinked folder leads outside the download folder, which the check of a file in
+            // place would otherwise read through.
+            let parent =
+                fsutil::prepare_parent(&s.download_folder, job.rel, s.permissions.dir_mode);
             // A file already in place (a redelivered upload) is verified without the
             // cross-process lock: its lock file, created and removed in the destination's
             // folder, cost two directory changes and made the directory fsync after the check
@@ -176,7 +182,9 @@ impl Engine {
             // died names a temporary file to remove: then the check waits for the lock.
             // A file that differs is checked once more under the lock (see `attempt`).
             let unlocked = lock.is_none() && !fsutil::FinalLock::exists(job.destination);
-            let present = if unlocked {
+            let present = if parent.is_err() {
+                Ok(None)
+            } else if unlocked {
                 tokio::time::timeout(self.settings.timeout, self.already_present(job))
                     .await
                     .unwrap_or(Err(TransferError::TimedOut {
@@ -188,7 +196,7 @@ impl Engine {
             let result = match present {
                 Ok(Some(done)) => Ok(done),
                 Err(e) => Err(e),
-                Ok(None) => match self.lock_destination(job, &mut lock).await {
+                Ok(None) => match self.lock_destination(job, parent, &mut lock).await {
                     Err(e) => Err(e),
                     Ok((parent, lock)) => {
                         info!(attempt, source = %job.source, "COPY_START attempt {attempt}/{max}");
@@ -226,15 +234,15 @@ impl Engine {
         }
     }
 
-    /// The destination's folder (created as needed) and the cross-process lock on its final
-    /// path, taken once for all attempts.
+    /// The destination's folder (from `fsutil::prepare_parent`) and the cross-process lock on
+    /// its final path, taken once for all attempts.
     async fn lock_destination<'l>(
         &self,
         job: &Job<'_>,
+        parent: Result<PathBuf, TransferError>,
         lock: &'l mut Option<fsutil::FinalLock>,
     ) -> Result<(PathBuf, &'l fsutil::FinalLock), TransferError> {
-        let s = &self.settings;
-        let parent = fsutil::prepare_parent(&s.download_folder, job.rel, s.permissions.dir_mode)?;
+        let parent = parent?;
         if lock.is_none() {
             let name = job.rel.last().expect("non-empty rel");
             *lock = Some(fsutil::FinalLock::acquire(&parent, name).await?);
