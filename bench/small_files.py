@@ -72,12 +72,18 @@ def main():
     ap.add_argument("--parallel", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/dcflow-bench-small")
+    ap.add_argument("--dcflow", metavar="BINARY",
+                    help="time this dcflow binary instead of building the tree's")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="also time this other dcflow binary in the same rounds (an A/B)")
     a = ap.parse_args()
     for tool in ("curl", "rclone"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed (apt-get install {tool})")
 
     dcflow, sim_bin = build()
+    if a.dcflow:
+        dcflow = Path(a.dcflow).resolve()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -88,6 +94,8 @@ def main():
         events = work / "small.jsonl"
         shutil.copy(info["billing_file"], events)
         times = {"curl": [], "rclone": [], "dcflow": []}
+        if a.baseline:
+            times["baseline"] = []
         for run in range(a.runs):
             for tool in times:
                 # Outputs stay until the end: ext4 without a journal skips recently deleted
@@ -100,8 +108,9 @@ def main():
                 elif tool == "rclone":
                     secs = run_rclone(info, folder, out, a.parallel)
                 else:
-                    cfg = write_config(info, work, out, a.parallel, f"small-{run}")
-                    secs = run_dcflow(dcflow, cfg, events)
+                    binary = dcflow if tool == "dcflow" else Path(a.baseline).resolve()
+                    cfg = write_config(info, work, out, a.parallel, f"small-{tool}-{run}")
+                    secs = run_dcflow(binary, cfg, events)
                 got = sum(1 for p in out.rglob("*") if p.is_file())
                 if got != a.files:
                     sys.exit(f"{tool} wrote {got} files, expected {a.files}")
@@ -124,9 +133,15 @@ def main():
     print("|---|---|---|---|")
     for k in ("curl", "rclone"):
         print(f"| {k} | {med[k]:.2f} s | {n / med[k]:,.0f} | {med[k] / med['dcflow']:.2f} × |")
+    if a.baseline:
+        print(f"| dcflow {a.baseline} | {med['baseline']:.2f} s | {n / med['baseline']:,.0f} "
+              f"| {med['baseline'] / med['dcflow']:.2f} × |")
     print(f"| dcflow replay (verified, fsynced) | {med['dcflow']:.2f} s | {n / med['dcflow']:,.0f} | |")
+    # Issue 19's measure: dcflow's time over curl's in the same round, every round.
+    ratios = [d / c for d, c in zip(times["dcflow"], times["curl"])]
+    print(f"\ndcflow's time / curl's, round by round: {', '.join(f'{r:.2f}' for r in ratios)} "
+          f"(min {min(ratios):.2f}, median {statistics.median(ratios):.2f}, max {max(ratios):.2f})")
     print("\n(runs: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)} s" for k, v in times.items()) + ")")
-
 
 if __name__ == "__main__":
     main()
