@@ -378,6 +378,13 @@ impl Source {
                 let Some(ns) = self.ns_path(&entry).filter(|_| !entry.is_dir) else {
                     continue;
                 };
+                if entry.being_written() {
+                    // The subscription is in place before the listing: its close event comes
+                    // when the upload ends. Copied now it would fail (dCache answers 500),
+                    // and that failure would make the event a duplicate, skipped.
+                    info!(path = %ns, "listed without a size: still being uploaded, left for its storage event");
+                    continue;
+                }
                 listed += 1;
                 let raw = upload_message(&ns, &entry);
                 match self.admit(&raw, &format!("resync of {root}")).await {

@@ -95,6 +95,13 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A file whose upload has not ended: dCache's door lists it without a size (no
+    /// `getcontentlength`) and answers a GET of it with 500 until the upload is complete. Its
+    /// storage event (or the next sync) comes once it is.
+    pub fn being_written(&self) -> bool {
+        !self.is_dir && self.size.is_none()
+    }
+
     /// The pnfsid dCache's door puts in the ETag (milton's `uniqueId_modDateHash`, the unique
     /// id being the pnfsid): a re-uploaded path is a new file with a new pnfsid.
     pub fn pnfsid(&self) -> Option<String> {

@@ -92,7 +92,8 @@ pub struct DryRun {
     pub present: u64,
     pub would_copy: u64,
     pub would_copy_bytes: u64,
-    /// Listed, but not ours: older than --since, or not under pool + folder.
+    /// Listed, but not ours: older than --since, not under pool + folder, or still being
+    /// uploaded (listed without a size).
     pub skipped: u64,
 }
 
@@ -162,7 +163,7 @@ struct Listing {
     walker: tokio::task::JoinHandle<Result<u64, dcflow_transfer::TransferError>>,
     tree: Tree,
     since: Option<i64>,
-    /// Files left out for being older than `since`.
+    /// Files left out: older than `since`, or still being uploaded.
     older: u64,
 }
 
@@ -179,6 +180,12 @@ impl Listing {
                 .since
                 .is_some_and(|since| entry.modified_unix().is_some_and(|m| m < since))
             {
+                self.older += 1;
+                continue;
+            }
+            if entry.being_written() {
+                // Copying it now would fail (dCache answers 500) and record a failure.
+                tracing::info!(path = %ns, "listed without a size: still being uploaded, left for its storage event or the next sync");
                 self.older += 1;
                 continue;
             }

@@ -1204,6 +1204,67 @@ async fn a_pool_that_fails_during_transfers_loses_and_corrupts_nothing() {
     }
 }
 
+/// dCache lists a file whose upload has not ended without a size and answers a GET of it with
+/// 500 (seen on this instance). A sync that met one tried to copy it and recorded a failure;
+/// an SSE resynchronisation did the same, and the file's close event was then skipped as a
+/// duplicate of that failure. Both now leave such a file for its event or the next sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_still_being_uploaded_is_left_for_later_not_failed() {
+    let (Some(_broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let _shared = DCACHE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+    let folder = format!("/public/{}", unique("uploading"));
+    put(
+        &dcache,
+        dir.path(),
+        &format!("{folder}/done.dat"),
+        b"complete",
+    );
+    // 3 MB at 150 kB/s: about 20 s in progress.
+    let slow_body = data(3_000_000, 801);
+    let slow_file = dir.path().join("slow.bin");
+    std::fs::write(&slow_file, &slow_body).unwrap();
+    let mut slow = dcache.start_slow_upload(&format!("{folder}/slow.dat"), &slow_file, "150k");
+    let listed = std::time::Instant::now();
+    while !dcache.propfind(&folder).contains("slow.dat") {
+        assert!(
+            listed.elapsed() < Duration::from_secs(15),
+            "the upload in progress is not listed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        slow.try_wait().unwrap().is_none(),
+        "the upload ended too soon for the test"
+    );
+    let download = dir.path().join("download");
+    let config = dcache.config(dir.path(), &folder, &auth, None, "");
+    let out = dcflow(&["sync", "-c", config.to_str().unwrap()]);
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(landed(&download, "done.dat", b"complete"), "{log}");
+    assert!(
+        !download.join("slow.dat").exists(),
+        "copied while being uploaded: {log}"
+    );
+    assert!(
+        log.contains("still being uploaded"),
+        "the file in progress is named: {log}"
+    );
+    let failed = dir.path().join("failed.csv");
+    assert!(
+        RecordFile::read_all(&failed).unwrap_or_default().is_empty(),
+        "{log}"
+    );
+    assert!(slow.wait().unwrap().success(), "the slow upload failed");
+    let again = dcflow(&["sync", "-c", config.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    assert!(landed(&download, "slow.dat", &slow_body));
+}
+
 /// `dcflow sync` against the real door: what a folder holds is copied, verified, what the
 /// destination has already is not; files written to `/tape`, flushed by dCache's HSM (its
 /// `store` messages run the workflow that selects them) and their disk copies removed

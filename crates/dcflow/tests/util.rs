@@ -755,6 +755,27 @@ impl RealDcache {
         }
     }
 
+    /// A PUT through the door sent at `rate` (curl's `--limit-rate`), running in the background.
+    pub fn start_slow_upload(&self, path: &str, file: &Path, rate: &str) -> std::process::Child {
+        self.curl_failing("--fail-with-body")
+            .args(["-L", "-o", "/dev/null", "--limit-rate", rate, "-T"])
+            .arg(file)
+            .arg(self.url(path))
+            .spawn()
+            .unwrap()
+    }
+
+    /// The door's PROPFIND (Depth 1) answer for a folder, as text.
+    pub fn propfind(&self, folder: &str) -> String {
+        let out = self
+            .curl()
+            .args(["-X", "PROPFIND", "-H", "Depth: 1"])
+            .arg(self.url(&format!("{folder}/")))
+            .output()
+            .unwrap();
+        text(&out.stdout)
+    }
+
     pub fn delete(&self, path: &str) {
         let out = self
             .curl()
