@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -119,12 +120,24 @@ def sync():
     sh("sync")
 
 
+def children_cpu():
+    """User + system CPU seconds of every waited-for child so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+# CPU seconds (user + system) of the last client run by run_curl / run_rclone / run_dcflow,
+# taken before the final `sync` (whose flushing is the kernel's, not the client's).
+LAST_CPU = {"seconds": 0.0}
+
+
 def run_curl(info, paths, out, parallel):
     """`parallel` curl processes at once, the files dealt round-robin between them (one curl
     process runs all its transfers on one core, so `curl --parallel` would not be the limit
     of a 2-core machine). Each process follows the door's 302 to the pool."""
     token = Path(info["token_file"]).read_text().strip()
     groups = [list(range(i, len(paths), parallel)) for i in range(parallel)]
+    cpu = children_cpu()
     t = time.monotonic()
     procs = []
     for group in groups:
@@ -139,6 +152,7 @@ def run_curl(info, paths, out, parallel):
         if p.wait() != 0:
             sys.exit("curl failed")
     last_byte = time.monotonic() - t
+    LAST_CPU["seconds"] = children_cpu() - cpu
     sync()
     return time.monotonic() - t, last_byte
 
@@ -152,6 +166,7 @@ def run_rclone(info, folder, out, parallel):
            "RCLONE_CONFIG_DC_URL": info["door_url"],
            "RCLONE_CONFIG_DC_VENDOR": "other",
            "RCLONE_CONFIG_DC_BEARER_TOKEN": token}
+    cpu = children_cpu()
     t = time.monotonic()
     proc = subprocess.run(["rclone", "copy", f"dc:{folder}", str(out), "--transfers", str(parallel),
                            "--checkers", str(parallel), "--ca-cert", info["ca_pem"],
@@ -160,6 +175,7 @@ def run_rclone(info, folder, out, parallel):
                            "--multi-thread-streams", "0"], env=env)
     if proc.returncode != 0:
         sys.exit("rclone failed")
+    LAST_CPU["seconds"] = children_cpu() - cpu
     sync()
     return time.monotonic() - t
 
@@ -187,10 +203,12 @@ successfultaskfile = "{work}/{name}-success.csv"
 
 def run_dcflow(dcflow, cfg, events):
     """Seconds for `dcflow replay`, including a final sync."""
+    cpu = children_cpu()
     t = time.monotonic()
     proc = subprocess.run([str(dcflow), "replay", "--config", str(cfg), str(events)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                           env={**os.environ, "DCFLOW_LOG": "warn"})
+    LAST_CPU["seconds"] = children_cpu() - cpu
     sync()
     elapsed = time.monotonic() - t
     if proc.returncode != 0:
@@ -254,6 +272,7 @@ def main():
     sim, info = start_sim(sim_bin, work / "sim")
     cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",") if c]
     results = []  # (count, mib, curl times, curl last-byte times, dcflow times, rclone times)
+    cpu_results = []  # (count, mib, {client: CPU seconds per run})
     have_rclone = shutil.which("rclone") is not None
     try:
         src = work / "src"
@@ -263,6 +282,7 @@ def main():
             paths = upload_set(info, src, name, count, mib)
             events = events_under(info, work, name, name)
             curl_times, curl_last_byte, dcflow_times, rclone_times = [], [], [], []
+            cpu = {"curl": [], "dcflow": [], "rclone": []}
             for run in range(a.runs):
                 out = work / "curl-out"
                 shutil.rmtree(out, ignore_errors=True)
@@ -270,23 +290,27 @@ def main():
                 total, last_byte = run_curl(info, paths, out, a.parallel)
                 curl_times.append(total)
                 curl_last_byte.append(last_byte)
+                cpu["curl"].append(LAST_CPU["seconds"])
                 shutil.rmtree(out)
                 download = work / "dcflow-out"
                 shutil.rmtree(download, ignore_errors=True)
                 cfg = write_config(info, work, download, a.parallel, f"{name}-{run}")
                 dcflow_times.append(run_dcflow(dcflow, cfg, events))
+                cpu["dcflow"].append(LAST_CPU["seconds"])
                 shutil.rmtree(download)
                 if have_rclone:
                     out = work / "rclone-out"
                     shutil.rmtree(out, ignore_errors=True)
                     out.mkdir()
                     rclone_times.append(run_rclone(info, f"/bench/{name}", out, a.parallel))
+                    cpu["rclone"].append(LAST_CPU["seconds"])
                     shutil.rmtree(out)
                 print(f"{count} x {mib} MiB run {run + 1}: curl {curl_times[-1]:.2f} s, "
                       f"dcflow {dcflow_times[-1]:.2f} s"
                       + (f", rclone {rclone_times[-1]:.2f} s" if rclone_times else ""),
                       file=sys.stderr)
             results.append((count, mib, curl_times, curl_last_byte, dcflow_times, rclone_times))
+            cpu_results.append((count, mib, cpu))
             delete_set(info, paths)  # the emulator's disk is needed for the next case
 
         # Memory: MEM_FILES transfers of MEM_SIZE in flight at once.
@@ -328,6 +352,17 @@ def main():
             r = statistics.median(rclone_times)
             print(f"| same, rclone copy (WebDAV, --transfers {a.parallel}), incl. final sync "
                   f"| {r:.2f} s ({total_mib * 8.388608 / r:.0f} Mbps) | {d:.2f} s | {d / r:.3f} (dcflow / rclone) |")
+    print("\nCPU seconds per GiB copied (user + system of the client's processes, median; taken "
+          "before the final `sync`: curl's and rclone's writeback is the kernel's flusher and that "
+          "`sync`, not counted, while dcflow's own fsyncs are in its system time):\n")
+    print("| case | curl | dcflow | rclone | dcflow / curl |")
+    print("|---|---|---|---|---|")
+    for count, mib, cpu in cpu_results:
+        gib = count * mib / 1024
+        per = {k: statistics.median(v) / gib for k, v in cpu.items() if v}
+        rc = f"{per['rclone']:.2f}" if "rclone" in per else "—"
+        print(f"| {count} × {mib} MiB | {per['curl']:.2f} | {per['dcflow']:.2f} | {rc} "
+              f"| {per['dcflow'] / per['curl']:.2f} |")
     for count, mib, curl_times, _, dcflow_times, rclone_times in results:
         print(f"\n({count} × {mib} MiB runs: curl {', '.join(f'{t:.2f}' for t in curl_times)} s; "
               f"dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s"
