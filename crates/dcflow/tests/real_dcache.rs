@@ -1223,11 +1223,11 @@ async fn a_file_still_being_uploaded_is_left_for_later_not_failed() {
         &format!("{folder}/done.dat"),
         b"complete",
     );
-    // 3 MB at 150 kB/s: about 20 s in progress.
+    // 3 MB at 100 kB/s: about 30 s in progress, far longer than a sync takes to list it.
     let slow_body = data(3_000_000, 801);
     let slow_file = dir.path().join("slow.bin");
     std::fs::write(&slow_file, &slow_body).unwrap();
-    let mut slow = dcache.start_slow_upload(&format!("{folder}/slow.dat"), &slow_file, "150k");
+    let mut slow = dcache.start_slow_upload(&format!("{folder}/slow.dat"), &slow_file, "100k");
     let listed = std::time::Instant::now();
     while !dcache.propfind(&folder).contains("slow.dat") {
         assert!(
