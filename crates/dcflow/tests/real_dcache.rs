@@ -553,6 +553,66 @@ async fn sse_replaces_a_lost_channel_and_finds_what_it_missed() {
     }
 }
 
+/// The SSE side of `a_file_still_being_uploaded_is_left_for_later_not_failed`: an upload into a
+/// new folder makes dCache send IN_CREATE for the folder at once, and dcflow's listing of it
+/// meets the upload in progress (listed without a size, GET 500). Copied then, it failed after
+/// its retries and its close event was skipped as a duplicate of that failure: the file never
+/// landed in that run (a likely cause of an earlier CI timeout in
+/// `sse_follows_the_real_frontend_into_new_directories`). Now the listing leaves it, and the
+/// close event copies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_leaves_an_upload_in_progress_in_a_new_folder_to_its_close_event() {
+    let (Some(_broker), Some(dcache)) = (broker(), real_dcache()) else {
+        return;
+    };
+    let _shared = DCACHE.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("/public/{}", unique("sse-uploading"));
+    put(
+        &dcache,
+        dir.path(),
+        &format!("{folder}/before.dat"),
+        b"before",
+    );
+    let auth = format!("proxy = \"{}\"", dcache.cert_and_key(dir.path()).display());
+    let sse = format!("[sse]\nurl = \"{}\"\n", dcache.frontend);
+    let config = dcache.config(dir.path(), &folder, &auth, None, &sse);
+    let download = dir.path().join("download");
+    let log = dir.path().join("run.log");
+    let child = start_run(&config, &log);
+    wait_for_logged(
+        "the file from before",
+        Duration::from_secs(60),
+        &log,
+        || landed(&download, "before.dat", b"before"),
+    );
+    // 3 MB at 100 kB/s into a folder that does not exist yet: about 30 s in progress.
+    let body = data(3_000_000, 811);
+    let file = dir.path().join("slow.bin");
+    std::fs::write(&file, &body).unwrap();
+    let mut slow = dcache.start_slow_upload(&format!("{folder}/newdir/slow.dat"), &file, "100k");
+    wait_for_logged(
+        "the new folder's listing to meet the upload",
+        Duration::from_secs(25),
+        &log,
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("still being uploaded")
+        },
+    );
+    assert!(slow.wait().unwrap().success(), "the slow upload failed");
+    wait_for_logged(
+        "the file, after its close event",
+        Duration::from_secs(60),
+        &log,
+        || landed(&download, "newdir/slow.dat", &body),
+    );
+    assert_eq!(stop(child), 0);
+    let failed = RecordFile::read_all(&dir.path().join("failed.csv")).unwrap_or_default();
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
 /// A JSON value's shape: each key path (nested objects joined with `.`) and its JSON type.
 fn shape(
     prefix: &str,
