@@ -151,7 +151,7 @@ impl Tree {
             walker,
             tree: self.clone(),
             since,
-            older: 0,
+            left_out: 0,
         })
     }
 }
@@ -164,7 +164,7 @@ struct Listing {
     tree: Tree,
     since: Option<i64>,
     /// Files left out: older than `since`, or still being uploaded.
-    older: u64,
+    left_out: u64,
 }
 
 impl Listing {
@@ -180,13 +180,13 @@ impl Listing {
                 .since
                 .is_some_and(|since| entry.modified_unix().is_some_and(|m| m < since))
             {
-                self.older += 1;
+                self.left_out += 1;
                 continue;
             }
             if entry.being_written() {
                 // Copying it now would fail (dCache answers 500) and record a failure.
                 tracing::info!(path = %ns, "listed without a size: still being uploaded, left for its storage event or the next sync");
-                self.older += 1;
+                self.left_out += 1;
                 continue;
             }
             return Some((ns, entry));
@@ -243,7 +243,7 @@ pub async fn dry_run(
             mapped.destination.display()
         ));
     }
-    dry.skipped += listing.older;
+    dry.skipped += listing.left_out;
     listing.end().await?;
     Ok(dry)
 }
