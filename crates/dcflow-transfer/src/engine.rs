@@ -463,10 +463,9 @@ impl Engine {
         match compare(&local, &remote) {
             Ok(matched) if !matched.is_empty() => {
                 // A predecessor that crashed after its rename may not have made it durable:
-                // an fsync of the folder that starts now (shared with concurrent ones).
-                if let Some(dir) = job.destination.parent() {
-                    self.publisher.sync_dir(dir).await?;
-                }
+                // an fsync of the folder that starts now (shared with concurrent ones),
+                // unless one that started after `meta` was read has finished.
+                self.publisher.make_durable(job.destination, &meta).await?;
                 info!(destination = %job.destination.display(), "COPY_OVER already present with the same size and checksum: nothing to copy");
                 Ok(Some(Copied {
                     size: meta.len(),

@@ -315,12 +315,40 @@ impl Drop for PartGuard {
 /// fsync: a rename is durable once an fsync of its directory that started after it has
 /// finished, so renames into one directory while an fsync runs share the next one (5,000
 /// small files at 32 transfers: about 2,000 directory fsyncs instead of 5,000, by strace).
-/// A file found already in place is made durable the same way ([`Publisher::sync_dir`]).
+/// A file found already in place is made durable the same way ([`Publisher::make_durable`]),
+/// once: the publisher remembers which file (device, inode, change time) each path held
+/// before a finished fsync of its folder, and a path that still holds that same file needs
+/// no other fsync (a redelivered upload of a file in place costs no journal commit).
 #[derive(Default)]
 pub struct Publisher {
     dirs: std::sync::Mutex<HashMap<PathBuf, Arc<DirSync>>>,
     fsyncs: AtomicU64,
+    durable: std::sync::Mutex<HashMap<PathBuf, FileId>>,
 }
+
+/// Which file a path names: another file at the path (a rename, or a new file in a reused
+/// inode) has another inode or a later change time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Paths remembered as durable at most; past it the memory starts again (each path then
+/// costs one more folder fsync).
+const DURABLE_MAX: usize = 65_536;
 
 #[derive(Default)]
 struct DirSync {
@@ -335,10 +363,43 @@ impl Publisher {
     pub async fn publish(&self, part: &Path, destination: &Path) -> Result<(), TransferError> {
         std::fs::rename(part, destination)
             .map_err(TransferError::io("cannot rename into place", destination))?;
+        // What the path holds before the fsync starts (normally the file just renamed).
+        let placed = std::fs::symlink_metadata(destination).ok();
         match destination.parent() {
-            Some(dir) => self.sync_dir(dir).await,
-            None => Ok(()),
+            Some(dir) => self.sync_dir(dir).await?,
+            None => return Ok(()),
         }
+        if let Some(meta) = placed {
+            self.remember(destination, &meta);
+        }
+        Ok(())
+    }
+
+    /// Makes durable the entry of a file found at `path` (`meta`, read before this call): a
+    /// predecessor that crashed after its rename may not have synced the folder. Nothing to
+    /// do when the path still holds the file it held before an fsync of its folder finished.
+    pub async fn make_durable(
+        &self,
+        path: &Path,
+        meta: &std::fs::Metadata,
+    ) -> Result<(), TransferError> {
+        let id = FileId::of(meta);
+        if self.durable.lock().expect("publisher lock").get(path) == Some(&id) {
+            return Ok(());
+        }
+        if let Some(dir) = path.parent() {
+            self.sync_dir(dir).await?;
+        }
+        self.remember(path, meta);
+        Ok(())
+    }
+
+    fn remember(&self, path: &Path, meta: &std::fs::Metadata) {
+        let mut durable = self.durable.lock().expect("publisher lock");
+        if durable.len() >= DURABLE_MAX {
+            durable.clear();
+        }
+        durable.insert(path.to_owned(), FileId::of(meta));
     }
 
     /// Returns once an fsync of `dir` that started after this call has finished: every
@@ -451,6 +512,40 @@ mod tests {
         publisher.publish(&part, &dir.join("late")).await.unwrap();
         assert_eq!(publisher.fsyncs(), 2);
         assert!(publisher.dirs.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_file_in_place_costs_one_folder_fsync_until_the_path_holds_another() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let publisher = Publisher::default();
+        let (found, copied) = (dir.join("found"), dir.join("copied"));
+        std::fs::write(&found, "left by a predecessor").unwrap();
+        for _ in 0..3 {
+            let meta = std::fs::symlink_metadata(&found).unwrap();
+            publisher.make_durable(&found, &meta).await.unwrap();
+        }
+        assert_eq!(publisher.fsyncs(), 1, "found three times, synced once");
+        // A file this publisher renamed into place is known durable already.
+        let part = dir.join(".copied.dcflow-part");
+        std::fs::write(&part, "copied").unwrap();
+        publisher.publish(&part, &copied).await.unwrap();
+        let meta = std::fs::symlink_metadata(&copied).unwrap();
+        publisher.make_durable(&copied, &meta).await.unwrap();
+        assert_eq!(publisher.fsyncs(), 2, "the publish's own fsync, no other");
+        // Another file renamed over the path: not the one seen before the fsync.
+        let part = dir.join(".found.dcflow-part");
+        std::fs::write(&part, "replaced").unwrap();
+        std::fs::rename(&part, &found).unwrap();
+        let meta = std::fs::symlink_metadata(&found).unwrap();
+        publisher.make_durable(&found, &meta).await.unwrap();
+        assert_eq!(
+            publisher.fsyncs(),
+            3,
+            "a new file at the path is synced again"
+        );
+        publisher.make_durable(&found, &meta).await.unwrap();
+        assert_eq!(publisher.fsyncs(), 3);
     }
 
     #[test]
