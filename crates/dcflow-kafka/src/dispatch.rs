@@ -44,9 +44,6 @@ pub async fn dispatch(
         .work_topic
         .as_deref()
         .context("dispatch needs [kafka] worktopic")?;
-    TopicProducer::ensure_topic(kafka, work_topic, kafka.work_partitions)
-        .await
-        .with_context(|| format!("creating work topic {work_topic}"))?;
     let group = format!("{}-dispatch", kafka.consumer_group);
     // Outages are told once (and their end), as `run` tells them.
     let health = Arc::new(dcflow_core::Health::new(config.outage_grace));
@@ -57,6 +54,10 @@ pub async fn dispatch(
         until_caught_up,
         Some(health),
     )?);
+    // The group is joined on librdkafka's threads meanwhile (both take tens of ms).
+    TopicProducer::ensure_topic(kafka, work_topic, kafka.work_partitions)
+        .await
+        .with_context(|| format!("creating work topic {work_topic}"))?;
     let producer = Arc::new(TopicProducer::try_new(kafka, work_topic)?);
     let mapper = PathMapper::new(&config.dcache, config.local.download_folder.clone());
     // Removes, restores and stores go to the workers too when a workflow takes them.

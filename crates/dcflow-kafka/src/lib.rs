@@ -515,42 +515,59 @@ impl Incoming<'_> {
         if let Some(received) = self.serve_events(&mut dismiss) {
             return received;
         }
-        let mut dismissed = 0;
         loop {
-            let received = match self.batch.pop() {
-                Some(Ok(raw)) => match decide(self.source, &mut self.at_end, raw, &mut dismiss) {
-                    None => {
-                        dismissed += 1;
-                        continue;
-                    }
-                    Some(received) => Ok(received),
-                },
-                Some(Err(e)) => Err(self.note_end(e)),
-                None if dismissed > 0 => return Ok(Received::Dismissed { count: dismissed }),
-                None => {
-                    // An assignment is served before its messages are read.
-                    if let Some(received) = self.serve_events(&mut dismiss) {
-                        return received;
-                    }
-                    if self
-                        .batch
-                        .refill(&self.source.messages, &self.source.shared.watermarks)
-                        == 0
-                    {
-                        if let Some(p) = self.end_reached() {
-                            return Err(self.note_end(KafkaError::PartitionEOF(p)));
-                        }
-                        self.source.shared.wake.notified().await;
-                    }
-                    continue;
-                }
-            };
-            if dismissed == 0 {
+            if let Some(received) = self.from_batch(&mut dismiss) {
                 return received;
             }
-            self.stashed = Some(received);
-            return Ok(Received::Dismissed { count: dismissed });
+            // An assignment is served before its messages are read.
+            if let Some(received) = self.serve_events(&mut dismiss) {
+                return received;
+            }
+            if self
+                .batch
+                .refill(&self.source.messages, &self.source.shared.watermarks)
+                == 0
+            {
+                if let Some(p) = self.end_reached() {
+                    return Err(self.note_end(KafkaError::PartitionEOF(p)));
+                }
+                self.source.shared.wake.notified().await;
+            }
         }
+    }
+
+    /// Goes through what the batch holds: the first message to hand out, or a consumer
+    /// error (after a run of dismissed messages: that run, the message stashed), or `None`
+    /// when the batch is empty and nothing was dismissed. The watermarks are locked once for
+    /// the whole run, not once per message.
+    fn from_batch(
+        &mut self,
+        dismiss: &mut impl FnMut(&[u8]) -> bool,
+    ) -> Option<Result<Received, KafkaError>> {
+        let mut dismissed = 0;
+        let source = self.source;
+        let mut watermarks = None;
+        let received = loop {
+            match self.batch.pop() {
+                Some(Ok(raw)) => {
+                    let w = watermarks.get_or_insert_with(|| {
+                        source.shared.watermarks.lock().expect("watermarks lock")
+                    });
+                    match decide(w, &mut self.at_end, raw, dismiss) {
+                        None => dismissed += 1,
+                        Some(received) => break Ok(received),
+                    }
+                }
+                Some(Err(e)) => break Err(self.note_end(e)),
+                None if dismissed > 0 => return Some(Ok(Received::Dismissed { count: dismissed })),
+                None => return None,
+            }
+        };
+        if dismissed == 0 {
+            return Some(received);
+        }
+        self.stashed = Some(received);
+        Some(Ok(Received::Dismissed { count: dismissed }))
     }
 
     /// Serves what waits on the consumer's own queue (rdkafka's `poll` runs the rebalance
@@ -573,7 +590,13 @@ impl Incoming<'_> {
                         payload: msg.payload().unwrap_or_default(),
                         assignment: None,
                     };
-                    match decide(self.source, &mut self.at_end, raw, dismiss) {
+                    let mut watermarks = self
+                        .source
+                        .shared
+                        .watermarks
+                        .lock()
+                        .expect("watermarks lock");
+                    match decide(&mut watermarks, &mut self.at_end, raw, dismiss) {
                         None => return Some(Ok(Received::Dismissed { count: 1 })),
                         Some(received) => return Some(Ok(received)),
                     }
@@ -647,7 +670,7 @@ impl Incoming<'_> {
 
 /// What becomes of one message: `None` when `dismiss` turned it down (finished at once).
 fn decide(
-    source: &KafkaSource,
+    watermarks: &mut Watermarks,
     at_end: &mut BTreeSet<i32>,
     Raw {
         partition,
@@ -661,7 +684,6 @@ fn decide(
         at_end.remove(&partition);
     }
     let turned_down = dismiss(payload);
-    let mut watermarks = source.shared.watermarks.lock().expect("watermarks lock");
     // Held in a batch across a rebalance that took the partition away (and maybe gave it
     // back): the offsets before it may still be in flight under the old assignment, so this
     // one must not move the new watermark. The new assignment fetches it again.
