@@ -15,6 +15,10 @@ the same topic:
   comes after a fetch that finds nothing (the broker holds it for fetch.wait.max.ms, 500 ms),
   while dcflow ends as soon as it has seen the last offset of the partition; so also
 - kcat -C -c N, which exits at the N-th message, without that wait: the stricter reference;
+- kcat -G GROUP -c N: the same in a new consumer group, the way dcflow consumes (it must: the
+  group is what commits its offsets and spreads partitions over workers). It pays what dcflow
+  pays before the first message (finding the coordinator, joining, syncing, fetching the
+  committed offsets), which kcat -C does not;
 - dcflow run --until-caught-up in a new consumer group each time: consume, decode, select,
   copy or verify, commit; the time includes process start and joining the group;
 - the same with a folder nobody uploads to: every message is dismissed, which is the floor of
@@ -23,8 +27,11 @@ the same topic:
   selected upload to a 6-partition work topic keyed by pnfsid, awaiting the broker's
   acknowledgements before committing; no copy and no verification, which are the workers'.
 
-Prints a markdown table with messages per second and the ratio. The broker comes from
-DCFLOW_KAFKA, or scripts/kafka.sh starts one for the run.
+Prints a markdown table with messages per second and the ratio. dcflow's runs also log when
+their partition was assigned and when they caught up: the rate between the two (its steady
+consuming rate, without process start, joining the group and stopping) is printed beside
+kcat -C -c's whole rate. The broker comes from DCFLOW_KAFKA, or scripts/kafka.sh starts one for
+the run.
 """
 
 import argparse
@@ -94,6 +101,22 @@ def make_events(path, count, info, files, folder, per_mille):
     return selected
 
 
+# Only the two lines that time the consuming itself (warnings too): the per-upload lines of
+# the info level would cost the run their own time.
+TIMING_LOG = "warn,dcflow_kafka=info,dcflow::commands=info"
+
+
+def consuming_seconds(log):
+    """Seconds from the partition's assignment to the caught-up line, from dcflow's log."""
+    def stamp(pattern):
+        m = re.search(r"^(\S+)Z .*" + pattern, log, re.M)
+        if not m:
+            return None
+        return datetime.datetime.fromisoformat(m.group(1)).timestamp()
+    start, end = stamp("partitions assigned"), stamp("caught up")
+    return end - start if start and end else None
+
+
 def run_dispatch(dcflow, work, info, broker, topic, run, folder, selected):
     """Seconds for `dcflow dispatch --until-caught-up` in a new group; checks what it forwarded."""
     cfg = work / f"dispatch-{run}.toml"
@@ -116,13 +139,13 @@ successfultaskfile = "{work}/success-dispatch.csv"
 """)
     t = time.monotonic()
     out = subprocess.run([str(dcflow), "dispatch", "--config", str(cfg), "--until-caught-up"],
-                         env={**os.environ, "DCFLOW_LOG": "info"},
+                         env={**os.environ, "DCFLOW_LOG": TIMING_LOG},
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True)
     secs = time.monotonic() - t
     m = re.search(r"forwarded=(\d+)", out.stderr)
     if not m or int(m.group(1)) != selected:
         sys.exit(f"dispatch forwarded {m and m.group(1)}, expected {selected}:\n{out.stderr[-2000:]}")
-    return secs
+    return secs, consuming_seconds(out.stderr)
 
 
 def main():
@@ -188,8 +211,10 @@ successfultaskfile = "{work}/success-{name}.csv"
         sh(str(dcflow), "run", "--config", str(write_run_config("warm-up", False)),
            "--until-caught-up", env={**os.environ, "DCFLOW_LOG": "warn"}, stdout=subprocess.DEVNULL)
 
-        kcat_times, kcat_count_times = [], []
+        kcat_times, kcat_count_times, kcat_group_times = [], [], []
         dcflow_times, dismiss_times, dispatch_times = [], [], []
+        # Assignment to caught-up, from dcflow's log (see consuming_seconds).
+        steady = {"run": [], "dismissing": [], "dispatch": []}
         for run in range(2 * a.runs):
             # Even runs: the benchmark proper. Odd runs: a folder nothing is uploaded to, so
             # every message is dismissed (the floor of dcflow's own per-message cost).
@@ -204,21 +229,33 @@ successfultaskfile = "{work}/success-{name}.csv"
                     read = out.stdout.count(b"\n")
                     if read != a.messages:
                         sys.exit(f"kcat {' '.join(stop)} read {read} messages, expected {a.messages}")
+                t = time.monotonic()
+                out = subprocess.run(["kcat", "-b", broker, "-G", f"kcat-{run}-{int(time.time())}",
+                                      "-X", "auto.offset.reset=earliest", "-c", str(a.messages),
+                                      "-q", "-f", "%o\\n", topic], stdout=subprocess.PIPE, check=True)
+                kcat_group_times.append(time.monotonic() - t)
+                read = out.stdout.count(b"\n")
+                if read != a.messages:
+                    sys.exit(f"kcat -G read {read} messages, expected {a.messages}")
             cfg = write_run_config(run, real)
             t = time.monotonic()
             wrap = shlex.split(a.wrap) if a.wrap and real else []
-            sh(*wrap, str(dcflow), "run", "--config", str(cfg), "--until-caught-up",
-               env={**os.environ, "DCFLOW_LOG": "warn"}, stdout=subprocess.DEVNULL)
+            out = subprocess.run([*wrap, str(dcflow), "run", "--config", str(cfg), "--until-caught-up"],
+                                 env={**os.environ, "DCFLOW_LOG": TIMING_LOG}, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, check=True)
             (dcflow_times if real else dismiss_times).append(time.monotonic() - t)
+            steady["run" if real else "dismissing"].append(consuming_seconds(out.stderr))
             success = work / f"success-{run}.csv"
             rows = sum(1 for _ in open(success)) - 1 if success.exists() else 0
             if rows != (selected if real else 0):
                 sys.exit(f"dcflow recorded {rows} successes, expected {selected if real else 0}")
             if not real:
-                dispatch_times.append(run_dispatch(dcflow, work, info, broker, topic, run,
-                                                   folder, selected))
+                secs, consuming = run_dispatch(dcflow, work, info, broker, topic, run, folder, selected)
+                dispatch_times.append(secs)
+                steady["dispatch"].append(consuming)
                 print(f"run {run // 2 + 1}: kcat -e {kcat_times[run // 2]:.2f} s, "
                       f"kcat -c {kcat_count_times[run // 2]:.2f} s, "
+                      f"kcat -G {kcat_group_times[run // 2]:.2f} s, "
                       f"dcflow {dcflow_times[-1]:.2f} s, dcflow dismissing all "
                       f"{dismiss_times[-1]:.2f} s, dispatch {dispatch_times[-1]:.2f} s",
                       file=sys.stderr)
@@ -249,6 +286,8 @@ successfultaskfile = "{work}/success-{name}.csv"
     print(f"| kcat -C -e (the reference) | {k:.2f} s | {n / k:,.0f} | |")
     print(f"| kcat -C -c {n} (exits at the last message: no end-of-partition wait) | {c:.2f} s "
           f"| {n / c:,.0f} | |")
+    g = statistics.median(kcat_group_times)
+    print(f"| kcat -G GROUP -c {n} (in a new consumer group, as dcflow) | {g:.2f} s | {n / g:,.0f} | |")
     print(f"| dcflow run --until-caught-up (decode, select, copy or verify, commit) | {d:.2f} s "
           f"| {n / d:,.0f} | **{(n / d) / (n / k):.2f}** |")
     print(f"| dcflow run --until-caught-up, a folder with no uploads (every message dismissed) "
@@ -262,7 +301,23 @@ successfultaskfile = "{work}/success-{name}.csv"
         r = [kc / t for kc, t in zip(kcat_count_times, times)]
         print(f"\ndcflow {label} / kcat -C -c rate, round by round: {', '.join(f'{x:.2f}' for x in r)} "
               f"(min {min(r):.2f}, median {statistics.median(r):.2f}, max {max(r):.2f})")
+    # The same against kcat in a consumer group, and dcflow's steady rate (assignment to caught
+    # up, from its log) against kcat -C -c's whole run.
+    for label, times in (("run", dcflow_times), ("dispatch", dispatch_times)):
+        r = [kg / t for kg, t in zip(kcat_group_times, times)]
+        print(f"\ndcflow {label} / kcat -G -c rate, round by round: {', '.join(f'{x:.2f}' for x in r)} "
+              f"(min {min(r):.2f}, median {statistics.median(r):.2f}, max {max(r):.2f})")
+    for label in ("run", "dismissing", "dispatch"):
+        if None in steady[label]:
+            print(f"\n(dcflow {label}: no assignment or caught-up line in its log: no steady rate)")
+            continue
+        r = [kc / t for kc, t in zip(kcat_count_times, steady[label])]
+        print(f"\ndcflow {label}, steady rate (assigned to caught up: "
+              f"{', '.join(f'{t:.2f}' for t in steady[label])} s) / kcat -C -c whole rate, round by round: "
+              f"{', '.join(f'{x:.2f}' for x in r)} (min {min(r):.2f}, median {statistics.median(r):.2f}, "
+              f"max {max(r):.2f})")
     print(f"\n(runs: kcat -e {', '.join(f'{t:.2f}' for t in kcat_times)} s; "
+          f"kcat -G {', '.join(f'{t:.2f}' for t in kcat_group_times)} s; "
           f"kcat -c {', '.join(f'{t:.2f}' for t in kcat_count_times)} s; "
           f"dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s; "
           f"dismissing {', '.join(f'{t:.2f}' for t in dismiss_times)} s; "

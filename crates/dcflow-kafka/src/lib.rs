@@ -516,7 +516,7 @@ impl Incoming<'_> {
             return received;
         }
         loop {
-            if let Some(received) = self.from_batch(&mut dismiss) {
+            if let Some(received) = self.next_in_batch(&mut dismiss) {
                 return received;
             }
             // An assignment is served before its messages are read.
@@ -540,7 +540,7 @@ impl Incoming<'_> {
     /// error (after a run of dismissed messages: that run, the message stashed), or `None`
     /// when the batch is empty and nothing was dismissed. The watermarks are locked once for
     /// the whole run, not once per message.
-    fn from_batch(
+    fn next_in_batch(
         &mut self,
         dismiss: &mut impl FnMut(&[u8]) -> bool,
     ) -> Option<Result<Received, KafkaError>> {
