@@ -21,13 +21,13 @@ out="bench/results/$(date +%F)-$commit.md"
   python3 bench/large_files.py
   echo
   echo "## Small files"
-  python3 bench/small_files.py
+  python3 bench/small_files.py --runs 5
   echo
   echo "## Sync"
   python3 bench/sync.py
   echo
   echo "## Event rate"
-  python3 bench/events.py
+  python3 bench/events.py --runs 5
   echo
   echo "## Latency"
   python3 bench/latency.py
