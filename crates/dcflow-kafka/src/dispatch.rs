@@ -15,8 +15,7 @@ use anyhow::{Context, Result};
 use dcflow_core::config::KafkaConfig;
 use dcflow_core::workflow::EventKind;
 use dcflow_core::{Config, PathMapper, Record, RecordFile, Selector, Sorted};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -70,8 +69,8 @@ pub async fn dispatch(
         .collect();
     let selector = Selector::new(mapper.prefix()).also(&other_types);
     let failures = RecordFile::open(&config.local.failed_file)?;
-    let outstanding = Arc::new(Semaphore::new(MAX_OUTSTANDING));
-    let mut sends = JoinSet::new();
+    // The produces awaiting the broker, polled by this loop (no task per message).
+    let mut sends = FuturesUnordered::new();
     let mut summary = DispatchSummary::default();
     let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
     info!(from = %kafka.topic, to = work_topic, partitions = kafka.work_partitions, group, "dispatching");
@@ -98,8 +97,8 @@ pub async fn dispatch(
                     continue;
                 }
             },
+            Some(()) = sends.next(), if !sends.is_empty() => continue,
             _ = commit_tick.tick() => {
-                while sends.try_join_next().is_some() {}
                 if let Err(e) = source.commit(CommitMode::Async) {
                     warn!(error = %e, "commit failed; retried at the next tick");
                 }
@@ -140,17 +139,20 @@ pub async fn dispatch(
         };
         summary.forwarded += 1;
         debug!(pnfsid = %key, "forwarding");
-        let permit = tokio::select! {
-            p = outstanding.clone().acquire_owned() => p.expect("never closed"),
-            _ = shutdown.cancelled() => {
-                // Not forwarded: the watermark stays before it, so it is dispatched again.
-                break;
+        while sends.len() >= MAX_OUTSTANDING {
+            tokio::select! {
+                _ = sends.next() => {}
+                _ = shutdown.cancelled() => {
+                    // Not forwarded: the watermark stays before it, so it is dispatched again.
+                    break;
+                }
             }
-        };
-        while sends.try_join_next().is_some() {}
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
         let (source, producer) = (source.clone(), producer.clone());
-        sends.spawn(async move {
-            let _permit = permit;
+        sends.push(async move {
             // Retried until the broker takes it: the billing offset must not be committed
             // before the task is safely on the work topic.
             loop {
@@ -170,7 +172,7 @@ pub async fn dispatch(
         "stopping: waiting for the work topic to acknowledge"
     );
     let _ = tokio::time::timeout(Duration::from_secs(30), async {
-        while sends.join_next().await.is_some() {}
+        while sends.next().await.is_some() {}
     })
     .await;
     if let Err(e) = source.commit(CommitMode::Sync) {
