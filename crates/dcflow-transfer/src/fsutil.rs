@@ -327,7 +327,9 @@ pub struct Publisher {
 }
 
 /// Which file a path names: another file at the path (a rename, or a new file in a reused
-/// inode) has another inode or a later change time.
+/// inode) has another inode or a later change time. (A file deleted and another created in
+/// the same inode within one tick of the change-time clock would look the same: its folder
+/// would not be synced again; its bytes are still checked against dCache's checksum.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileId {
     dev: u64,
