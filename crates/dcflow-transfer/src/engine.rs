@@ -464,7 +464,7 @@ impl Engine {
             Ok(matched) if !matched.is_empty() => {
                 // A predecessor that crashed after its rename may not have made it durable:
                 // an fsync of the folder that starts now (shared with concurrent ones),
-                // unless one that started after `meta` was read has finished.
+                // unless the path still holds the file it held before one finished.
                 self.publisher.make_durable(job.destination, &meta).await?;
                 info!(destination = %job.destination.display(), "COPY_OVER already present with the same size and checksum: nothing to copy");
                 Ok(Some(Copied {
