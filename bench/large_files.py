@@ -263,9 +263,13 @@ def main():
                     help="stop dcflow once its temporary files hold this much")
     ap.add_argument("--work", default="/var/tmp/dcflow-bench")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--dcflow", metavar="BINARY",
+                    help="measure this dcflow binary (e.g. an older build, for an A/B) instead of the one built here")
     a = ap.parse_args()
 
     dcflow, sim_bin = build()
+    if a.dcflow:
+        dcflow = Path(a.dcflow).resolve()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -124,7 +125,7 @@ def run_rclone(door, ca, token, folder, out, parallel):
                   "-q", "--multi-thread-streams", "0"], env=e)
 
 
-def run_dcflow(dcflow, door, capath, token_file, folder, events, work, out, parallel):
+def run_dcflow(dcflow, door, capath, token_file, folder, events, work, out, parallel, wrap=()):
     cfg = work / "dcflow.toml"
     cfg.write_text(f"""[dcache]
 url = "{door}"
@@ -144,7 +145,7 @@ successfultaskfile = "{work}/success.csv"
 """)
     for f in ("failed.csv", "success.csv"):
         (work / f).unlink(missing_ok=True)
-    wall = timed([str(dcflow), "replay", "--config", str(cfg), str(events)],
+    wall = timed([*wrap, str(dcflow), "replay", "--config", str(cfg), str(events)],
                  stdout=subprocess.DEVNULL, env={**os.environ, "DCFLOW_LOG": "warn"})
     rows = (work / "success.csv").read_text().count("\n") - 1
     return wall, rows
@@ -178,7 +179,8 @@ def case(name, args, dcflow, door, ca, capath, broker, topic, work, count, size,
             elif reader == "rclone":
                 wall, cpu = run_rclone(door, ca, token, folder, out, parallel)
             else:
-                (wall, cpu), rows = run_dcflow(dcflow, door, capath, token_file, folder, events, work, out, parallel)
+                (wall, cpu), rows = run_dcflow(dcflow, door, capath, token_file, folder, events, work, out,
+                                               parallel, shlex.split(args.wrap or ""))
                 if rows != count:
                     sys.exit(f"{name}: dcflow recorded {rows} of {count} files")
             got = sum(1 for n in names if (out / n).stat().st_size == size)
@@ -290,6 +292,9 @@ def main():
     p.add_argument("--latency-files", type=int, default=100)
     p.add_argument("--latency-interval", type=float, default=0.2)
     p.add_argument("--cases", default="small,large,latency")
+    p.add_argument("--wrap", metavar="COMMAND",
+                   help="run each `dcflow replay` under COMMAND (its time and CPU then include the wrapper's), "
+                        "e.g. \"strace -f -e trace=connect -o /tmp/connects\" with --rounds 1 to count connections")
     args = p.parse_args()
     door, ca, capath = env("DCFLOW_DCACHE_DOOR"), env("DCFLOW_DCACHE_CA"), env("DCFLOW_DCACHE_CAPATH")
     broker, topic = env("DCFLOW_KAFKA"), os.environ.get("DCFLOW_DCACHE_TOPIC", "billing")
