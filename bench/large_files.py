@@ -367,6 +367,17 @@ def main():
         rc = f"{per['rclone']:.2f}" if "rclone" in per else "—"
         print(f"| {count} × {mib} MiB | {per['curl']:.2f} | {per['dcflow']:.2f} | {rc} "
               f"| {per['dcflow'] / per['curl']:.2f} |")
+    # Issue 19's measure with its spread: dcflow's time over curl's in the same round, and
+    # each client's CPU per GiB round by round.
+    for count, mib, curl_times, _, dcflow_times, _ in results:
+        r = [d / c for d, c in zip(dcflow_times, curl_times)]
+        print(f"\n{count} × {mib} MiB, dcflow's time / curl's, round by round: "
+              f"{', '.join(f'{x:.2f}' for x in r)} "
+              f"(min {min(r):.2f}, median {statistics.median(r):.2f}, max {max(r):.2f})")
+    for count, mib, cpu in cpu_results:
+        gib = count * mib / 1024
+        print(f"\n{count} × {mib} MiB, CPU s/GiB round by round: "
+              + "; ".join(f"{k} {', '.join(f'{v / gib:.2f}' for v in vs)}" for k, vs in cpu.items() if vs))
     for count, mib, curl_times, _, dcflow_times, rclone_times in results:
         print(f"\n({count} × {mib} MiB runs: curl {', '.join(f'{t:.2f}' for t in curl_times)} s; "
               f"dcflow {', '.join(f'{t:.2f}' for t in dcflow_times)} s"

@@ -2,7 +2,7 @@
 # Every benchmark, one after the other, as one markdown report on stdout (also kept in
 # bench/results/<date>-<commit>.md). Needs curl, rclone and kcat (Debian packages), Java 17
 # and Maven for the Kafka broker (started by events.py and latency.py unless DCFLOW_KAFKA names one).
-# Takes about 20 minutes on 2 cores.
+# Takes about 35 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commit=$(git rev-parse --short HEAD)
@@ -18,7 +18,7 @@ out="bench/results/$(date +%F)-$commit.md"
   cargo run -q --release --locked -p dcflow-transfer --example checksum_speed
   echo
   echo "## Large files"
-  python3 bench/large_files.py
+  python3 bench/large_files.py --runs 5
   echo
   echo "## Small files"
   python3 bench/small_files.py --runs 5
