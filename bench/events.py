@@ -305,6 +305,12 @@ successfultaskfile = "{work}/success-{name}.csv"
         r = [kc / t for kc, t in zip(kcat_count_times, times)]
         print(f"\ndcflow {label} / kcat -C -c rate, round by round: {', '.join(f'{x:.2f}' for x in r)} "
               f"(min {min(r):.2f}, median {statistics.median(r):.2f}, max {max(r):.2f})")
+    # What a consumer group costs the library's own reader: kcat -G discards every message,
+    # one at a time, after joining a new group (as dcflow must: DESIGN.md's consumer groups).
+    r = [kc / kg for kc, kg in zip(kcat_count_times, kcat_group_times)]
+    print(f"\nkcat -G -c / kcat -C -c rate (librdkafka's group consumer, nothing done per message), "
+          f"round by round: {', '.join(f'{x:.2f}' for x in r)} "
+          f"(min {min(r):.2f}, median {statistics.median(r):.2f}, max {max(r):.2f})")
     # The same against kcat in a consumer group, and dcflow's steady rate (assignment to caught
     # up, from its log) against kcat -C -c's whole run.
     for label, times in (("run", dcflow_times), ("dispatch", dispatch_times)):

@@ -10,9 +10,18 @@ at 32 parallel transfers (--parallel) by:
   dCache's, every file fsynced and renamed into place, one CSV row each).
 Each run ends with `sync`. Files per second, medians of --runs, and the ratios. Needs curl
 and rclone (Debian packages).
+
+Also, in each round (issue 19 asks whether dcflow can take at most 0.8 × curl's time):
+- the disk alone: 32 threads of this script write the same number of files of the same size
+  (no network), each created with O_EXCL under a temporary name, fsynced and renamed, and the
+  folder fsynced once at the end: the least file-system work that keeps dcflow's promise (a
+  recorded file is durable at its final path), with no lock, no checksum and no record;
+- the CPU seconds (user + system) of each client and of the emulator while it served it: on
+  2 cores shared by client and server, a round cannot take less than their sum over the cores.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import http.client
 import os
@@ -23,12 +32,49 @@ import statistics
 import subprocess
 import sys
 import time
+import resource
 import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from large_files import build, run_dcflow, run_rclone, start_sim, sync, write_config  # noqa: E402
+from large_files import (build, children_cpu, run_dcflow, run_rclone, start_sim,  # noqa: E402
+                         sync, write_config)
+
+
+def proc_cpu(pid):
+    """User + system CPU seconds of a running process (the emulator), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def disk_only(out, count, size, parallel):
+    """The disk work alone (see the module's text): seconds, and this process's CPU seconds
+    (user, system) spent on it."""
+    body = os.urandom(size)
+
+    def one(i):
+        final = out / f"file-{i:05d}.dat"
+        part = out / f".file-{i:05d}.dat.part"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(part, final)
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, range(count)))
+    folder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(folder)
+    os.close(folder)
+    sync()
+    secs = time.monotonic() - t
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return secs, (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
 
 
 def upload_many(info, folder, count, size):
@@ -96,6 +142,9 @@ def main():
         times = {"curl": [], "rclone": [], "dcflow": []}
         if a.baseline:
             times["baseline"] = []
+        times["disk"] = []
+        cpu = {k: [] for k in times}
+        sim_cpu = {k: [] for k in times}
         for run in range(a.runs):
             for tool in times:
                 # Outputs stay until the end: ext4 without a journal skips recently deleted
@@ -103,7 +152,10 @@ def main():
                 # ran right after a deletion up to twice as slow.
                 out = work / f"{tool}-out-{run}"
                 out.mkdir()
-                if tool == "curl":
+                client_before, sim_before = children_cpu(), proc_cpu(sim.pid)
+                if tool == "disk":
+                    secs, (user, system) = disk_only(out, a.files, a.size_kib * 1024, a.parallel)
+                elif tool == "curl":
                     secs = run_curl(info, folder, a.files, out, a.parallel)
                 elif tool == "rclone":
                     secs = run_rclone(info, folder, out, a.parallel)
@@ -111,6 +163,10 @@ def main():
                     binary = dcflow if tool == "dcflow" else Path(a.baseline).resolve()
                     cfg = write_config(info, work, out, a.parallel, f"small-{tool}-{run}")
                     secs = run_dcflow(binary, cfg, events)
+                sim_cpu[tool].append(proc_cpu(sim.pid) - sim_before)
+                # The disk-only run is threads of this script, Python included: its system
+                # time is the file system's work.
+                cpu[tool].append(system if tool == "disk" else children_cpu() - client_before)
                 got = sum(1 for p in out.rglob("*") if p.is_file())
                 if got != a.files:
                     sys.exit(f"{tool} wrote {got} files, expected {a.files}")
@@ -141,6 +197,27 @@ def main():
     ratios = [d / c for d, c in zip(times["dcflow"], times["curl"])]
     print(f"\ndcflow's time / curl's, round by round: {', '.join(f'{r:.2f}' for r in ratios)} "
           f"(min {min(ratios):.2f}, median {statistics.median(ratios):.2f}, max {max(ratios):.2f})")
+    disk = [d / c for d, c in zip(times["disk"], times["curl"])]
+    print(f"\nThe disk alone (write, fsync, rename; no network) / curl's time, round by round: "
+          f"{', '.join(f'{r:.2f}' for r in disk)} (median {statistics.median(disk):.2f})")
+    print("\nCPU seconds (user + system; the disk-only run: system only) per round, median, and "
+          "the emulator's while it served that client:\n")
+    print("| client | CPU s | µs per file | emulator CPU s |")
+    print("|---|---|---|---|")
+    for k in times:
+        if k == "rclone":
+            continue
+        c = statistics.median(cpu[k])
+        print(f"| {k} | {c:.2f} | {c / n * 1e6:.0f} | "
+              f"{'' if k == 'disk' else f'{statistics.median(sim_cpu[k]):.2f}'} |")
+    # A lower bound of any verified, fsynced copy on this machine: curl's network work (its
+    # CPU and the emulator's) plus the disk alone's kernel time, over the cores.
+    bound = [(c + sc + dk) / os.cpu_count() / t for c, sc, dk, t in
+             zip(cpu["curl"], sim_cpu["curl"], cpu["disk"], times["curl"])]
+    print(f"\n(curl's CPU + the emulator's + the disk alone's system time) / {os.cpu_count()} cores, "
+          f"over curl's time, round by round: {', '.join(f'{b:.2f}' for b in bound)} "
+          f"(median {statistics.median(bound):.2f}): a copy that does curl's network work and the "
+          "disk's work on these cores cannot take less, whatever overlaps.")
     print("\n(runs: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)} s" for k, v in times.items()) + ")")
 
 if __name__ == "__main__":
