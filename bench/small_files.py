@@ -12,10 +12,11 @@ Each run ends with `sync`. Files per second, medians of --runs, and the ratios. 
 and rclone (Debian packages).
 
 Also, in each round (issue 19 asks whether dcflow can take at most 0.8 × curl's time):
-- the disk alone: 32 processes forked by this script write the same number of files of the same size
-  (no network), each created with O_EXCL under a temporary name, fsynced and renamed, and the
-  folder fsynced once at the end: the least file-system work that keeps dcflow's promise (a
-  recorded file is durable at its final path), with no lock, no checksum and no record;
+- the disk alone: --parallel (32) processes forked by this script write the same number of
+  files of the same size (no network), each created with O_EXCL under a temporary name,
+  fsynced and renamed, and the folder fsynced once at the end: the least file-system work
+  that keeps dcflow's promise (a recorded file is durable at its final path), with no lock, no
+  checksum and no record;
 - the CPU seconds (user + system) of each client and of the emulator while it served it: on
   2 cores shared by client and server, a round cannot take less than their sum over the cores.
   So a copy whose requests cost the CPU that curl's do, and which also does the disk's work,
@@ -169,7 +170,7 @@ def main():
                 out.mkdir()
                 client_before, sim_before = children_cpu(), proc_cpu(sim.pid)
                 if tool == "disk":
-                    secs, (user, system) = disk_only(out, a.files, a.size_kib * 1024, a.parallel)
+                    secs, (_, system) = disk_only(out, a.files, a.size_kib * 1024, a.parallel)
                 elif tool == "curl":
                     secs = run_curl(info, folder, a.files, out, a.parallel)
                 elif tool == "rclone":
